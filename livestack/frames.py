@@ -8,17 +8,64 @@ Public API (stable; other modules rely on it):
 - ``read_frame(path, bayer_pattern=None) -> Frame``: header and pixels; raises ``FrameError`` with a reason.
 - ``debayer(mosaic, pattern) -> ndarray``: (H, W) mosaic -> (H, W, 3) float32 RGB.
 - ``FITS_SUFFIXES``: the file name endings that are frames.
+- ``BAYER_PATTERNS``: the 2x2 colour filter patterns livestack can debayer.
+
+Which HDU
+    The first HDU that holds pixels (NAXIS > 0) is the image: the primary HDU of a plain file, HDU 1 of an
+    fpack'ed ``.fits.fz`` (whose primary HDU is empty). If that HDU is not 2-D the file is rejected; trailing
+    axes of length 1 (``NAXIS3 = 1``) are accepted as 2-D.
+
+Pixel values
+    8/16/32/64-bit integers and 32/64-bit floats, with BZERO/BSCALE applied and integer BLANK pixels turned
+    into NaN. Plain files are memory-mapped raw (astropy, unscaled) and converted to float32 in one fused
+    pass, the fastest path measured (about 3x faster than fitsio for uint16); the map is closed before
+    returning, so the arrays never reference the file. 8- and 16-bit data are exact in float32; 32/64-bit
+    integers go through float64 so that BZERO = 2**31 does not cancel digits, and are exact up to 2**24.
+
+Time
+    ``time_utc`` is the start of the exposure, from DATE-OBS (ISO 8601, with or without a UTC offset such
+    as ``-0700``, which is converted to UTC; a bare date takes its time of day from TIME-OBS, UT or
+    UTSTART; the pre-1999 ``DD/MM/YY`` form means 19YY), else UT-OBS (a full date and time, or a time of
+    day joined to DATE-OBS's date), else MJD-OBS. Times without an offset are UTC, as the FITS standard says.
+
+Bayer pattern convention
+    ``FrameMeta.bayer`` is the pattern as seen from array element ``[0, 0]`` as numpy reads the file
+    (row 0 = the first row stored, which FITS viewers show at the bottom), read in the order
+    ``[0,0] [0,1] [1,0] [1,1]``.
+    It comes from, in order: the ``bayer_pattern`` argument (taken as is: no offsets or row order are
+    applied to it, it is what the user saw working), else BAYERPAT (or COLORTYP when that holds a pattern
+    name), else FILTER when FILTER is exactly one of the four pattern names (PANOPTES writes the sensor's
+    pattern there and no BAYERPAT; no real filter is called ``RGGB``, so this is not a guess). A header
+    pattern is then adjusted like Siril does: an odd XBAYROFF swaps the pattern's columns, an odd YBAYROFF
+    its rows; ``ROWORDER = 'BOTTOM-UP'`` means the header's pattern describes the top of the image as
+    displayed, i.e. the *last* stored row, so the rows of the pattern swap when the image height is even
+    (with an odd height the first and last rows have the same parity). ``TOP-DOWN`` (what N.I.N.A. and
+    SharpCap write) and a missing ROWORDER (Seestar, ASIAIR, INDI) mean the pattern applies to row 0.
+    ``bayer_pattern='MONO'`` forces a frame to be read as mono whatever its header says.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import re
+import warnings
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import cv2
 import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS
 
-__all__ = ["FITS_SUFFIXES", "Frame", "FrameMeta", "debayer", "read_frame", "read_meta"]
+from livestack.errors import FrameError
+
+__all__ = ["BAYER_PATTERNS", "FITS_SUFFIXES", "Frame", "FrameMeta", "debayer", "read_frame", "read_meta"]
 
 #: File name endings recognised as frames (lower case; compared case-insensitively).
 FITS_SUFFIXES: tuple[str, ...] = (
@@ -26,6 +73,12 @@ FITS_SUFFIXES: tuple[str, ...] = (
     ".fit.fz", ".fits.fz", ".fts.fz",
     ".fit.gz", ".fits.gz", ".fts.gz",
 )
+
+#: The 2x2 colour filter patterns, named by the colours at [0,0], [0,1], [1,0], [1,1].
+BAYER_PATTERNS: tuple[str, ...] = ("RGGB", "BGGR", "GRBG", "GBRG")
+
+#: ``bayer_pattern`` value that forces a frame to be read as mono, whatever its header says.
+MONO: str = "MONO"
 
 
 @dataclass(frozen=True)
@@ -89,15 +142,481 @@ class Frame:
 
 
 def read_meta(path: str | Path, bayer_pattern: str | None = None) -> FrameMeta:
-    """Read only the header of a frame (see module docstring)."""
-    raise NotImplementedError
+    """Read only the header of a frame.
+
+    Parameters
+    ----------
+    path : str or Path
+        A FITS file (plain, ``.fz`` or ``.gz``).
+    bayer_pattern : str or None
+        The colour filter pattern at array element ``[0, 0]`` for cameras whose header gives none; it
+        overrides the header. ``'MONO'`` reads a frame as mono. See the module docstring.
+
+    Returns
+    -------
+    FrameMeta
+
+    Raises
+    ------
+    FrameError
+        The file is not a FITS file with one 2-D image, or ``bayer_pattern`` is not a known pattern.
+    """
+    path = Path(path)
+    override = _check_pattern_argument(bayer_pattern, path)
+    _check_not_empty(path)
+    with _quiet_astropy():
+        try:
+            with fits.open(path, memmap=True, do_not_scale_image_data=True, uint=False) as hdul:
+                index = _image_hdu_index(hdul, path)
+                header = hdul[index].header.copy()
+        except _READ_ERRORS as exc:
+            raise FrameError(f"{path} cannot be read as a FITS file ({exc}).") from exc
+    return _meta_from_header(path, header, override)
 
 
 def read_frame(path: str | Path, bayer_pattern: str | None = None) -> Frame:
-    """Read a frame (see module docstring)."""
-    raise NotImplementedError
+    """Read a frame: header, pixels as float32, debayered to RGB when it is a colour mosaic.
+
+    Parameters
+    ----------
+    path : str or Path
+        A FITS file (plain, ``.fz`` or ``.gz``).
+    bayer_pattern : str or None
+        The colour filter pattern at array element ``[0, 0]`` for cameras whose header gives none; it
+        overrides the header. ``'MONO'`` reads a frame as mono. See the module docstring.
+
+    Returns
+    -------
+    Frame
+        Read-only, C-contiguous float32 arrays that do not reference the file.
+
+    Raises
+    ------
+    FrameError
+        With one sentence naming the file and the problem: empty, not FITS, truncated, no image HDU,
+        not 2-D, unsupported BITPIX, every pixel NaN, or an unknown Bayer pattern.
+    """
+    path = Path(path)
+    override = _check_pattern_argument(bayer_pattern, path)
+    _check_not_empty(path)
+    with _quiet_astropy():
+        try:
+            with fits.open(path, memmap=True, do_not_scale_image_data=True, uint=False) as hdul:
+                index = _image_hdu_index(hdul, path)
+                hdu = hdul[index]
+                header = hdu.header.copy()
+                meta = _meta_from_header(path, header, override)
+                bitpix = _check_bitpix(header, path)
+                _check_complete(hdul, index, header, bitpix, path)
+                mosaic, integral = _pixels_to_float32(hdu, header, bitpix, meta.shape)
+        except _READ_ERRORS as exc:
+            raise FrameError(f"{path} cannot be read as a FITS file ({exc}).") from exc
+    if (bitpix < 0 or "BLANK" in header) and not np.isfinite(mosaic).any():
+        raise FrameError(f"{path} has no usable pixel: every value is NaN or infinite.")
+    if meta.bayer is None:
+        mosaic.flags.writeable = False
+        return Frame(meta=meta, data=mosaic, luminance=mosaic)
+    rgb = _debayer(mosaic, meta.bayer, integral, copy=False)
+    luminance = cv2.transform(rgb, _EQUAL_WEIGHTS)
+    rgb.flags.writeable = False
+    luminance.flags.writeable = False
+    return Frame(meta=meta, data=rgb, luminance=luminance)
 
 
 def debayer(mosaic: np.ndarray, pattern: str) -> np.ndarray:
-    """Debayer a mosaic (see module docstring)."""
-    raise NotImplementedError
+    """Debayer a colour filter mosaic with OpenCV's bilinear interpolation.
+
+    Parameters
+    ----------
+    mosaic : ndarray
+        ``(H, W)`` raw mosaic, any real dtype.
+    pattern : str
+        The pattern at element ``[0, 0]``: one of ``BAYER_PATTERNS``.
+
+    Returns
+    -------
+    ndarray
+        ``(H, W, 3)`` float32 RGB, C-contiguous and writeable.
+
+    Raises
+    ------
+    ValueError
+        When ``mosaic`` is not 2-D or ``pattern`` is unknown.
+
+    Notes
+    -----
+    OpenCV demosaics 8- and 16-bit integers only. Integer-valued data whose range fits in 16 bits (every
+    camera's raw output) pass through exactly, offset if negative; anything else is mapped linearly onto
+    the 16-bit range and back, so the precision is 1/65535 of the data's range. Interpolated values are
+    rounded to that grid by OpenCV (at most half a step). NaN pixels are treated as the minimum.
+    """
+    if mosaic.ndim != 2:
+        raise ValueError(f"A Bayer mosaic must be 2-D, not of shape {mosaic.shape}.")
+    if pattern not in BAYER_PATTERNS:
+        raise ValueError(f"Bayer pattern {pattern!r} is not one of {', '.join(BAYER_PATTERNS)}.")
+    return _debayer(np.asarray(mosaic), pattern, integral=None, copy=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Private helpers
+# --------------------------------------------------------------------------------------------------------
+
+#: Errors astropy, numpy and the decompressors raise on a malformed file (never a catch-all).
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, ValueError, TypeError, KeyError, IndexError, zlib.error,
+)
+
+#: FITS files come in blocks of this many bytes.
+_FITS_BLOCK = 2880
+
+#: BITPIX values the FITS standard defines.
+_BITPIX_VALUES: frozenset[int] = frozenset({8, 16, 32, 64, -32, -64})
+
+#: OpenCV names a Bayer code after the colours of the second row's second and third pixels, which
+#: is one pixel down and right of the pattern at [0, 0]: its "BG" is our RGGB, and so on.
+_CV2_BAYER_CODES: dict[str, int] = {
+    "RGGB": cv2.COLOR_BayerBG2RGB,
+    "BGGR": cv2.COLOR_BayerRG2RGB,
+    "GRBG": cv2.COLOR_BayerGB2RGB,
+    "GBRG": cv2.COLOR_BayerGR2RGB,
+}
+
+#: Luminance of a colour frame: the plain mean of R, G, B (a 1x3 matrix for cv2.transform).
+_EQUAL_WEIGHTS = np.full((1, 3), 1.0 / 3.0, dtype=np.float32)
+
+#: Largest value range that OpenCV's 16-bit demosaic holds without rescaling.
+_U16_SPAN = 65535.0
+
+#: Header keys for the time of day that goes with a date-only DATE-OBS.
+_TIME_OF_DAY_KEYS: tuple[str, ...] = ("TIME-OBS", "UT", "UTSTART", "UT-OBS")
+
+_MJD_EPOCH = datetime(1858, 11, 17, tzinfo=UTC)
+_OLD_DATE = re.compile(r"^\s*(\d{1,2})/(\d{1,2})/(\d{2})\s*$")
+_ISO_DATE = re.compile(r"^\s*(\d{4})-(\d{2})-(\d{2})\s*$")
+_TIME_OF_DAY = re.compile(r"^\s*(\d{1,2}):(\d{1,2}):(\d{1,2}(?:\.\d*)?)\s*$")
+_FRACTION = re.compile(r"\.(\d+)")
+_OFFSET_NO_COLON = re.compile(r"([+-])(\d{2})(\d{2})$")
+
+
+@contextlib.contextmanager
+def _quiet_astropy() -> Iterator[None]:
+    """Silence astropy's warnings while a file is parsed.
+
+    astropy warns about fixable header quirks and truncation; we check what matters ourselves and say
+    it in a FrameError. Under ``filterwarnings = error`` a warning raised inside ``fits.open`` would also
+    leave the file handle open.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        yield
+
+
+def _check_pattern_argument(bayer_pattern: str | None, path: Path) -> str | None:
+    if bayer_pattern is None:
+        return None
+    pattern = bayer_pattern.strip().upper()
+    if pattern != MONO and pattern not in BAYER_PATTERNS:
+        raise FrameError(
+            f"The Bayer pattern {bayer_pattern!r} given for {path} is not one of "
+            f"{', '.join(BAYER_PATTERNS)} or {MONO}."
+        )
+    return pattern
+
+
+def _check_not_empty(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise FrameError(f"{path} cannot be opened ({exc.strerror or exc}).") from exc
+    if size == 0:
+        raise FrameError(f"{path} is empty (0 bytes).")
+
+
+def _image_hdu_index(hdul: fits.HDUList, path: Path) -> int:
+    """Index of the first HDU with pixels; reject it unless it is a 2-D image."""
+    for index, hdu in enumerate(hdul):
+        header = hdu.header
+        naxis = int(header.get("NAXIS", 0))
+        if naxis == 0 or not hdu.is_image:
+            continue
+        axes = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, naxis + 1)]
+        if 0 in axes:
+            continue
+        if naxis < 2 or any(n != 1 for n in axes[2:]):
+            dims = " x ".join(str(n) for n in axes)
+            raise FrameError(
+                f"{path} holds a {naxis}-D image (NAXIS1..{naxis} = {dims}) in HDU {index}; "
+                "livestack needs a 2-D image."
+            )
+        return index
+    raise FrameError(f"{path} has no image HDU.")
+
+
+def _check_bitpix(header: fits.Header, path: Path) -> int:
+    bitpix = header.get("BITPIX")
+    if not isinstance(bitpix, int) or bitpix not in _BITPIX_VALUES:
+        raise FrameError(f"{path} has BITPIX = {bitpix!r}, which is not one FITS defines.")
+    return bitpix
+
+
+def _check_complete(hdul: fits.HDUList, index: int, header: fits.Header, bitpix: int, path: Path) -> None:
+    """Reject a file shorter than its header announces, before a memory map reads past its end."""
+    info = hdul.fileinfo(index)
+    if info is None or path.name.lower().endswith(".gz"):
+        return  # a gzip stream has no size to compare; the decompressor fails on truncation itself
+    size = path.stat().st_size
+    if isinstance(hdul[index], fits.CompImageHDU):
+        # The heap's exact length is inside the binary table; one FITS block of slack covers padding,
+        # and a cut inside the last block makes the decompressor raise.
+        needed = info["datLoc"] + info["datSpan"] - _FITS_BLOCK + 1
+    else:
+        rows, cols = int(header["NAXIS2"]), int(header["NAXIS1"])
+        needed = info["datLoc"] + rows * cols * abs(bitpix) // 8
+    if size < needed:
+        raise FrameError(
+            f"{path} is truncated: its header announces {needed} bytes but the file has {size}."
+        )
+
+
+def _pixels_to_float32(hdu: Any, header: fits.Header, bitpix: int,
+                       shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """Convert the raw (unscaled) pixels to a new float32 array; True when every value is an integer.
+
+    The raw array may be a memory map of the file: it is released before returning, so that closing the
+    HDUList also unmaps the file.
+    """
+    bzero = float(header.get("BZERO", 0.0))
+    bscale = float(header.get("BSCALE", 1.0))
+    blank = header.get("BLANK") if bitpix > 0 else None
+    out = np.empty(shape, dtype=np.float32)
+    raw = hdu.data
+    try:
+        raw2d = raw.reshape(shape)
+        if abs(bitpix) <= 16 or (bitpix == -32 and bscale == 1.0 and bzero == 0.0):
+            # 8/16-bit integers and unscaled float32 are exact in float32: one fused pass.
+            if bscale == 1.0:
+                np.add(raw2d, np.float32(bzero), out=out, dtype=np.float32)
+            else:
+                np.multiply(raw2d, np.float32(bscale), out=out, dtype=np.float32)
+                out += np.float32(bzero)
+        else:
+            # Wider types: scale in float64 so BZERO = 2**31 does not cancel the low digits.
+            scaled = raw2d.astype(np.float64)
+            if bscale != 1.0:
+                scaled *= bscale
+            scaled += bzero
+            out[...] = scaled
+        if isinstance(blank, int):
+            out[raw2d == blank] = np.nan
+    finally:
+        del raw  # the memory map, if any, must not outlive the file
+    integral = bitpix > 0 and bscale == 1.0 and float(bzero).is_integer() and blank is None
+    return out, integral
+
+
+def _meta_from_header(path: Path, header: fits.Header, override: str | None) -> FrameMeta:
+    shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+    return FrameMeta(
+        path=str(path),
+        shape=shape,
+        time_utc=_time_utc(header),
+        exptime=_first_float(header, ("EXPTIME", "EXPOSURE")),
+        filter=_text(header, "FILTER"),
+        object=_text(header, "OBJECT"),
+        imagetyp=_text(header, "IMAGETYP"),
+        bayer=_bayer_pattern(header, shape, override, path),
+        wcs_header=_wcs_header(header),
+    )
+
+
+def _text(header: fits.Header, key: str) -> str | None:
+    value = header.get(key)
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _first_float(header: fits.Header, keys: tuple[str, ...]) -> float | None:
+    for key in keys:
+        value = header.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+# --- time -----------------------------------------------------------------------------------------------
+
+def _time_utc(header: fits.Header) -> datetime | None:
+    date_obs = _text(header, "DATE-OBS") or _text(header, "DATE-BEG")
+    time_of_day = next((t for t in (_text(header, k) for k in _TIME_OF_DAY_KEYS) if t), None)
+    if date_obs is not None:
+        parsed = _parse_date_time(date_obs, time_of_day)
+        if parsed is not None:
+            return parsed
+    ut_obs = _text(header, "UT-OBS")
+    if ut_obs is not None:
+        parsed = _parse_iso(ut_obs)
+        if parsed is None and date_obs is not None:
+            day = _parse_date_only(date_obs)
+            parsed = _join(day, ut_obs) if day is not None else None
+        if parsed is not None:
+            return parsed
+    mjd = _first_float(header, ("MJD-OBS",))
+    if mjd is not None:
+        return _MJD_EPOCH + timedelta(days=mjd)
+    return None
+
+
+def _parse_date_time(text: str, time_of_day: str | None) -> datetime | None:
+    """A full ISO date-time; or a date (ISO or DD/MM/YY) plus a separate time of day."""
+    full = _parse_iso(text)
+    if full is not None:
+        return full
+    day = _parse_date_only(text)
+    if day is None or time_of_day is None:
+        return None
+    # UT-OBS may itself be a full date-time (MicroObservatory): then only its time of day is wanted.
+    as_full = _parse_iso(time_of_day)
+    if as_full is not None:
+        return as_full
+    return _join(day, time_of_day)
+
+
+def _parse_iso(text: str) -> datetime | None:
+    """Parse ``YYYY-MM-DDThh:mm:ss[.f][Z|+hh:mm|+hhmm]`` to aware UTC; None if it is not that form."""
+    text = text.strip()
+    if "T" not in text:
+        return None
+    text = text.replace("Z", "+00:00")
+    # Python takes at most 6 fraction digits; FITS writers emit up to 7 (or none after the point).
+    text = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], text, count=1)
+    text = _OFFSET_NO_COLON.sub(r"\1\2:\3", text)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _parse_date_only(text: str) -> datetime | None:
+    iso = _ISO_DATE.match(text)
+    old = _OLD_DATE.match(text)
+    try:
+        if iso:
+            return datetime(int(iso[1]), int(iso[2]), int(iso[3]), tzinfo=UTC)
+        if old:
+            # The pre-1999 FITS form DD/MM/YY always means the 1900s.
+            return datetime(1900 + int(old[3]), int(old[2]), int(old[1]), tzinfo=UTC)
+    except ValueError:
+        return None
+    return None
+
+
+def _join(day: datetime, time_of_day: str) -> datetime | None:
+    match = _TIME_OF_DAY.match(time_of_day)
+    if not match:
+        return None
+    hours, minutes, seconds = int(match[1]), int(match[2]), float(match[3])
+    if hours > 23 or minutes > 59 or seconds >= 61:
+        return None
+    return day + timedelta(hours=hours, minutes=minutes, seconds=seconds)
+
+
+# --- Bayer ----------------------------------------------------------------------------------------------
+
+def _bayer_pattern(header: fits.Header, shape: tuple[int, int], override: str | None,
+                   path: Path) -> str | None:
+    if override is not None:
+        return None if override == MONO else override
+    pattern = _text(header, "BAYERPAT")
+    if pattern is None:
+        hint = next((t.upper() for t in (_text(header, k) for k in ("COLORTYP", "FILTER")) if t), None)
+        if hint not in BAYER_PATTERNS:
+            return None
+        pattern = hint
+    pattern = pattern.upper()
+    if pattern not in BAYER_PATTERNS:
+        raise FrameError(
+            f"{path} has BAYERPAT = {pattern!r}, which livestack cannot debayer "
+            f"(it knows {', '.join(BAYER_PATTERNS)}); set a bayer_pattern to read it."
+        )
+    x_off = _integer(header, "XBAYROFF", path)
+    y_off = _integer(header, "YBAYROFF", path)
+    if x_off % 2:
+        pattern = _swap_columns(pattern)
+    flip = (_text(header, "ROWORDER") or "").upper() == "BOTTOM-UP" and shape[0] % 2 == 0
+    if (y_off % 2) != flip:  # two row swaps cancel
+        pattern = _swap_rows(pattern)
+    return pattern
+
+
+def _integer(header: fits.Header, key: str, path: Path) -> int:
+    value = header.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise FrameError(f"{path} has {key} = {value!r}, which is not a whole number of pixels.")
+    return int(value)
+
+
+def _swap_columns(pattern: str) -> str:
+    return pattern[1] + pattern[0] + pattern[3] + pattern[2]
+
+
+def _swap_rows(pattern: str) -> str:
+    return pattern[2:] + pattern[:2]
+
+
+def _debayer(mosaic: np.ndarray, pattern: str, integral: bool | None, copy: bool) -> np.ndarray:
+    """Debayer through OpenCV's 16-bit path; ``integral`` is None when not known (see ``debayer``).
+
+    With ``copy=False`` a float32 ``mosaic`` is scaled in place (the reader owns it and drops it after).
+    """
+    work = np.array(mosaic, dtype=np.float32, copy=copy or mosaic.dtype != np.float32)
+    if integral:
+        lo, hi = float(work.min()), float(work.max())
+    else:
+        # Float data may hold NaN or infinities: they take the minimum's value.
+        np.nan_to_num(work, copy=False, nan=np.nan, posinf=np.nan, neginf=np.nan)
+        if np.isnan(work).all():
+            lo = hi = 0.0
+        else:
+            lo, hi = float(np.nanmin(work)), float(np.nanmax(work))
+        np.nan_to_num(work, copy=False, nan=lo)
+        if integral is None:
+            integral = mosaic.dtype.kind in "iub" or bool(np.array_equal(np.rint(work), work))
+    if integral and hi - lo <= _U16_SPAN:
+        offset = 0.0 if (lo >= 0.0 and hi <= _U16_SPAN) else lo
+        step = 1.0
+    else:
+        offset = lo
+        step = (hi - lo) / _U16_SPAN if hi > lo else 1.0
+    if offset:
+        work -= np.float32(offset)
+    if step != 1.0:
+        work *= np.float32(1.0 / step)
+        np.rint(work, out=work)
+        np.clip(work, 0.0, _U16_SPAN, out=work)
+    rgb = cv2.cvtColor(work.astype(np.uint16), _CV2_BAYER_CODES[pattern]).astype(np.float32)
+    if step != 1.0:
+        rgb *= np.float32(step)
+    if offset:
+        rgb += np.float32(offset)
+    return rgb
+
+
+def _wcs_header(header: fits.Header) -> str | None:
+    if "CTYPE1" not in header and "CTYPE2" not in header:
+        return None  # skip astropy's WCS parser (a few ms) on frames that cannot have a celestial WCS
+    with warnings.catch_warnings():
+        # FITSFixedWarning and friends: the header's quirks are the camera's, not the user's to fix.
+        warnings.simplefilter("ignore", AstropyWarning)
+        try:
+            wcs = WCS(header, naxis=2)
+            if not wcs.has_celestial:
+                return None
+            return str(wcs.celestial.to_header(relax=True).tostring())
+        except (ValueError, KeyError, TypeError, MemoryError):
+            return None
+

@@ -8,16 +8,53 @@ Public API:
 - ``stretch(image) -> ndarray``: auto-stretched uint8 ``(H, W)`` or ``(H, W, 3)`` (NaN -> black).
 - ``encode_image(image8, fmt) -> bytes``: PNG or JPEG bytes of a stretched image.
 - ``write_preview(path, image)``: stretch then write PNG or JPEG by the file's suffix.
-- ``preview_bytes(image, max_size=...) -> bytes``: a small JPEG for event previews.
+- ``preview_array(image, max_side=160) -> ndarray``: a small stretched uint8 image for event previews.
+- ``preview_bytes(image, max_size=256) -> bytes``: the same, as JPEG bytes.
+
+The stretch
+    Each channel's sky level (median) and noise (MAD scaled to a Gaussian sigma) are measured on a strided
+    subsample. Every channel is shifted and scaled so its sky sits at 0 with unit noise, which makes the
+    sky neutral grey in a colour image; the black point is ``SHADOWS_SIGMA`` noise units below the sky,
+    the white point the brightest sampled value, and a midtones transfer function (PixInsight's STF
+    curve) places the sky at ``TARGET_BACKGROUND`` of full scale. The curve is steep near the sky and
+    flat near the white point, so faint nebulosity lifts while star cores keep their gradation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import math
+import os
+import tempfile
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 
-__all__ = ["StackInfo", "atomic_write", "encode_image", "preview_bytes", "stretch", "write_fits",
-           "write_preview"]
+import cv2
+import numpy as np
+from astropy.io import fits
+
+__all__ = ["JPEG_QUALITY", "PNG_COMPRESSION", "SHADOWS_SIGMA", "STAT_SAMPLES", "TARGET_BACKGROUND",
+           "StackInfo", "atomic_write", "encode_image", "preview_array", "preview_bytes", "stretch",
+           "write_fits", "write_preview"]
+
+#: Where the sky lands after the stretch, as a fraction of full scale (people like 0.1 to 0.25).
+TARGET_BACKGROUND: float = 0.20
+
+#: Black point, in units of the sky's noise below the sky: low enough that the noise is not clipped.
+SHADOWS_SIGMA: float = 2.8
+
+#: About this many pixels per channel are sampled (strided) for the sky statistics: enough for
+#: a median good to a small fraction of sigma, few enough to cost ~1 ms at any image size.
+STAT_SAMPLES: int = 250_000
+
+#: JPEG quality of previews.
+JPEG_QUALITY: int = 90
+
+#: zlib level of PNG previews, used with the RLE strategy and the SUB filter: at 8.3 MP that measured
+#: 3-4x faster than OpenCV's defaults for files 1-20% larger (noisy sky compresses little either way).
+PNG_COMPRESSION: int = 1
 
 
 @dataclass(frozen=True)
@@ -53,3 +90,338 @@ class StackInfo:
     filter: str | None = None
     wcs_header: str | None = None
     reference: str | None = None
+
+
+def atomic_write(path: str | Path, data: bytes | bytearray | memoryview) -> None:
+    """Write a file so that readers see either the old file or the whole new one, never a part.
+
+    The bytes go to a hidden temporary file in the same folder (``.<name>.<random>.tmp``, a name that
+    folder watchers ignore), are flushed and fsynced, then renamed over ``path`` with ``os.replace``;
+    finally the folder is fsynced so the rename survives a power cut.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to create or replace.
+    data : bytes-like
+        The whole content.
+
+    Raises
+    ------
+    OSError
+        When the folder is not writable or the disk is full; the temporary file is removed and an
+        existing ``path`` is left as it was.
+    """
+    path = Path(path)
+    folder = path.parent
+    mode = _mode_for(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(folder)
+
+
+def write_fits(path: str | Path, image: np.ndarray, info: StackInfo) -> None:
+    """Write the stack as a float32 FITS file, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Destination (``.fits``).
+    image : ndarray
+        ``(H, W)`` mono or ``(H, W, 3)`` RGB; NaN marks pixels no frame covered and is kept.
+    info : StackInfo
+        Goes into the header: NCOMBINE, EXPTIME (total), DATE-OBS, DATE-END, STACKMET, OBJECT, FILTER,
+        the reference's WCS cards, CREATOR.
+
+    Raises
+    ------
+    ValueError
+        When ``image`` is neither ``(H, W)`` nor ``(H, W, 3)``.
+    OSError
+        When the file cannot be written (the old one, if any, is kept).
+
+    Notes
+    -----
+    A colour image is stored as a cube of three planes R, G, B (``NAXIS3 = 3``), which Siril and
+    PixInsight open as colour and DS9 as an RGB cube; the card ``CHANORD = 'RGB'`` records the order.
+    No CTYPE3 is written: a third WCS axis would stop astropy from reading the SIP distortion.
+    """
+    data = np.asarray(image, dtype=np.float32)
+    if data.ndim == 3 and data.shape[2] == 3:
+        data = np.ascontiguousarray(np.moveaxis(data, 2, 0))
+    elif data.ndim != 2:
+        raise ValueError(f"A stack to write to {path} must be (H, W) or (H, W, 3), not {data.shape}.")
+    hdu = fits.PrimaryHDU(data)
+    header = hdu.header
+    if info.wcs_header:
+        wcs_cards = fits.Header.fromstring(info.wcs_header)
+        for card in wcs_cards.cards:
+            # The WCS block may carry the reference frame's own time; the stack's time is set below.
+            if card.keyword not in _TIME_KEYS and card.keyword not in ("", "COMMENT", "HISTORY"):
+                header.append(card)
+    if data.ndim == 3:
+        header["CHANORD"] = ("RGB", "planes 1, 2, 3 are red, green, blue")
+    header["NCOMBINE"] = (int(info.ncombine), "number of frames stacked")
+    header["EXPTIME"] = (float(info.exptime), "[s] total exposure of the stacked frames")
+    if info.date_obs is not None:
+        header["DATE-OBS"] = (_fits_time(info.date_obs), "UTC start of the first frame")
+    if info.date_end is not None:
+        header["DATE-END"] = (_fits_time(info.date_end), "UTC end of the last frame")
+    if info.date_obs is not None or info.date_end is not None:
+        header["TIMESYS"] = "UTC"
+    header["STACKMET"] = (info.method, "stacking method")
+    if info.object:
+        header["OBJECT"] = info.object
+    if info.filter:
+        header["FILTER"] = info.filter
+    if info.reference:
+        name = Path(info.reference).name
+        # A long file name leaves no room for a comment (astropy would truncate it with a warning).
+        header["REFFRAME"] = (name, "frame the stack is aligned to") if len(name) <= 35 else name
+    header["CREATOR"] = ("livestack", "software that made this file")
+    header["DATE"] = (_fits_time(datetime.now(UTC)), "UTC time this file was written")
+    buffer = io.BytesIO()
+    fits.HDUList([hdu]).writeto(buffer)
+    atomic_write(path, buffer.getbuffer())
+
+
+def stretch(image: np.ndarray) -> np.ndarray:
+    """Auto-stretch a linear image for display (see the module docstring).
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(H, W)`` or ``(H, W, 3)`` RGB, any real dtype; NaN allowed.
+
+    Returns
+    -------
+    ndarray
+        uint8 of the same shape; NaN pixels are 0.
+
+    Raises
+    ------
+    ValueError
+        When ``image`` is neither ``(H, W)`` nor ``(H, W, C)``.
+    """
+    if image.ndim not in (2, 3):
+        raise ValueError(f"Only (H, W) or (H, W, C) images can be stretched, not {image.shape}.")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    sky, noise, peak = _channel_statistics(image, channels)
+    # Work in noise units above each channel's sky; white is the brightest sampled pixel of any channel.
+    white = max((peak[c] - sky[c]) / noise[c] for c in range(channels))
+    white = max(white, SHADOWS_SIGMA + 1.0)  # a flat image still needs a non-empty range
+    span = white + SHADOWS_SIGMA
+    # One affine map per channel equalises sky and noise and sends black -> 0, white -> 1;
+    # cv2.transform does it in one multi-threaded pass (3-4x faster than numpy broadcasting).
+    affine = np.zeros((channels, channels + 1), dtype=np.float64)
+    for c in range(channels):
+        gain = 1.0 / (noise[c] * span)
+        affine[c, c] = gain
+        affine[c, channels] = -(sky[c] - SHADOWS_SIGMA * noise[c]) * gain
+    x: np.ndarray = cv2.transform(np.ascontiguousarray(image, dtype=np.float32), affine)
+    if x.ndim != image.ndim:  # OpenCV drops a trailing channel axis of length 1
+        x = x.reshape(image.shape)
+    # fmax/fmin ignore NaN, so this clip also turns NaN into 0 (black).
+    np.fmax(x, 0.0, out=x)
+    np.fmin(x, 1.0, out=x)
+    m = np.float32(_midtones_balance(SHADOWS_SIGMA / span, TARGET_BACKGROUND))
+    # Midtones transfer function y = (m - 1) x / ((2m - 1) x - m), in place, then to 0..255.
+    denominator = x * np.float32(2.0 * m - 1.0)
+    denominator -= m
+    x *= np.float32((m - 1.0) * 255.0)
+    x /= denominator
+    x += np.float32(0.5)
+    return x.astype(np.uint8)
+
+
+def encode_image(image8: np.ndarray, fmt: str) -> bytes:
+    """Encode a uint8 image as PNG or JPEG.
+
+    Parameters
+    ----------
+    image8 : ndarray
+        uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB (for example the output of ``stretch``).
+    fmt : str
+        ``'png'``, ``'jpeg'`` or ``'jpg'``.
+
+    Returns
+    -------
+    bytes
+
+    Raises
+    ------
+    ValueError
+        For another format, a non-uint8 image, or when OpenCV cannot encode it.
+    """
+    kind = fmt.lower().lstrip(".")
+    if image8.dtype != np.uint8:
+        raise ValueError(f"Only uint8 images can be encoded, not {image8.dtype}.")
+    if kind == "png":
+        extension, params = ".png", [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION,
+                                      cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+                                      cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    elif kind in ("jpeg", "jpg"):
+        extension, params = ".jpg", [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+    else:
+        raise ValueError(f"Image format {fmt!r} is not one of png, jpeg.")
+    # OpenCV's encoders take blue, green, red.
+    pixels = cv2.cvtColor(image8, cv2.COLOR_RGB2BGR) if image8.ndim == 3 else image8
+    ok, encoded = cv2.imencode(extension, pixels, params)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {image8.shape} image as {kind}.")
+    return encoded.tobytes()
+
+
+def write_preview(path: str | Path, image: np.ndarray) -> None:
+    """Stretch a linear image and write it as PNG or JPEG (by the suffix), atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Destination ending in ``.png``, ``.jpg`` or ``.jpeg``.
+    image : ndarray
+        Linear ``(H, W)`` or ``(H, W, 3)`` RGB image.
+
+    Raises
+    ------
+    ValueError
+        For another suffix.
+    OSError
+        When the file cannot be written (the old one, if any, is kept).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _PREVIEW_SUFFIXES:
+        raise ValueError(
+            f"The preview {path} must end in one of {', '.join(_PREVIEW_SUFFIXES)}, not {suffix!r}."
+        )
+    atomic_write(path, encode_image(stretch(image), suffix))
+
+
+def preview_array(image: np.ndarray, max_side: int = 160) -> np.ndarray:
+    """A small stretched uint8 copy of an image, for event previews.
+
+    Parameters
+    ----------
+    image : ndarray
+        Linear ``(H, W)`` or ``(H, W, 3)`` image.
+    max_side : int
+        Longest side of the result, pixels; images already smaller keep their size.
+
+    Returns
+    -------
+    ndarray
+        uint8 ``(h, w)`` or ``(h, w, 3)``.
+    """
+    data: np.ndarray = np.asarray(image, dtype=np.float32)
+    rows, cols = data.shape[:2]
+    factor = max_side / max(rows, cols)
+    if factor < 1.0:
+        size = (max(1, round(cols * factor)), max(1, round(rows * factor)))
+        # INTER_AREA averages whole blocks: noise drops and stars survive, unlike point sampling.
+        data = cv2.resize(data, size, interpolation=cv2.INTER_AREA)
+    return stretch(data)
+
+
+def preview_bytes(image: np.ndarray, max_size: int = 256) -> bytes:
+    """A small stretched JPEG of an image, for event previews.
+
+    Parameters
+    ----------
+    image : ndarray
+        Linear ``(H, W)`` or ``(H, W, 3)`` image.
+    max_size : int
+        Longest side of the picture, pixels.
+
+    Returns
+    -------
+    bytes
+        JPEG.
+    """
+    return encode_image(preview_array(image, max_side=max_size), "jpeg")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Private helpers
+# --------------------------------------------------------------------------------------------------------
+
+_PREVIEW_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+#: Cards of a frame's WCS block that describe that frame's time, not the stack's.
+_TIME_KEYS = frozenset({"DATE-OBS", "DATE-END", "DATE-BEG", "DATE-AVG", "MJD-OBS", "MJD-END", "MJD-BEG",
+                        "MJD-AVG", "DATEREF", "MJDREF", "MJDREFI", "MJDREFF", "TIMESYS"})
+
+#: Converts a median absolute deviation into the sigma of a Gaussian.
+_MAD_TO_SIGMA = 1.4826
+
+#: Mode bits of a new file (rw-r--r--): previews and stacks are read by viewers and web servers.
+_NEW_FILE_MODE = 0o644
+
+
+def _mode_for(path: Path) -> int:
+    """Keep the mode of the file being replaced; a new file gets ``_NEW_FILE_MODE``."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return _NEW_FILE_MODE
+
+
+def _fsync_directory(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fits_time(moment: datetime) -> str:
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="milliseconds")
+
+
+def _subsample(image: np.ndarray) -> np.ndarray:
+    rows, cols = image.shape[:2]
+    step = max(1, int(math.sqrt(rows * cols / STAT_SAMPLES)))
+    return image[::step, ::step]
+
+
+def _channel_statistics(image: np.ndarray, channels: int) -> tuple[list[float], list[float], list[float]]:
+    """Sky (median), noise (MAD sigma) and peak of each channel, measured on a strided subsample."""
+    sample = _subsample(image)
+    sky: list[float] = []
+    noise: list[float] = []
+    peak: list[float] = []
+    for c in range(channels):
+        plane = np.asarray(sample if channels == 1 else sample[..., c], dtype=np.float32)
+        values = plane[np.isfinite(plane)]
+        if values.size == 0:
+            sky.append(0.0)
+            noise.append(1.0)
+            peak.append(0.0)
+            continue
+        median = float(np.median(values))
+        sigma = _MAD_TO_SIGMA * float(np.median(np.abs(values - median)))
+        if not sigma > 0.0:
+            # Quantised or synthetic data can have MAD 0: fall back on the spread, then on a tiny unit.
+            sigma = float(np.std(values)) or max(abs(median) * 1e-6, 1e-6)
+        sky.append(median)
+        noise.append(sigma)
+        peak.append(float(values.max()))
+    return sky, noise, peak
+
+
+def _midtones_balance(x0: float, target: float) -> float:
+    """The midtones parameter m for which the transfer function maps ``x0`` to ``target``."""
+    x0 = min(max(x0, 1e-6), 1.0 - 1e-6)
+    return x0 * (target - 1.0) / (2.0 * x0 * target - target - x0)
