@@ -11,17 +11,59 @@ Public API (one small interface, three methods):
 - ``make_accumulator(method, shape, *, kappa, warmup, directory) -> Accumulator``.
 
 ``shape`` is ``(H, W)`` for mono or ``(H, W, C)`` for colour; footprints are always ``(H, W)`` bool.
+
+A pixel of a frame counts only where its footprint is True *and* every channel is finite: values outside
+the footprint (NaN, zero or garbage) never reach the stack, and a NaN inside the footprint cannot poison
+it. ``coverage`` counts, per pixel, the frames that offered such a value (kappa-sigma rejections do not
+lower it). ``state()`` returns copies, so a checkpoint can be written while stacking goes on.
+
+The hot loops are numba kernels (``parallel=True`` over rows, ``cache=True`` so that only the first
+process on a machine pays the compile). They run on numba's own worker threads, which end with each call.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
 from typing import Protocol
 
+import numba
 import numpy as np
 
-__all__ = ["METHODS", "Accumulator", "make_accumulator"]
+from livestack.errors import StateError
+
+__all__ = [
+    "METHODS",
+    "Accumulator",
+    "KappaSigmaStack",
+    "MeanStack",
+    "MedianStack",
+    "make_accumulator",
+]
 
 METHODS: tuple[str, ...] = ("mean", "kappa-sigma", "median")
+
+WARMUP_MEMORY_BUDGET: int = 1 << 30
+"""Bytes the kappa-sigma warm-up may hold: it buffers at most this much of whole float32 frames."""
+
+MIN_WARMUP_FRAMES: int = 3
+"""The fewest warm-up frames a median can use to outvote one outlier; kept even above the budget."""
+
+MIN_TEST_SAMPLES: int = 3
+"""Accepted samples a pixel needs before kappa-sigma tests new ones: fewer give no usable sigma."""
+
+MAD_TO_SIGMA: float = 1.4826
+"""Median absolute deviation to standard deviation, for normal noise."""
+
+MEDIAN_MEMORY_BUDGET: int = 256 << 20
+"""Bytes of cube ``MedianStack.result()`` reads at a time (one row of every frame at the least)."""
+
+_CUBE_PREFIX = "median-"
+_CUBE_SUFFIX = ".cube"
+_CHUNK_PIXELS = 256  # pixels per numba task in the median kernel: one scratch allocation per task
 
 
 class Accumulator(Protocol):
@@ -45,3 +87,865 @@ class Accumulator(Protocol):
     def state(self) -> dict[str, np.ndarray]: ...
 
     def restore(self, state: dict[str, np.ndarray]) -> None: ...
+
+
+class MeanStack:
+    """Weighted mean: per pixel, a float64 sum of ``weight * value`` and a float64 sum of weights.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(H, W)`` or ``(H, W, C)``.
+
+    Notes
+    -----
+    Memory: 8 bytes per pixel and channel for the sums, plus 12 per pixel (weights, coverage). float64 sums
+    keep the mean exact to ~1e-12 relative however many frames arrive.
+    """
+
+    method: str = "mean"
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self._shape = _check_shape(shape)
+        height, width, channels = _shape3(self._shape)
+        self._sum = np.zeros((height, width, channels), dtype=np.float64)
+        self._weight = np.zeros((height, width), dtype=np.float64)
+        self._coverage = np.zeros((height, width), dtype=np.int32)
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """Frames added."""
+        return self._count
+
+    @property
+    def coverage(self) -> np.ndarray:
+        """int32 ``(H, W)``: frames that covered each pixel (read-only view)."""
+        return _readonly(self._coverage)
+
+    @property
+    def rejected_fraction(self) -> float:
+        """Always 0: the mean rejects nothing."""
+        return 0.0
+
+    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
+        """Add an aligned frame.
+
+        Parameters
+        ----------
+        image : ndarray
+            The stack's shape; values outside the footprint are ignored.
+        footprint : ndarray
+            bool ``(H, W)``.
+        weight : float
+            Positive, finite.
+
+        Raises
+        ------
+        ValueError
+            If the shapes differ from the stack's or the weight is not positive and finite.
+        """
+        image3, mask, weight = _check_frame(self._shape, image, footprint, weight)
+        _mean_add(image3, mask, weight, self._sum, self._weight, self._coverage)
+        self._count += 1
+
+    def result(self) -> np.ndarray:
+        """The weighted mean, float32, NaN where never covered."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self._sum / self._weight[:, :, None]
+        return mean.astype(np.float32).reshape(self._shape)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Copies of everything needed to resume (see ``restore``)."""
+        return {
+            "method": np.array(self.method),
+            "shape": np.array(self._shape, dtype=np.int64),
+            "count": np.array(self._count, dtype=np.int64),
+            "sum": self._sum.copy(),
+            "weight": self._weight.copy(),
+            "coverage": self._coverage.copy(),
+        }
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Resume from a ``state()`` of a stack of the same method and shape.
+
+        Raises
+        ------
+        StateError
+            If the state is of another method or shape, or misses an array.
+        """
+        _check_state(state, self.method, self._shape, ("count", "sum", "weight", "coverage"))
+        self._sum = _take(state, "sum", self._sum.shape, np.float64)
+        self._weight = _take(state, "weight", self._weight.shape, np.float64)
+        self._coverage = _take(state, "coverage", self._coverage.shape, np.int32)
+        self._count = int(state["count"])
+
+
+class KappaSigmaStack:
+    """Kappa-sigma clipped mean, streamed: a running weighted mean and variance per pixel and channel.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(H, W)`` or ``(H, W, C)``.
+    kappa : float
+        A sample further than ``kappa`` sigma from the pixel's running mean is rejected.
+    warmup : int
+        Frames buffered before streaming starts (see Notes).
+    warmup_budget : int
+        Bytes the warm-up buffer may use; caps ``warmup`` (never below ``MIN_WARMUP_FRAMES``).
+
+    Notes
+    -----
+    *Warm-up.* A running mean cannot judge its first samples, so the first ``warmup`` frames (at most
+    ``warmup_budget`` bytes of them, but at least ``MIN_WARMUP_FRAMES``) are buffered. When the buffer is
+    full, each pixel and channel is initialised from its buffered samples: those further than
+    ``kappa * 1.4826 * MAD`` from their median are rejected (a satellite trail in frame 2 does not poison
+    the stack), the rest seed the running mean and variance. Until then ``result()`` returns that robust
+    combination of the frames buffered so far.
+
+    *Noise floor.* Sigma from a handful of samples is often far too small by chance, and a pixel whose sigma
+    is too small rejects every later good sample: it freezes. So sigma never goes below a floor per channel,
+    the typical noise of one frame: the median over pixels of the warm-up samples' variance, corrected for
+    the median of a chi-square (``_noise_floor``). It is set when the warm-up is judged and kept; star
+    pixels, noisier than the sky, use their own larger sigma.
+
+    *Streaming.* Each later sample is tested against ``kappa * max(sigma, floor)`` around its pixel's
+    running mean and, when accepted, folded in with West's weighted form of Welford's update. The mean is
+    weighted; sigma is ``sqrt(M2 / sum(w) * n / (n - 1))`` with ``n`` accepted samples (the unweighted
+    sample variance when all weights are equal). A pixel with fewer than ``MIN_TEST_SAMPLES`` samples, at
+    the warm-up or after, accepts all: so a pixel seen by fewer than 3 warm-up frames (the field's edge
+    while the mount drifts) is not protected from an outlier among its first samples. Channels are clipped
+    independently.
+
+    ``rejected_fraction`` is rejected samples over samples offered (per channel, within footprints),
+    counting the warm-up frames once they are judged; 0 during the warm-up.
+
+    The clipping is symmetric and does not bias the mean. A sky level drifting by more than kappa sigma of
+    one frame would be rejected from then on, and a floor set under a dark sky is too low once the moon is
+    up: normalise the background before stacking.
+
+    Memory: mean, M2 and weight sum as float32 and the accepted count as int32, 16 bytes per pixel and
+    channel, plus the coverage; float32 is enough because Welford's update never subtracts large sums.
+    """
+
+    method: str = "kappa-sigma"
+
+    def __init__(self, shape: tuple[int, ...], kappa: float = 3.0, warmup: int = 5, *,
+                 warmup_budget: int = WARMUP_MEMORY_BUDGET) -> None:
+        self._shape = _check_shape(shape)
+        if not (math.isfinite(kappa) and kappa > 0):
+            raise ValueError(f"kappa must be a positive number, not {kappa}.")
+        if int(warmup) != warmup or warmup < 1:
+            raise ValueError(f"warmup must be a positive whole number of frames, not {warmup}.")
+        self._kappa = float(kappa)
+        height, width, channels = _shape3(self._shape)
+        frame_bytes = height * width * channels * 4
+        affordable = max(MIN_WARMUP_FRAMES, int(warmup_budget) // frame_bytes)
+        self._warmup = min(int(warmup), affordable)
+        self._dims = (height, width, channels)
+        self._coverage = np.zeros((height, width), dtype=np.int32)
+        self._count = 0
+        self._offered = 0
+        self._rejected = 0
+        # Warm-up: frames with NaN where not valid, and their weights.
+        self._buffer: np.ndarray | None = None
+        self._buffer_weights = np.zeros(self._warmup, dtype=np.float64)
+        self._buffered = 0
+        # Streaming state, allocated when the warm-up ends.
+        self._mean: np.ndarray | None = None
+        self._m2 = np.zeros(0, dtype=np.float32)
+        self._wsum = np.zeros(0, dtype=np.float32)
+        self._n = np.zeros(0, dtype=np.int32)
+        self._floor = np.zeros(channels, dtype=np.float64)
+
+    @property
+    def warmup(self) -> int:
+        """Frames buffered before streaming (``warmup`` capped by the memory budget)."""
+        return self._warmup
+
+    @property
+    def count(self) -> int:
+        """Frames added."""
+        return self._count
+
+    @property
+    def coverage(self) -> np.ndarray:
+        """int32 ``(H, W)``: frames that offered a valid value at each pixel (read-only view)."""
+        return _readonly(self._coverage)
+
+    @property
+    def rejected_fraction(self) -> float:
+        """Rejected over offered samples since the warm-up was judged (0 before)."""
+        return self._rejected / self._offered if self._offered else 0.0
+
+    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
+        """Add an aligned frame (see the class Notes for what happens to it).
+
+        Parameters
+        ----------
+        image : ndarray
+            The stack's shape; values outside the footprint are ignored.
+        footprint : ndarray
+            bool ``(H, W)``.
+        weight : float
+            Positive, finite.
+
+        Raises
+        ------
+        ValueError
+            If the shapes differ from the stack's or the weight is not positive and finite.
+        """
+        image3, mask, weight = _check_frame(self._shape, image, footprint, weight)
+        if self._mean is None:
+            if self._buffer is None:
+                self._buffer = np.empty((self._warmup, *self._dims), dtype=np.float32)
+            _mask_copy(image3, mask, self._buffer[self._buffered], self._coverage)
+            self._buffer_weights[self._buffered] = weight
+            self._buffered += 1
+            self._count += 1
+            if self._buffered >= self._warmup:
+                self._finish_warmup()
+            return
+        offered = np.zeros(self._dims[0], dtype=np.int64)
+        rejected = np.zeros(self._dims[0], dtype=np.int64)
+        _kappa_add(image3, mask, weight, self._kappa, MIN_TEST_SAMPLES, self._floor, self._mean, self._m2,
+                   self._wsum, self._n, self._coverage, offered, rejected)
+        self._offered += int(offered.sum())
+        self._rejected += int(rejected.sum())
+        self._count += 1
+
+    def result(self) -> np.ndarray:
+        """The clipped mean, float32, NaN where never covered (the robust warm-up combination before)."""
+        if self._mean is None:
+            if self._buffer is None:
+                return np.full(self._shape, np.nan, dtype=np.float32)
+            mean, _, _, n, _, _, _ = self._judge_buffer()
+        else:
+            mean, n = self._mean, self._n
+        return np.where(n > 0, mean, np.float32(np.nan)).reshape(self._shape)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Copies of everything needed to resume: the warm-up buffer while warming up, else the moments."""
+        state = {
+            "method": np.array(self.method),
+            "shape": np.array(self._shape, dtype=np.int64),
+            "count": np.array(self._count, dtype=np.int64),
+            "offered": np.array(self._offered, dtype=np.int64),
+            "rejected": np.array(self._rejected, dtype=np.int64),
+            "coverage": self._coverage.copy(),
+        }
+        if self._mean is None:
+            buffered = self._buffered
+            state["buffer"] = (self._buffer[:buffered].copy() if self._buffer is not None
+                               else np.zeros((0, *self._dims), dtype=np.float32))
+            state["buffer_weights"] = self._buffer_weights[:buffered].copy()
+        else:
+            state.update(mean=self._mean.copy(), m2=self._m2.copy(), wsum=self._wsum.copy(), n=self._n.copy(),
+                         floor=self._floor.copy())
+        return state
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Resume from a ``state()`` of a stack of the same method and shape.
+
+        A state taken during the warm-up resumes the warm-up with this stack's ``warmup`` (ending it at once
+        if the state already buffered that many frames).
+
+        Raises
+        ------
+        StateError
+            If the state is of another method or shape, or misses an array.
+        """
+        _check_state(state, self.method, self._shape, ("count", "offered", "rejected", "coverage"))
+        self._coverage = _take(state, "coverage", self._dims[:2], np.int32)
+        self._count = int(state["count"])
+        self._offered = int(state["offered"])
+        self._rejected = int(state["rejected"])
+        if "buffer" in state:
+            buffer = np.asarray(state["buffer"], dtype=np.float32)
+            weights = np.asarray(state["buffer_weights"], dtype=np.float64)
+            if buffer.shape[1:] != self._dims or weights.shape != buffer.shape[:1]:
+                raise StateError("The kappa-sigma warm-up buffer in the state does not fit this stack.")
+            size = max(self._warmup, buffer.shape[0])
+            self._buffer = np.empty((size, *self._dims), dtype=np.float32)
+            self._buffer[: buffer.shape[0]] = buffer
+            self._buffer_weights = np.zeros(size, dtype=np.float64)
+            self._buffer_weights[: buffer.shape[0]] = weights
+            self._buffered = buffer.shape[0]
+            self._mean = None
+            if self._buffered >= self._warmup:
+                self._finish_warmup()
+            return
+        missing = [key for key in ("mean", "m2", "wsum", "n", "floor") if key not in state]
+        if missing:
+            raise StateError(f"The kappa-sigma state lacks {', '.join(missing)}.")
+        self._mean = _take(state, "mean", self._dims, np.float32)
+        self._m2 = _take(state, "m2", self._dims, np.float32)
+        self._wsum = _take(state, "wsum", self._dims, np.float32)
+        self._n = _take(state, "n", self._dims, np.int32)
+        self._floor = _take(state, "floor", self._dims[2:], np.float64)
+        self._buffer = None
+        self._buffered = 0
+
+    def _judge_buffer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """Robust moments of the buffered frames: mean, M2, weight sum, accepted count, noise floor,
+        offered, rejected."""
+        assert self._buffer is not None
+        buffer = self._buffer[: self._buffered]
+        floor = _noise_floor(buffer)
+        mean = np.empty(self._dims, dtype=np.float32)
+        m2 = np.empty(self._dims, dtype=np.float32)
+        wsum = np.empty(self._dims, dtype=np.float32)
+        n = np.empty(self._dims, dtype=np.int32)
+        offered = np.zeros(self._dims[0], dtype=np.int64)
+        rejected = np.zeros(self._dims[0], dtype=np.int64)
+        _robust_init(buffer, self._buffer_weights[: self._buffered], self._kappa, MAD_TO_SIGMA,
+                     MIN_TEST_SAMPLES, floor, mean, m2, wsum, n, offered, rejected)
+        return mean, m2, wsum, n, floor, int(offered.sum()), int(rejected.sum())
+
+    def _finish_warmup(self) -> None:
+        mean, self._m2, self._wsum, self._n, self._floor, offered, rejected = self._judge_buffer()
+        self._offered += offered
+        self._rejected += rejected
+        self._mean = mean
+        self._buffer = None  # the warm-up memory goes back now
+        self._buffered = 0
+
+
+class MedianStack:
+    """Exact per-pixel median of every frame, from a cube of frames kept on disk.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(H, W)`` or ``(H, W, C)``.
+    directory : str or PathLike
+        Where the cube file goes (created on the first frame, named ``median-*.cube``); nothing else in it
+        is touched.
+    max_frames : int, optional
+        Refuse frames beyond this many (bounds the disk: ``H * W * C * 4`` bytes per frame).
+    memory_budget : int
+        Bytes of cube ``result()`` holds at a time.
+
+    Notes
+    -----
+    Each frame is written as raw float32 (native byte order), NaN where not valid, at offset
+    ``count * frame_bytes``: a crash mid-append leaves a partial frame that the next append overwrites and
+    ``restore`` truncates. ``result()`` reads row blocks of every frame into one reused buffer (never a
+    memory map, whose resident pages grow to the cube's size) and takes the NaN-ignoring median, the mean
+    of the two middle values for an even count, as ``np.nanmedian`` does. Weights are ignored: a weighted
+    median would need every frame's weight at every pixel, and the median's point is to ignore outliers,
+    not to rank frames. Delete the cube with ``discard()`` when the stack is done with.
+    """
+
+    method: str = "median"
+
+    def __init__(self, shape: tuple[int, ...], directory: str | os.PathLike[str],
+                 max_frames: int | None = None, *, memory_budget: int = MEDIAN_MEMORY_BUDGET) -> None:
+        self._shape = _check_shape(shape)
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be a positive number of frames or None, not {max_frames}.")
+        if memory_budget < 1:
+            raise ValueError(f"memory_budget must be a positive number of bytes, not {memory_budget}.")
+        self._directory = Path(directory)
+        self._max_frames = max_frames
+        self._budget = int(memory_budget)
+        self._dims = _shape3(self._shape)
+        self._frame_bytes = self._dims[0] * self._dims[1] * self._dims[2] * 4
+        self._coverage = np.zeros(self._dims[:2], dtype=np.int32)
+        self._count = 0
+        self._path: Path | None = None
+        self._scratch: np.ndarray | None = None
+
+    @property
+    def count(self) -> int:
+        """Frames in the cube."""
+        return self._count
+
+    @property
+    def coverage(self) -> np.ndarray:
+        """int32 ``(H, W)``: frames that covered each pixel (read-only view)."""
+        return _readonly(self._coverage)
+
+    @property
+    def rejected_fraction(self) -> float:
+        """Always 0: the median keeps every sample."""
+        return 0.0
+
+    @property
+    def cube_path(self) -> Path | None:
+        """The cube file, or None before the first frame."""
+        return self._path
+
+    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
+        """Append an aligned frame to the cube (``weight`` is checked, then ignored).
+
+        Raises
+        ------
+        ValueError
+            If the shapes differ from the stack's, the weight is not positive and finite, or the cube already
+            holds ``max_frames``.
+        OSError
+            If the cube cannot be written (the frame is then not counted).
+        """
+        image3, mask, _ = _check_frame(self._shape, image, footprint, weight)
+        if self._max_frames is not None and self._count >= self._max_frames:
+            raise ValueError(f"The median cube is full ({self._max_frames} frames); start a new stack.")
+        if self._scratch is None:
+            self._scratch = np.empty(self._dims, dtype=np.float32)
+        coverage = self._coverage.copy()  # committed only once the frame is safely written
+        _mask_copy(image3, mask, self._scratch, coverage)
+        if self._path is None:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(prefix=_CUBE_PREFIX, suffix=_CUBE_SUFFIX, dir=self._directory)
+            os.close(handle)
+            self._path = Path(name)
+        with open(self._path, "r+b") as cube:
+            cube.seek(self._count * self._frame_bytes)
+            cube.write(self._scratch.data.cast("B"))
+        self._coverage = coverage
+        self._count += 1
+
+    def result(self) -> np.ndarray:
+        """The exact NaN-ignoring median, float32, NaN where never covered."""
+        height, width, channels = self._dims
+        median = np.full(self._dims, np.nan, dtype=np.float32)
+        if self._count == 0 or self._path is None:
+            return median.reshape(self._shape)
+        rows, cols = _block_shape(self._count, height, width, channels, self._budget)
+        block = np.empty((self._count, rows, cols, channels), dtype=np.float32)
+        out = np.empty((rows, cols, channels), dtype=np.float32)
+        with open(self._path, "rb", buffering=0) as cube:
+            for y0 in range(0, height, rows):
+                y1 = min(y0 + rows, height)
+                for x0 in range(0, width, cols):
+                    x1 = min(x0 + cols, width)
+                    self._read_block(cube, block[:, : y1 - y0, : x1 - x0], y0, x0)
+                    # Whole buffers go to the kernel so that it compiles once, whatever the block's size.
+                    _nanmedian_block(block, y1 - y0, x1 - x0, out)
+                    median[y0:y1, x0:x1] = out[: y1 - y0, : x1 - x0]
+        return median.reshape(self._shape)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The cube's file name (in ``directory``), frame count and coverage; the cube is synced to disk."""
+        if self._path is not None:
+            with open(self._path, "r+b") as cube:
+                os.fsync(cube.fileno())
+        return {
+            "method": np.array(self.method),
+            "shape": np.array(self._shape, dtype=np.int64),
+            "count": np.array(self._count, dtype=np.int64),
+            "coverage": self._coverage.copy(),
+            "cube": np.array(self._path.name if self._path is not None else ""),
+        }
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Adopt the cube a ``state()`` names (looked for in this stack's directory).
+
+        Bytes beyond the recorded frames (a frame half-written when the daemon died) are truncated.
+
+        Raises
+        ------
+        StateError
+            If the state is of another method or shape, or the cube is missing or shorter than recorded.
+        """
+        _check_state(state, self.method, self._shape, ("count", "coverage", "cube"))
+        count = int(state["count"])
+        name = str(state["cube"])
+        if Path(name).name != name:
+            raise StateError(f"The median state names {name!r}, which is not a plain file name.")
+        coverage = _take(state, "coverage", self._dims[:2], np.int32)
+        if count == 0 and not name:
+            self._path, self._count, self._coverage = None, 0, coverage
+            return
+        path = self._directory / name
+        expected = count * self._frame_bytes
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise StateError(f"The median cube {path} cannot be found.") from exc
+        if size < expected:
+            raise StateError(f"The median cube {path} holds {size} bytes, fewer than {count} frames need.")
+        if size > expected:
+            os.truncate(path, expected)
+        self._path, self._count, self._coverage = path, count, coverage
+
+    def discard(self) -> None:
+        """Delete the cube file; the stack is empty afterwards."""
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+        self._path = None
+        self._count = 0
+        self._coverage = np.zeros(self._dims[:2], dtype=np.int32)
+
+    def _read_block(self, cube: io.FileIO, view: np.ndarray, y0: int, x0: int) -> None:
+        """Fill ``view`` (frames, rows, cols, C) from the cube, starting at row ``y0``, column ``x0``."""
+        width, channels = self._dims[1], self._dims[2]
+        rows, cols = view.shape[1], view.shape[2]
+        pixel = channels * 4
+        for k in range(view.shape[0]):
+            frame_offset = k * self._frame_bytes
+            if cols == width:  # whole rows: one contiguous read per frame
+                _read_exact(cube, view[k], frame_offset + y0 * width * pixel)
+            else:
+                for r in range(rows):
+                    _read_exact(cube, view[k, r], frame_offset + ((y0 + r) * width + x0) * pixel)
+
+
+def make_accumulator(method: str, shape: tuple[int, ...], *, kappa: float = 3.0, warmup: int = 5,
+                     directory: str | os.PathLike[str] | None = None) -> Accumulator:
+    """Create the accumulator of a stacking method.
+
+    Parameters
+    ----------
+    method : str
+        One of ``METHODS``.
+    shape : tuple of int
+        ``(H, W)`` or ``(H, W, C)``.
+    kappa, warmup
+        For ``"kappa-sigma"`` (see ``KappaSigmaStack``).
+    directory : str or PathLike, optional
+        Where ``"median"`` keeps its cube; required for it.
+
+    Returns
+    -------
+    Accumulator
+
+    Raises
+    ------
+    ValueError
+        If the method is unknown, or a median has no directory.
+    """
+    if method == "mean":
+        return MeanStack(shape)
+    if method == "kappa-sigma":
+        return KappaSigmaStack(shape, kappa=kappa, warmup=warmup)
+    if method == "median":
+        if directory is None:
+            raise ValueError("The median stack needs a directory for its frame cube.")
+        return MedianStack(shape, directory)
+    raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}.")
+
+
+# --- checks and small helpers -------------------------------------------------------------------------
+
+
+def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    dims = tuple(int(n) for n in shape)
+    if len(dims) not in (2, 3) or min(dims) < 1:
+        raise ValueError(f"shape must be (H, W) or (H, W, C) with positive sizes, not {tuple(shape)}.")
+    return dims
+
+
+def _shape3(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    return shape[0], shape[1], shape[2] if len(shape) == 3 else 1
+
+
+def _check_frame(shape: tuple[int, ...], image: np.ndarray, footprint: np.ndarray,
+                 weight: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """The image as C-contiguous float32 ``(H, W, C)``, the footprint as bool, the weight as float."""
+    if image.shape != shape:
+        raise ValueError(f"The image is {image.shape} but the stack is {shape}.")
+    if footprint.shape != shape[:2]:
+        raise ValueError(f"The footprint is {footprint.shape} but the stack's pixels are {shape[:2]}.")
+    weight = float(weight)
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"weight must be a positive number, not {weight}.")
+    image3 = np.ascontiguousarray(image, dtype=np.float32).reshape(_shape3(shape))
+    return image3, np.ascontiguousarray(footprint, dtype=np.bool_), weight
+
+
+def _check_state(state: dict[str, np.ndarray], method: str, shape: tuple[int, ...],
+                 keys: tuple[str, ...]) -> None:
+    if "method" not in state or str(state["method"]) != method:
+        raise StateError(f"The state is not of a {method} stack.")
+    if "shape" not in state or tuple(int(n) for n in np.asarray(state["shape"])) != shape:
+        raise StateError(f"The state's shape does not match this stack's {shape}.")
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise StateError(f"The {method} state lacks {', '.join(missing)}.")
+
+
+def _take(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...],
+          dtype: type[np.generic]) -> np.ndarray:
+    """A private, writable, C-contiguous copy of ``state[key]``, checked against ``shape``."""
+    value = np.asarray(state[key])
+    if value.shape != tuple(shape):
+        raise StateError(f"The state's {key} is {value.shape}, not {tuple(shape)}.")
+    return np.array(value, dtype=dtype, order="C", copy=True)
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def _noise_floor(buffer: np.ndarray) -> np.ndarray:
+    """Typical one-frame noise per channel of the buffered ``(frames, H, W, C)`` warm-up.
+
+    The median over pixels of the unbiased sample variance, divided by the median of chi-square over its
+    degrees of freedom ``k`` (Wilson-Hilferty: ``(1 - 2 / (9 k))**3``), so that it estimates the variance
+    itself; the median ignores stars, trails and cosmic rays, which touch few pixels. Zero when no pixel
+    has two samples.
+    """
+    channels = buffer.shape[3]
+    variance = np.empty(buffer.shape[1:], dtype=np.float32)
+    samples = np.empty(buffer.shape[1:], dtype=np.int32)
+    _sample_variance(buffer, variance, samples)
+    floor = np.zeros(channels, dtype=np.float64)
+    for c in range(channels):
+        usable = samples[:, :, c] >= 2
+        if usable.any():
+            dof = float(np.median(samples[:, :, c][usable])) - 1.0
+            chi2_median = (1.0 - 2.0 / (9.0 * dof)) ** 3
+            floor[c] = math.sqrt(float(np.median(variance[:, :, c][usable])) / chi2_median)
+    return floor
+
+
+def _block_shape(count: int, height: int, width: int, channels: int, budget: int) -> tuple[int, int]:
+    """Rows and columns of a median block so that ``count`` frames of it fit in ``budget`` bytes.
+
+    Whole rows when at least one fits (one contiguous read per frame), else part of one row.
+    """
+    row_bytes = count * width * channels * 4
+    if row_bytes <= budget:
+        return min(height, budget // row_bytes), width
+    return 1, max(1, min(width, budget // (count * channels * 4)))
+
+
+def _read_exact(cube: io.FileIO, target: np.ndarray, offset: int) -> None:
+    """Read ``target.nbytes`` at ``offset`` into the contiguous ``target``."""
+    memory = target.data.cast("B")
+    done = 0
+    cube.seek(offset)
+    while done < len(memory):
+        got = cube.readinto(memory[done:])
+        if not got:
+            raise StateError("The median cube is shorter than its frame count: it was changed under us.")
+        done += got
+
+
+# --- numba kernels -------------------------------------------------------------------------------------
+# Each takes (H, W, C) float32 images and (H, W) bool footprints; "valid" means inside the footprint with
+# every channel finite. Per-row counters avoid races between prange workers.
+
+
+@numba.njit(cache=True, inline="always")
+def _valid(image: np.ndarray, footprint: np.ndarray, y: int, x: int) -> bool:  # pragma: no cover
+    if not footprint[y, x]:
+        return False
+    for c in range(image.shape[2]):  # noqa: SIM110 - numba compiles no generator expressions
+        if not np.isfinite(image[y, x, c]):
+            return False
+    return True
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _mean_add(image: np.ndarray, footprint: np.ndarray, weight: float, total: np.ndarray,
+              weights: np.ndarray, coverage: np.ndarray) -> None:  # pragma: no cover - compiled
+    height, width, channels = image.shape
+    for y in numba.prange(height):
+        for x in range(width):
+            if _valid(image, footprint, y, x):
+                for c in range(channels):
+                    total[y, x, c] += weight * np.float64(image[y, x, c])
+                weights[y, x] += weight
+                coverage[y, x] += 1
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _mask_copy(image: np.ndarray, footprint: np.ndarray, out: np.ndarray,
+               coverage: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``out`` = image where valid, NaN elsewhere; count the valid pixels into ``coverage``."""
+    height, width, channels = image.shape
+    nan = np.float32(np.nan)
+    for y in numba.prange(height):
+        for x in range(width):
+            if _valid(image, footprint, y, x):
+                for c in range(channels):
+                    out[y, x, c] = image[y, x, c]
+                coverage[y, x] += 1
+            else:
+                for c in range(channels):
+                    out[y, x, c] = nan
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _kappa_add(image: np.ndarray, footprint: np.ndarray, weight: float, kappa: float, min_test: int,
+               floor: np.ndarray, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray, n: np.ndarray,
+               coverage: np.ndarray, offered: np.ndarray,
+               rejected: np.ndarray) -> None:  # pragma: no cover - compiled
+    height, width, channels = image.shape
+    for y in numba.prange(height):
+        row_offered = 0
+        row_rejected = 0
+        for x in range(width):
+            if not _valid(image, footprint, y, x):
+                continue
+            coverage[y, x] += 1
+            for c in range(channels):
+                value = np.float64(image[y, x, c])
+                centre = np.float64(mean[y, x, c])
+                accepted = n[y, x, c]
+                total = np.float64(wsum[y, x, c])
+                row_offered += 1
+                delta = value - centre
+                if accepted >= min_test:
+                    # |delta| > kappa * max(sigma, floor), squared and without divisions (the hot path).
+                    spread = np.float64(m2[y, x, c]) * accepted
+                    floor_spread = floor[c] * floor[c] * total * (accepted - 1)
+                    if delta * delta * total * (accepted - 1) > kappa * kappa * max(spread, floor_spread):
+                        row_rejected += 1
+                        continue
+                total += weight
+                centre += delta * weight / total
+                m2[y, x, c] = np.float32(np.float64(m2[y, x, c]) + weight * delta * (value - centre))
+                mean[y, x, c] = np.float32(centre)
+                wsum[y, x, c] = np.float32(total)
+                n[y, x, c] = accepted + 1
+        offered[y] += row_offered
+        rejected[y] += row_rejected
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _robust_init(buffer: np.ndarray, weights: np.ndarray, kappa: float, mad_to_sigma: float, min_test: int,
+                 floor: np.ndarray, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray, n: np.ndarray,
+                 offered: np.ndarray, rejected: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Median/MAD-clip each pixel's buffered samples, then Welford over the kept ones in frame order."""
+    frames, height, width, channels = buffer.shape
+    for y in numba.prange(height):
+        values = np.empty(frames, dtype=np.float64)
+        scratch = np.empty(frames, dtype=np.float64)
+        order = np.empty(frames, dtype=np.int64)
+        row_offered = 0
+        row_rejected = 0
+        for x in range(width):
+            for c in range(channels):
+                m = 0
+                for f in range(frames):
+                    value = buffer[f, y, x, c]
+                    if not np.isnan(value):
+                        values[m] = value
+                        order[m] = f
+                        m += 1
+                limit = np.inf
+                if m >= min_test:
+                    scratch[:m] = values[:m]
+                    centre = _median(scratch, m)
+                    for j in range(m):
+                        scratch[j] = abs(values[j] - centre)
+                    limit = kappa * max(mad_to_sigma * _median(scratch, m), floor[c])
+                else:
+                    centre = 0.0
+                total = 0.0
+                running = 0.0
+                spread = 0.0
+                accepted = 0
+                for j in range(m):
+                    value = values[j]
+                    if abs(value - centre) > limit:
+                        row_rejected += 1
+                        continue
+                    w = weights[order[j]]
+                    total += w
+                    delta = value - running
+                    running += delta * w / total
+                    spread += w * delta * (value - running)
+                    accepted += 1
+                row_offered += m
+                mean[y, x, c] = running
+                m2[y, x, c] = spread
+                wsum[y, x, c] = total
+                n[y, x, c] = accepted
+        offered[y] += row_offered
+        rejected[y] += row_rejected
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _sample_variance(buffer: np.ndarray, variance: np.ndarray,
+                     samples: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Unbiased variance of each pixel's non-NaN buffered samples (NaN below two), and their number."""
+    frames, height, width, channels = buffer.shape
+    for y in numba.prange(height):
+        for x in range(width):
+            for c in range(channels):
+                m = 0
+                running = 0.0
+                spread = 0.0
+                for f in range(frames):
+                    value = np.float64(buffer[f, y, x, c])
+                    if not np.isnan(value):
+                        m += 1
+                        delta = value - running
+                        running += delta / m
+                        spread += delta * (value - running)
+                samples[y, x, c] = m
+                variance[y, x, c] = spread / (m - 1) if m >= 2 else np.nan
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _nanmedian_block(block: np.ndarray, rows: int, cols: int,
+                     out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``out[y, x, c]`` = median of the non-NaN ``block[:, y, x, c]`` (NaN if none), for the first
+    ``rows`` rows and ``cols`` columns."""
+    frames = block.shape[0]
+    channels = block.shape[3]
+    chunks = (cols + _CHUNK_PIXELS - 1) // _CHUNK_PIXELS
+    for task in numba.prange(rows * chunks):
+        y = task // chunks
+        x0 = (task % chunks) * _CHUNK_PIXELS
+        scratch = np.empty(frames, dtype=np.float64)
+        for x in range(x0, min(x0 + _CHUNK_PIXELS, cols)):
+            for c in range(channels):
+                m = 0
+                for f in range(frames):
+                    value = block[f, y, x, c]
+                    if not np.isnan(value):
+                        scratch[m] = value
+                        m += 1
+                out[y, x, c] = np.float32(_median(scratch, m)) if m else np.float32(np.nan)
+
+
+@numba.njit(cache=True)
+def _median(values: np.ndarray, m: int) -> float:  # pragma: no cover - compiled
+    """Median of ``values[:m]`` (reordered in place); the mean of the two middle values for even ``m``.
+
+    Both middle values are float32 samples, so their float64 mean rounds to the float32 that numpy's
+    float32 ``(a + b) / 2`` gives.
+    """
+    half = m // 2
+    upper = _select(values, m, half)
+    if m % 2:
+        return upper
+    lower = values[0]
+    for j in range(1, half):  # after selection every value left of `half` is <= upper
+        lower = max(lower, values[j])
+    return 0.5 * (lower + upper)
+
+
+@numba.njit(cache=True)
+def _select(values: np.ndarray, m: int, k: int) -> float:  # pragma: no cover - compiled
+    """Hoare quickselect: reorder ``values[:m]`` so that ``values[k]`` is the k-th smallest; return it."""
+    lo = 0
+    hi = m - 1
+    while lo < hi:
+        pivot = values[(lo + hi) // 2]
+        i = lo
+        j = hi
+        while i <= j:
+            while values[i] < pivot:
+                i += 1
+            while values[j] > pivot:
+                j -= 1
+            if i <= j:
+                values[i], values[j] = values[j], values[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return values[k]

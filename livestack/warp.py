@@ -6,18 +6,156 @@ Public API:
 - ``warp(image, matrix, shape, interpolation="bilinear") -> tuple[ndarray, ndarray]``: the aligned float32
   image (same channels as ``image``) and a ``bool`` footprint ``(H, W)``, True where every input sample the
   interpolation used lies inside the frame. ``matrix`` is a ``Transform.matrix`` (frame -> reference).
+
+How it works. OpenCV's ``warpAffine`` resamples all channels (up to 4) in one call; it is given the forward
+matrix and inverts it itself, so output pixel ``p`` reads the frame at ``inverse(matrix) @ p``. The footprint
+is computed analytically rather than by warping a NaN border: for an affine map, the inverse-mapped column
+and row are linear along each output row, so the valid pixels of each row form one interval, found in O(H)
+and filled in one pass. That is exact for every kernel (OpenCV's bicubic path spreads a NaN border ~8 px
+into valid pixels, so ``isfinite`` would be wrong there) and cheaper than testing every output value.
+Pixels outside the footprint are set to NaN.
+
+OpenCV rounds sample positions (to 1/32 px for Lanczos; bilinear and bicubic floor a float position), so a
+pixel whose support comes within ``EDGE_MARGIN`` px of the frame edge is left out of the footprint: at most
+one extra row or column per edge (an exactly integer shift loses its outermost row and column), never a
+pixel that read outside the frame. NaN pixels of the input propagate into the output inside the footprint (the
+footprint is geometric); the accumulators skip non-finite values.
+
+Sub-pixel accuracy (centroid of a star, measured): bilinear < 0.001 px; Lanczos-4 up to ~0.025 px;
+OpenCV's bicubic (Keys, a = -0.75, which does not reproduce a linear ramp) up to 0.048 px, varying with the
+sub-pixel phase. Bilinear is the default; Lanczos keeps more detail at a higher cost.
+
+The stage never changes OpenCV's global state (``cv2.setNumThreads`` belongs to the daemon).
 """
 
 from __future__ import annotations
 
+import cv2
+import numba
 import numpy as np
 
 __all__ = ["INTERPOLATIONS", "warp"]
 
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "lanczos")
 
+EDGE_MARGIN: float = 1.0 / 32.0
+"""Pixels whose interpolation support comes within this many pixels of the frame edge are left out of
+the footprint: twice OpenCV's worst-case position rounding (1/64 px), which covers its fixed-point slack."""
+
+MAX_CHANNELS: int = 4
+"""The most channels OpenCV resamples in one call."""
+
+# OpenCV flag and the support of each kernel around floor(u): samples floor(u) - before ... floor(u) + after.
+_KERNELS: dict[str, tuple[int, int, int]] = {
+    "bilinear": (cv2.INTER_LINEAR, 0, 1),
+    "bicubic": (cv2.INTER_CUBIC, 1, 2),
+    "lanczos": (cv2.INTER_LANCZOS4, 3, 4),
+}
+
 
 def warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int],
          interpolation: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
-    """Resample onto the reference grid (see module docstring)."""
-    raise NotImplementedError
+    """Resample a frame onto the reference grid.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(h, w)`` or ``(h, w, C)`` with ``C <= 4``; any real dtype (resampled as float32).
+    matrix : ndarray
+        ``(2, 3)`` affine matrix mapping a frame pixel ``(x = column, y = row)`` onto the reference:
+        ``[x_ref, y_ref] = matrix[:, :2] @ [x, y] + matrix[:, 2]``.
+    shape : tuple of int
+        ``(H, W)`` of the reference grid.
+    interpolation : str
+        One of ``INTERPOLATIONS``: ``"bilinear"`` (fastest), ``"bicubic"`` or ``"lanczos"`` (Lanczos-4,
+        8x8 samples, sharpest and slowest).
+
+    Returns
+    -------
+    aligned : ndarray
+        float32 ``(H, W)`` or ``(H, W, C)``; NaN outside the footprint.
+    footprint : ndarray
+        bool ``(H, W)``: True where every frame sample the interpolation read lies inside the frame.
+
+    Raises
+    ------
+    ValueError
+        If the interpolation is unknown, the matrix is not a finite invertible 2x3 array, the image is not
+        2-D or 3-D with 1 to 4 channels, or the shape is not two positive integers.
+    """
+    kernel = _KERNELS.get(interpolation)
+    if kernel is None:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}.")
+    flag, before, after = kernel
+    forward = np.asarray(matrix, dtype=np.float64)
+    if forward.shape != (2, 3) or not np.all(np.isfinite(forward)):
+        raise ValueError(f"matrix must be a finite 2x3 affine matrix, not an array of shape {forward.shape}.")
+    if abs(np.linalg.det(forward[:, :2])) < 1e-12:
+        raise ValueError("matrix is singular: it does not map the frame onto an area of the reference.")
+    if image.ndim not in (2, 3) or (image.ndim == 3 and not 1 <= image.shape[2] <= MAX_CHANNELS):
+        raise ValueError(f"image must be (h, w) or (h, w, C) with 1 to {MAX_CHANNELS} channels, "
+                         f"not {image.shape}.")
+    if len(shape) != 2 or int(shape[0]) <= 0 or int(shape[1]) <= 0:
+        raise ValueError(f"shape must be (H, W) with positive sizes, not {shape}.")
+    height, width = int(shape[0]), int(shape[1])
+
+    source = np.ascontiguousarray(image, dtype=np.float32)
+    aligned = cv2.warpAffine(source, forward, (width, height), flags=flag,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=(0.0, 0.0, 0.0, 0.0))
+    # OpenCV drops a trailing channel axis of length one; give the caller back what it passed.
+    aligned = aligned.reshape((height, width, *source.shape[2:]))
+
+    inverse = cv2.invertAffineTransform(forward)
+    first, last = _row_intervals(inverse, source.shape[0], source.shape[1], before, after, height, width)
+    footprint = np.empty((height, width), dtype=np.bool_)
+    _fill_footprint(first, last, footprint, aligned.reshape(height, width, -1))
+    return aligned, footprint
+
+
+def _row_intervals(inverse: np.ndarray, frame_h: int, frame_w: int, before: int, after: int,
+                   height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last valid column of each output row (``last < first`` for an empty row).
+
+    Output pixel ``(x, y)`` reads around ``u = a x + b y + c`` (column) and ``v = d x + e y + f`` (row);
+    its support lies inside the frame when ``before <= floor(u) <= frame_w - 1 - after``, i.e.
+    ``before <= u < frame_w - after``, and likewise for ``v``. Each bound is linear in ``x``.
+    """
+    rows = np.arange(height, dtype=np.float64)
+    first = np.zeros(height, dtype=np.float64)
+    last = np.full(height, float(width - 1))
+    for (slope, row_coef, offset), size in ((inverse[0], frame_w), (inverse[1], frame_h)):
+        low = before + EDGE_MARGIN - (row_coef * rows + offset)
+        high = size - after - EDGE_MARGIN - (row_coef * rows + offset)
+        if slope > 0.0:
+            first = np.maximum(first, np.ceil(low / slope))
+            last = np.minimum(last, np.floor(high / slope))
+        elif slope < 0.0:
+            first = np.maximum(first, np.ceil(high / slope))
+            last = np.minimum(last, np.floor(low / slope))
+        else:
+            # The coordinate is constant along the row: the whole row is in or out.
+            outside = (low > 0.0) | (high < 0.0)
+            last = np.where(outside, -1.0, last)
+    # Clip before converting so that huge bounds from nearly parallel edges cannot overflow int64.
+    first_i = np.clip(first, 0, width).astype(np.int64)
+    last_i = np.clip(last, -1, width - 1).astype(np.int64)
+    return first_i, last_i
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _fill_footprint(first: np.ndarray, last: np.ndarray, footprint: np.ndarray,
+                    aligned: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Set each row's footprint interval True and NaN the aligned pixels outside it (in place)."""
+    height = aligned.shape[0]
+    nan = np.float32(np.nan)
+    for y in numba.prange(height):
+        start = first[y]
+        stop = last[y] + 1
+        if stop < start:
+            stop = start
+        # Only the pixels outside the interval are written twice; the inside is one memset-like pass.
+        footprint[y, :start] = False
+        footprint[y, start:stop] = True
+        footprint[y, stop:] = False
+        aligned[y, :start, :] = nan
+        aligned[y, stop:, :] = nan

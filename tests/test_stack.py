@@ -1,0 +1,475 @@
+"""stack: streaming accumulators checked against the batch answer."""
+
+from __future__ import annotations
+
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.stats import sigma_clip
+
+from livestack.errors import StateError
+from livestack.stack import (
+    MAD_TO_SIGMA,
+    METHODS,
+    MIN_TEST_SAMPLES,
+    Accumulator,
+    KappaSigmaStack,
+    MeanStack,
+    MedianStack,
+    _block_shape,
+    make_accumulator,
+)
+
+SKY = 1000.0
+NOISE = 10.0
+
+
+def _footprints(rng: np.random.Generator, count: int, shape: tuple[int, ...], slack: int = 12) -> np.ndarray:
+    """Rectangles as left by shifted frames: each misses up to ``slack`` px on each side."""
+    masks = np.zeros((count, *shape), dtype=bool)
+    for k in range(count):
+        top, left = rng.integers(0, slack, 2)
+        bottom, right = rng.integers(0, slack, 2)
+        masks[k, top : shape[0] - bottom, left : shape[1] - right] = True
+    return masks
+
+
+def _noisy(rng: np.random.Generator, count: int, shape: tuple[int, ...]) -> np.ndarray:
+    return (SKY + NOISE * rng.standard_normal((count, *shape))).astype(np.float32)
+
+
+def _spoil(frames: np.ndarray, footprints: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Garbage outside the footprints (NaN, huge, zero), as a careless warp might leave."""
+    spoiled = frames.copy()
+    junk = np.array([np.nan, 1e30, 0.0, -np.inf], dtype=np.float32)
+    outside = ~footprints
+    values = junk[rng.integers(0, len(junk), outside.sum())]
+    if spoiled.ndim == 4:
+        spoiled[outside] = values[:, None]
+    else:
+        spoiled[outside] = values
+    return spoiled
+
+
+def _masked(frames: np.ndarray, footprints: np.ndarray) -> np.ndarray:
+    mask = footprints if frames.ndim == footprints.ndim else footprints[..., None]
+    return np.where(mask, frames, np.float32(np.nan))
+
+
+def _quiet_nan(func, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """numpy's nan-reductions warn on all-NaN pixels, which are expected here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return func(*args, **kwargs)
+
+
+# --- mean ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(40, 56), (24, 32, 3)])
+def test_mean_matches_nanmean_and_ignores_what_lies_outside(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(1)
+    frames = _noisy(rng, 50, shape)
+    footprints = _footprints(rng, 50, shape[:2])
+    stack = MeanStack(shape)
+    for frame, footprint in zip(_spoil(frames, footprints, rng), footprints, strict=True):
+        stack.add(frame, footprint)
+    expected = _quiet_nan(np.nanmean, _masked(frames, footprints), axis=0)
+    result = stack.result()
+    assert result.dtype == np.float32 and result.shape == shape
+    np.testing.assert_allclose(result, expected, rtol=1e-5)
+    assert np.array_equal(np.isnan(result), np.isnan(expected))
+    np.testing.assert_array_equal(stack.coverage, footprints.sum(axis=0))
+    assert stack.count == 50 and stack.rejected_fraction == 0.0
+
+
+def test_weighted_mean_matches_numpy_average() -> None:
+    rng = np.random.default_rng(2)
+    frames = _noisy(rng, 20, (30, 40))
+    footprints = _footprints(rng, 20, (30, 40))
+    weights = rng.uniform(0.2, 3.0, 20)
+    stack = MeanStack((30, 40))
+    for frame, footprint, weight in zip(frames, footprints, weights, strict=True):
+        stack.add(frame, footprint, weight)
+    w = weights[:, None, None] * footprints
+    covered = footprints.any(axis=0)
+    expected = (w * np.where(footprints, frames, 0)).sum(axis=0)[covered] / w.sum(axis=0)[covered]
+    np.testing.assert_allclose(stack.result()[covered], expected, rtol=1e-6)
+    assert np.isnan(stack.result()[~covered]).all() and (~covered).any()
+
+
+def test_nan_inside_the_footprint_does_not_poison_the_pixel() -> None:
+    stack = MeanStack((4, 4, 3))
+    frame = np.full((4, 4, 3), 5.0, dtype=np.float32)
+    stack.add(frame, np.ones((4, 4), dtype=bool))
+    frame[1, 1, 2] = np.nan
+    stack.add(frame * 3, np.ones((4, 4), dtype=bool))
+    assert np.all(stack.result()[1, 1] == 5.0)
+    assert stack.coverage[1, 1] == 1 and stack.coverage[0, 0] == 2
+
+
+# --- coverage, all methods -----------------------------------------------------------------------------
+
+
+def _all_methods(shape: tuple[int, ...], directory: Path) -> list[Accumulator]:
+    return [make_accumulator(method, shape, warmup=3, directory=directory) for method in METHODS]
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (20, 30, 3)])
+def test_edges_of_shifted_frames_do_not_darken_the_stack(shape: tuple[int, ...], tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    footprints = _footprints(rng, 9, shape[:2], slack=15)
+    frames = np.zeros((9, *shape), dtype=np.float32)  # a careless warp fills the edges with 0
+    frames[_expand(footprints, len(shape))] = 100.0
+    covered = footprints.any(axis=0)
+    for stack in _all_methods(shape, tmp_path):
+        for frame, footprint in zip(frames, footprints, strict=True):
+            stack.add(frame, footprint)
+        result = stack.result()
+        assert np.all(result[covered] == 100.0), stack.method
+        assert np.isnan(result[~covered]).all(), stack.method
+        np.testing.assert_array_equal(stack.coverage, footprints.sum(axis=0))
+
+
+def _expand(footprints: np.ndarray, ndim: int) -> np.ndarray:
+    return np.broadcast_to(footprints[..., None], (*footprints.shape, 3)) if ndim == 3 else footprints
+
+
+# --- kappa-sigma ---------------------------------------------------------------------------------------
+
+
+def _reference_kappa_sigma(frames: np.ndarray, footprints: np.ndarray, weights: np.ndarray, kappa: float,
+                           warmup: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The same algorithm as KappaSigmaStack, in plain numpy and float64: mean, accepted count, counters."""
+    cube = _masked(frames, footprints).astype(np.float64)
+    if cube.ndim == 3:
+        cube = cube[..., None]
+    warm = cube[:warmup]
+    valid = ~np.isnan(warm)
+    samples = valid.sum(axis=0)
+    usable = samples >= 2
+    variance = _quiet_nan(np.nanvar, warm, axis=0, ddof=1)
+    floor = np.zeros(cube.shape[-1])
+    for c in range(cube.shape[-1]):
+        dof = np.median(samples[..., c][usable[..., c]]) - 1
+        floor[c] = np.sqrt(np.median(variance[..., c][usable[..., c]]) / (1 - 2 / (9 * dof)) ** 3)
+    centre = _quiet_nan(np.nanmedian, warm, axis=0)
+    mad = _quiet_nan(np.nanmedian, np.abs(warm - centre), axis=0)
+    limit = np.where(samples >= MIN_TEST_SAMPLES, kappa * np.maximum(MAD_TO_SIGMA * mad, floor), np.inf)
+    keep = valid & (np.abs(warm - np.where(samples >= MIN_TEST_SAMPLES, centre, 0.0)) <= limit)
+    offered, rejected = int(valid.sum()), int((valid & ~keep).sum())
+    mean = np.zeros(cube.shape[1:])
+    m2 = np.zeros(cube.shape[1:])
+    total = np.zeros(cube.shape[1:])
+    n = np.zeros(cube.shape[1:], dtype=np.int64)
+
+    def fold(values: np.ndarray, accept: np.ndarray, weight: float) -> None:
+        nonlocal mean, m2, total
+        new_total = total + np.where(accept, weight, 0.0)
+        delta = np.where(accept, values - mean, 0.0)
+        new_mean = mean + np.where(accept, delta * weight / np.where(accept, new_total, 1.0), 0.0)
+        m2 = m2 + np.where(accept, weight * delta * (np.where(accept, values, 0.0) - new_mean), 0.0)
+        mean, total = new_mean, new_total
+        n[accept] += 1
+
+    for k in range(warmup):
+        fold(warm[k], keep[k], weights[k])
+    for k in range(warmup, len(cube)):
+        values = cube[k]
+        valid = ~np.isnan(values)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sigma = np.sqrt(m2 / total * n / (n - 1))
+        testable = n >= MIN_TEST_SAMPLES
+        outlier = valid & testable & (np.abs(values - mean) > kappa * np.maximum(sigma, floor))
+        offered += int(valid.sum())
+        rejected += int(outlier.sum())
+        fold(values, valid & ~outlier, weights[k])
+    return np.where(n > 0, mean, np.nan), n, offered, rejected
+
+
+@pytest.mark.parametrize("shape", [(64, 80), (24, 40, 3)])
+def test_kappa_sigma_kernel_matches_numpy_reference(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(4)
+    count = 14
+    frames = _noisy(rng, count, shape)
+    # Heavy tails so that plenty of samples are rejected, in warm-up and after.
+    hits = rng.random(frames.shape) < 0.02
+    frames[hits] += rng.uniform(50, 500, hits.sum()).astype(np.float32)
+    footprints = _footprints(rng, count, shape[:2])
+    weights = rng.uniform(0.5, 2.0, count)
+    stack = KappaSigmaStack(shape, kappa=3.0, warmup=5)
+    for frame, footprint, weight in zip(_spoil(frames, footprints, rng), footprints, weights, strict=True):
+        stack.add(frame, footprint, weight)
+    mean, n, offered, rejected = _reference_kappa_sigma(frames, footprints, weights, 3.0, 5)
+    state = stack.state()
+    # float32 storage may flip a decision that sits right on the threshold; allow a handful.
+    agree = state["n"] == n.reshape(state["n"].shape)
+    assert agree.mean() > 0.999
+    np.testing.assert_allclose(stack.result().reshape(agree.shape)[agree], mean.reshape(agree.shape)[agree],
+                               rtol=1e-6)
+    assert stack.rejected_fraction > 0.01
+    assert abs(stack.rejected_fraction - rejected / offered) < 1e-3
+
+
+def _sky_with_stars(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]]
+    sky = np.full(shape, SKY)
+    for x0, y0, flux in zip(rng.uniform(5, shape[1] - 5, 25), rng.uniform(5, shape[0] - 5, 25),
+                            rng.uniform(200, 3000, 25), strict=True):
+        sky += flux * np.exp(-((xs - x0) ** 2 + (ys - y0) ** 2) / (2 * 1.3**2))
+    return sky
+
+
+def test_kappa_sigma_removes_trails_and_cosmic_rays_like_sigma_clip() -> None:
+    rng = np.random.default_rng(5)
+    shape = (96, 128)
+    count = 16
+    truth = _sky_with_stars(shape, rng)
+    frames = (truth + NOISE * rng.standard_normal((count, *shape))).astype(np.float32)
+    clean = frames.copy()
+    footprints = _footprints(rng, count, shape, slack=6)
+    trail = np.zeros(shape, dtype=bool)
+    for k, (slope, offset) in ((1, (0.4, 20.0)), (9, (-0.3, 80.0))):  # one in the warm-up, one after
+        xs = np.arange(shape[1])
+        for width in (-1, 0, 1):
+            ys = np.round(slope * xs + offset + width).astype(int)
+            inside = (ys >= 0) & (ys < shape[0])
+            frames[k, ys[inside], xs[inside]] += 600.0
+            trail[ys[inside], xs[inside]] = True
+    cosmic = np.zeros(shape, dtype=bool)
+    for k in (2, 6, 11, 14):  # in the warm-up and after
+        ys, xs = rng.integers(0, shape[0], 40), rng.integers(0, shape[1], 40)
+        frames[k, ys, xs] += rng.uniform(300, 5000, 40).astype(np.float32)
+        cosmic[ys, xs] = True
+
+    stack = KappaSigmaStack(shape, kappa=3.0, warmup=5)
+    mean_stack = MeanStack(shape)
+    for frame, footprint in zip(frames, footprints, strict=True):
+        stack.add(frame, footprint)
+        mean_stack.add(frame, footprint)
+    result = stack.result().astype(np.float64)
+    coverage = stack.coverage
+    sigma_stack = NOISE / np.sqrt(np.maximum(coverage, 1))
+    ideal = _quiet_nan(np.nanmean, _masked(clean, footprints), axis=0)  # the stack without any outlier
+    covered = coverage > 0
+
+    # Pixels that at least MIN_TEST_SAMPLES warm-up frames saw (see KappaSigmaStack's Notes for the rest).
+    judged = footprints[:5].sum(axis=0) >= MIN_TEST_SAMPLES
+    for spoiled in (trail, cosmic):
+        where = spoiled & judged
+        # Within 3 sigma of the outlier-free stack at every pixel, and of the true sky on average...
+        assert np.all(np.abs(result - ideal)[where] < 3 * sigma_stack[where])
+        assert np.sqrt(np.mean(((result - truth) / sigma_stack)[where] ** 2)) < 1.5
+        # ...where the plain mean is far off, so the test can tell.
+        assert np.median(np.abs(mean_stack.result() - truth)[where] / sigma_stack[where]) > 5
+
+    # Against astropy's sigma_clip of the same cube (median centre, std scale, iterated): the means of the
+    # kept samples agree closely wherever no outlier was injected.
+    cube = np.ma.masked_array(frames, mask=~footprints)
+    clipped = sigma_clip(cube, sigma=3.0, axis=0, maxiters=5, masked=True)
+    batch = np.ma.mean(clipped, axis=0).filled(np.nan)
+    quiet = covered & ~trail & ~cosmic & judged
+    difference = np.abs(result - batch)[quiet] / sigma_stack[quiet]
+    assert np.median(difference) < 0.05
+    assert np.quantile(difference, 0.99) < 1.0
+    # Where neither rejected anything they are the same mean.
+    untouched = quiet & (stack.state()["n"][..., 0] == coverage) & (clipped.mask.sum(axis=0) == ~footprints
+                                                                   ).all(axis=0)
+    assert untouched.mean() > 0.5
+    np.testing.assert_allclose(result[untouched], batch[untouched], rtol=1e-6)
+    assert 0.0 < stack.rejected_fraction < 0.05
+
+
+def test_kappa_sigma_warmup_result_is_already_robust() -> None:
+    rng = np.random.default_rng(6)
+    frames = _noisy(rng, 4, (20, 30))
+    frames[1, 10, :] += 1000.0  # a trail in the second frame
+    stack = KappaSigmaStack((20, 30), warmup=5)
+    everywhere = np.ones((20, 30), dtype=bool)
+    for frame in frames:
+        stack.add(frame, everywhere)
+    assert stack.rejected_fraction == 0.0  # nothing judged yet
+    result = stack.result()
+    assert np.all(np.abs(result[10] - SKY) < 4 * NOISE)
+    assert np.isfinite(result).all()
+
+
+def test_kappa_sigma_warmup_is_capped_by_its_memory_budget() -> None:
+    frame_bytes = 50 * 60 * 3 * 4
+    assert KappaSigmaStack((50, 60, 3), warmup=10, warmup_budget=6 * frame_bytes).warmup == 6
+    assert KappaSigmaStack((50, 60, 3), warmup=10, warmup_budget=frame_bytes).warmup == 3
+    assert KappaSigmaStack((50, 60, 3), warmup=2, warmup_budget=frame_bytes).warmup == 2
+    with pytest.raises(ValueError, match="kappa"):
+        KappaSigmaStack((5, 5), kappa=0.0)
+    with pytest.raises(ValueError, match="warmup"):
+        KappaSigmaStack((5, 5), warmup=0)
+
+
+# --- median --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "count"), [((40, 52), 11), ((40, 52), 12), ((16, 20, 3), 7)])
+def test_median_is_exactly_nanmedian(shape: tuple[int, ...], count: int, tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    frames = _noisy(rng, count, shape)
+    footprints = _footprints(rng, count, shape[:2], slack=20)
+    stack = MedianStack(shape, tmp_path)
+    for frame, footprint in zip(_spoil(frames, footprints, rng), footprints, strict=True):
+        stack.add(frame, footprint, weight=2.0)
+    expected = _quiet_nan(np.nanmedian, _masked(frames, footprints), axis=0)
+    result = stack.result()
+    assert result.dtype == np.float32
+    np.testing.assert_array_equal(result, expected)
+    assert (~footprints.any(axis=0)).any()  # some pixels were never covered and came out NaN above
+    assert stack.cube_path is not None and stack.cube_path.parent == tmp_path
+    assert stack.cube_path.stat().st_size == count * np.prod(shape) * 4
+
+
+@pytest.mark.parametrize("budget", [20_000, 3_000])  # whole rows; then part of a row per block
+def test_median_memory_stays_within_its_budget(budget: int, tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    shape = (64, 96)
+    count = 40
+    frames = _noisy(rng, count, shape)
+    stack = MedianStack(shape, tmp_path, memory_budget=budget)
+    for frame in frames:
+        stack.add(frame, np.ones(shape, dtype=bool))
+    cube_bytes = count * frames[0].nbytes
+    assert cube_bytes > 10 * budget
+    tracemalloc.start()
+    try:
+        result = stack.result()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The block buffer, the one-block output and the result itself; nothing that grows with the cube.
+    assert peak < budget + 2 * result.nbytes + 64_000, peak
+    np.testing.assert_array_equal(result, np.median(frames, axis=0))
+
+
+def test_block_shape_respects_the_budget() -> None:
+    for count in (1, 7, 50, 4000):
+        for width, channels in ((3840, 1), (6000, 3), (100, 1)):
+            for budget in (1 << 12, 1 << 20, 256 << 20):
+                rows, cols = _block_shape(count, 2000, width, channels, budget)
+                assert rows >= 1 and 1 <= cols <= width
+                block = count * rows * cols * channels * 4
+                assert block <= budget or cols == 1  # a single pixel of every frame is the floor
+                assert rows == 1 or cols == width
+
+
+def test_median_refuses_frames_beyond_max_frames(tmp_path: Path) -> None:
+    stack = MedianStack((4, 4), tmp_path, max_frames=2)
+    for _ in range(2):
+        stack.add(np.zeros((4, 4), dtype=np.float32), np.ones((4, 4), dtype=bool))
+    with pytest.raises(ValueError, match="full"):
+        stack.add(np.zeros((4, 4), dtype=np.float32), np.ones((4, 4), dtype=bool))
+    assert stack.count == 2
+    stack.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def _through_disk(state: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    np.savez(path, **state)  # type: ignore[arg-type]  # numpy's stub types keyword arrays as its options
+    with np.load(path, allow_pickle=False) as loaded:
+        return {key: loaded[key] for key in loaded.files}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("split", [2, 7])  # during the kappa-sigma warm-up, and after it
+def test_restore_then_continue_equals_uninterrupted(method: str, split: int, tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    shape = (30, 36, 3)
+    frames = _noisy(rng, 12, shape)
+    frames[rng.random(frames.shape) < 0.01] += 900.0
+    footprints = _footprints(rng, 12, shape[:2])
+    weights = rng.uniform(0.5, 2.0, 12)
+
+    def build(directory: Path) -> Accumulator:
+        return make_accumulator(method, shape, kappa=2.5, warmup=5, directory=directory)
+
+    whole = build(tmp_path / "whole")
+    for frame, footprint, weight in zip(frames, footprints, weights, strict=True):
+        whole.add(frame, footprint, weight)
+
+    first = build(tmp_path / "resumed")
+    for k in range(split):
+        first.add(frames[k], footprints[k], weights[k])
+    state = _through_disk(first.state(), tmp_path / "state.npz")
+    second = build(tmp_path / "resumed")
+    second.restore(state)
+    for k in range(split, 12):
+        second.add(frames[k], footprints[k], weights[k])
+
+    np.testing.assert_array_equal(second.result(), whole.result())
+    np.testing.assert_array_equal(second.coverage, whole.coverage)
+    assert second.count == whole.count == 12
+    assert second.rejected_fraction == whole.rejected_fraction
+
+
+def test_median_restore_drops_a_half_written_frame(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    frames = _noisy(rng, 6, (20, 24))
+    everywhere = np.ones((20, 24), dtype=bool)
+    stack = MedianStack((20, 24), tmp_path)
+    for frame in frames[:3]:
+        stack.add(frame, everywhere)
+    state = stack.state()
+    assert stack.cube_path is not None
+    with open(stack.cube_path, "ab") as cube:  # the daemon died while appending the fourth frame
+        cube.write(np.full(100, 7e7, dtype=np.float32).tobytes())
+    resumed = MedianStack((20, 24), tmp_path)
+    resumed.restore(state)
+    assert stack.cube_path.stat().st_size == 3 * frames[0].nbytes
+    for frame in frames[3:]:
+        resumed.add(frame, everywhere)
+    np.testing.assert_array_equal(resumed.result(), np.median(frames, axis=0))
+
+
+def test_restore_refuses_inconsistent_states(tmp_path: Path) -> None:
+    mean = MeanStack((8, 8))
+    mean.add(np.ones((8, 8), dtype=np.float32), np.ones((8, 8), dtype=bool))
+    with pytest.raises(StateError, match="shape"):
+        MeanStack((8, 9)).restore(mean.state())
+    with pytest.raises(StateError, match="kappa-sigma"):
+        KappaSigmaStack((8, 8)).restore(mean.state())
+    median = MedianStack((8, 8), tmp_path)
+    median.add(np.ones((8, 8), dtype=np.float32), np.ones((8, 8), dtype=bool))
+    state = median.state()
+    median.discard()
+    with pytest.raises(StateError, match="cannot be found"):
+        MedianStack((8, 8), tmp_path).restore(state)
+
+
+# --- factory and input checks --------------------------------------------------------------------------
+
+
+def test_make_accumulator(tmp_path: Path) -> None:
+    assert isinstance(make_accumulator("mean", (4, 4)), MeanStack)
+    kappa = make_accumulator("kappa-sigma", (4, 4), kappa=2.0, warmup=4)
+    assert isinstance(kappa, KappaSigmaStack) and kappa.warmup == 4
+    assert isinstance(make_accumulator("median", (4, 4), directory=tmp_path), MedianStack)
+    with pytest.raises(ValueError, match="mean, kappa-sigma, median"):
+        make_accumulator("sum", (4, 4))
+    with pytest.raises(ValueError, match="directory"):
+        make_accumulator("median", (4, 4))
+    assert list(tmp_path.iterdir()) == []  # the cube appears with the first frame, not before
+
+
+def test_add_refuses_mismatched_frames(tmp_path: Path) -> None:
+    for stack in _all_methods((6, 8), tmp_path):
+        with pytest.raises(ValueError, match="image"):
+            stack.add(np.zeros((6, 9), dtype=np.float32), np.ones((6, 8), dtype=bool))
+        with pytest.raises(ValueError, match="footprint"):
+            stack.add(np.zeros((6, 8), dtype=np.float32), np.ones((6, 9), dtype=bool))
+        with pytest.raises(ValueError, match="weight"):
+            stack.add(np.zeros((6, 8), dtype=np.float32), np.ones((6, 8), dtype=bool), weight=0.0)
+        assert stack.count == 0
+    with pytest.raises(ValueError, match="shape"):
+        MeanStack((6,))
