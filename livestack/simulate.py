@@ -3,19 +3,504 @@
 Renders a fixed, seeded star field (Moffat profiles, power-law fluxes) with sky gradient, noise, hot pixels,
 drift and slow rotation, and writes it as FITS frames at a cadence. ``render_stars`` is the low-level
 renderer the tests also use for star fields with known positions.
+
+Public API:
+
+- ``SimConfig``: frozen description of a simulated session (what the CLI's ``simulate`` options map onto).
+- ``SimFrame``: one rendered exposure: uint16 pixels, header cards, the true transform, what went wrong.
+- ``FieldStars``: the stars of the field as they fall on one frame (positions, fluxes, colours).
+- ``render_frame(config, index) -> SimFrame``: render one frame, in memory, deterministically.
+- ``field_stars(config, index) -> FieldStars``: where the field's stars land on a frame (no rendering).
+- ``true_matrix(config, index) -> ndarray``: the 2x3 frame -> reference transform (no rendering).
+- ``simulate(outdir, config, *, sleep=time.sleep, on_written=None) -> list[Path]``: write a session to disk,
+  with a ``truth.csv`` sidecar.
+- ``render_stars(shape, x, y, flux, ...) -> ndarray``: Moffat stars on a zero image.
+
+Geometry. Pixel centres are at integers, ``x`` is the column and ``y`` the row. The sky is described in the
+pixel frame of frame 0 (the reference). Frame ``i`` sees the sky moved by the cumulative drift
+``D = i * drift`` and turned about the frame centre ``c = ((W - 1) / 2, (H - 1) / 2)`` by the cumulative
+angle ``theta = i * rotation_per_frame`` (plus 180 degrees from ``flip_at`` on), counter-clockwise in
+(x, y) pixel axes: a sky point ``s`` lands on ``p = c + R(theta) (s - c) + D``. The true transform of the
+frame is the inverse, ``s = A p + t``, the same convention as ``align.Transform.matrix``.
+
+Colour frames. The R, G and B intensity planes (stars with slightly different colours, a tinted sky) are each
+evaluated only at the sites of their own colour in the Bayer pattern, which is the same as rendering the
+three planes and sampling them into the mosaic, at a third of the cost.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import csv
+import io
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import MappingProxyType
 
-__all__ = ["render_stars"]
+import numpy as np
+from astropy.io import fits
+
+from livestack.errors import ConfigError
+
+__all__ = [
+    "BAYER_PATTERNS",
+    "SUBDIR_NAME",
+    "TRUTH_COLUMNS",
+    "TRUTH_FILE",
+    "WRITE_MODES",
+    "FieldStars",
+    "SimConfig",
+    "SimFrame",
+    "field_stars",
+    "render_frame",
+    "render_stars",
+    "simulate",
+    "true_matrix",
+]
+
+#: Bayer patterns the simulator can write, as seen from pixel (row 0, column 0).
+BAYER_PATTERNS: tuple[str, ...] = ("RGGB", "GRBG", "GBRG", "BGGR")
+#: How frames reach the disk: ``atomic`` (hidden temporary name, fsync, ``os.replace``), ``chunked``
+#: (the final name written slowly, like a network copy), ``rename`` (``name.fits.part`` then a rename),
+#: ``mixed`` (the three in turn: frame ``i`` uses ``("atomic", "chunked", "rename")[i % 3]``).
+WRITE_MODES: tuple[str, ...] = ("atomic", "chunked", "rename", "mixed")
+#: The sidecar with the truth of each frame, in the output folder.
+TRUTH_FILE = "truth.csv"
+#: Columns of ``truth.csv``. ``a, b, tx, c, d, ty`` is the 2x3 frame -> reference matrix row by row;
+#: ``dx, dy`` is where the frame's centre lands on the reference minus the centre; ``rotation_deg`` is the
+#: matrix's angle, ``atan2(c, a)`` in (-180, 180], as ``align.Transform.rotation`` reports it.
+TRUTH_COLUMNS: tuple[str, ...] = (
+    "index", "file", "kind", "trail", "a", "b", "tx", "c", "d", "ty", "dx", "dy", "rotation_deg",
+)
+#: The subfolder that every ``subdir_every``-th frame goes into.
+SUBDIR_NAME = "night2"
+
+_DEFAULT_START = datetime(2024, 3, 15, 21, 0, 0, tzinfo=UTC)
+
+# The camera and the sky, in ADU (gain 1 e-/ADU, so Poisson noise is on ADU directly).
+SKY_LEVEL = 800.0            # sky background at the frame centre
+SKY_GRADIENT = 0.3           # fractional sky change across the frame (light pollution on one side)
+SKY_TINT = (1.25, 1.0, 0.75)  # R, G, B sky relative to G: an orange, light-polluted sky
+BIAS = 200.0                 # electronic offset, as real cameras add so that noise never clips at 0
+READ_NOISE = 6.0             # Gaussian read noise, ADU rms
+SATURATION = 65535           # the uint16 ceiling
+FLUX_MIN = 500.0             # faintest star (total ADU): at the noise, as most stars of a real field are
+FLUX_MAX = 2.0e6             # brightest star: a handful saturate, as in real frames
+MOFFAT_BETA = 3.0            # typical of ground-based seeing
+STAR_COLOUR_SPREAD = 0.35    # R = 1 + s k, G = 1, B = 1 - s k with colour index k uniform in [-1, 1]
+HOT_PIXEL_FRACTION = 5e-5    # share of sensor pixels that are hot
+HOT_PIXEL_RANGE = (2000.0, 40000.0)  # extra ADU of a hot pixel (log-uniform)
+CLOUD_TRANSMISSION = 0.12    # star flux left in a cloudy frame
+CLOUD_SKY_FACTOR = 2.5       # cloud lit by the town: the sky gets brighter while the stars fade
+WIND_ELONGATION = 2.2        # major/minor axis of stars smeared by a gust
+TRAIL_PEAK = 3000.0          # satellite trail, ADU above sky on its axis
+TRAIL_SIGMA = 1.2            # Gaussian cross-section, pixels (FWHM about 3 px)
+CHUNK_SECONDS = 0.25         # a chunked write delivers this many seconds' worth of bytes at a time
+
+_TILE = 256                  # sky tiles, each with its own seed: the field does not depend on the frame count
+_STAMP_BUDGET = 2_000_000    # stamp pixels rendered per batch, to bound memory with many or wide stars
+_RGB = "RGB"
+# Stream tags for numpy SeedSequence: independent random streams for each aspect of the simulation.
+_TAG_TILE, _TAG_SENSOR, _TAG_NOISE, _TAG_EVENT = 1, 2, 3, 4
+
+_COMMENTS: Mapping[str, str] = MappingProxyType({
+    "IMAGETYP": "type of exposure",
+    "OBJECT": "target",
+    "FILTER": "filter in the light path",
+    "EXPTIME": "exposure time, s",
+    "EXPOSURE": "exposure time, s",
+    "DATE-OBS": "UTC start of exposure",
+    "INSTRUME": "camera",
+    "BAYERPAT": "colour filter pattern from the first pixel",
+    "XBAYROFF": "Bayer pattern x offset",
+    "YBAYROFF": "Bayer pattern y offset",
+    "ROWORDER": "order of the rows in the image array",
+    "GAIN": "electrons per ADU",
+})
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """A simulated observing session.
+
+    Frame indices are 0-based; frame ``i`` is written as ``sim_{i+1:04d}.fits``. Frame 0 is the reference of
+    the true transforms.
+
+    Attributes
+    ----------
+    frames : int
+        Number of frames (CLI ``--frames``).
+    interval : float
+        Seconds slept between two frames (CLI ``--interval``).
+    size : tuple of int
+        ``(width, height)`` in pixels (CLI ``--size WxH``).
+    seed : int
+        Seed of everything random: the star field, the sensor, the noise (CLI ``--seed``). Non-negative.
+    n_stars : int
+        Expected number of stars on one frame (the field density is ``n_stars / (width * height)``).
+    fwhm : float
+        Star FWHM in pixels.
+    drift : tuple of float
+        ``(dx, dy)``: how far the stars move across the image per frame, pixels.
+    rotation_per_frame : float
+        How far the star pattern turns about the frame centre per frame, degrees counter-clockwise in
+        (x, y) pixel axes.
+    flip_at : int or None
+        First frame after a meridian flip: from it on the image is also turned 180 degrees about its centre
+        (CLI ``--flip-at``). At least 1, since frame 0 is the reference.
+    bayer : str or None
+        None for a mono camera, else one of ``BAYER_PATTERNS`` (CLI ``--bayer``).
+    bad_frames : tuple of int
+        Bad frames, alternately cloud and wind in increasing index order (CLI ``--bad``).
+    cloud_frames, wind_frames : tuple of int
+        Frames explicitly cloudy (star flux cut to ``CLOUD_TRANSMISSION``, sky raised by
+        ``CLOUD_SKY_FACTOR``) or shaken by wind (stars elongated by ``WIND_ELONGATION``).
+    trails : tuple of int
+        Frames crossed by a satellite trail (CLI ``--trails``).
+    write_mode : str
+        One of ``WRITE_MODES`` (CLI ``--write-mode``).
+    chunk_rate : float
+        Bytes per second of a ``chunked`` write.
+    exptime : float
+        Seconds, written to EXPTIME.
+    object_name : str
+        Written to OBJECT.
+    filter : str or None
+        Written to FILTER; None leaves the card out.
+    start : datetime
+        UTC start of frame 0; frame ``i`` starts ``i * interval`` later. A naive datetime is taken as UTC.
+    subdir_every : int
+        Every ``k``-th frame (frames ``k-1, 2k-1, ...``) goes into ``SUBDIR_NAME/``; 0 never.
+
+    Raises
+    ------
+    ConfigError
+        When a value is out of range, naming the field and what is allowed.
+    """
+
+    frames: int = 40
+    interval: float = 2.0
+    size: tuple[int, int] = (1600, 1200)
+    seed: int = 0
+    n_stars: int = 800
+    fwhm: float = 3.0
+    drift: tuple[float, float] = (1.2, -0.7)
+    rotation_per_frame: float = 0.02
+    flip_at: int | None = None
+    bayer: str | None = None
+    bad_frames: tuple[int, ...] = ()
+    cloud_frames: tuple[int, ...] = ()
+    wind_frames: tuple[int, ...] = ()
+    trails: tuple[int, ...] = ()
+    write_mode: str = "atomic"
+    chunk_rate: float = 1e6
+    exptime: float = 10.0
+    object_name: str = "SIM-FIELD"
+    filter: str | None = "L"
+    start: datetime = _DEFAULT_START
+    subdir_every: int = 0
+
+    def __post_init__(self) -> None:
+        # Accept lists from a CLI or a notebook; store tuples so the value stays immutable and hashable.
+        for name in ("bad_frames", "cloud_frames", "wind_frames", "trails"):
+            object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+        if len(tuple(self.size)) != 2 or len(tuple(self.drift)) != 2:
+            raise ConfigError("simulate: size and drift must each have two values.")
+        object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+        object.__setattr__(self, "drift", (float(self.drift[0]), float(self.drift[1])))
+        if self.start.tzinfo is None:
+            object.__setattr__(self, "start", self.start.replace(tzinfo=UTC))
+        self._validate()
+
+    def _validate(self) -> None:
+        problems: list[str] = []
+        if self.frames < 1:
+            problems.append(f"frames must be at least 1, not {self.frames}")
+        if self.interval < 0:
+            problems.append(f"interval must be >= 0 seconds, not {self.interval}")
+        if min(self.size) < 2:
+            problems.append(f"size must be at least 2x2 pixels, not {self.size[0]}x{self.size[1]}")
+        if self.seed < 0:
+            problems.append(f"seed must be >= 0, not {self.seed}")
+        if self.n_stars < 0:
+            problems.append(f"n_stars must be >= 0, not {self.n_stars}")
+        if not self.fwhm > 0:
+            problems.append(f"fwhm must be > 0 pixels, not {self.fwhm}")
+        if self.flip_at is not None and self.flip_at < 1:
+            problems.append(f"flip_at must be at least 1 (frame 0 is the reference), not {self.flip_at}")
+        if self.bayer is not None and self.bayer not in BAYER_PATTERNS:
+            problems.append(f"bayer must be one of {', '.join(BAYER_PATTERNS)} or None, not {self.bayer!r}")
+        if self.write_mode not in WRITE_MODES:
+            problems.append(f"write_mode must be one of {', '.join(WRITE_MODES)}, not {self.write_mode!r}")
+        if not self.chunk_rate > 0:
+            problems.append(f"chunk_rate must be > 0 bytes/s, not {self.chunk_rate}")
+        if not self.exptime > 0:
+            problems.append(f"exptime must be > 0 seconds, not {self.exptime}")
+        if self.subdir_every < 0:
+            problems.append(f"subdir_every must be >= 0, not {self.subdir_every}")
+        for name in ("bad_frames", "cloud_frames", "wind_frames", "trails"):
+            outside = [i for i in getattr(self, name) if not 0 <= i < self.frames]
+            if outside:
+                problems.append(f"{name} {outside} are outside frames 0..{self.frames - 1}")
+        both = set(self.cloud_frames) & set(self.wind_frames)
+        if both:
+            problems.append(f"frames {sorted(both)} cannot be both cloud_frames and wind_frames")
+        if problems:
+            raise ConfigError("simulate: " + "; ".join(problems) + ".")
+
+
+@dataclass(frozen=True, eq=False)
+class SimFrame:
+    """One rendered exposure.
+
+    Attributes
+    ----------
+    index : int
+        0-based frame index.
+    name : str
+        Path of the file relative to the output folder, ``/``-separated (``sim_0001.fits`` or
+        ``night2/sim_0003.fits``).
+    data : ndarray
+        ``(height, width)`` uint16, read-only: the image (a raw Bayer mosaic for a colour camera).
+    header : Mapping
+        The cards the camera writes (keyword -> value), read-only; BZERO/BSCALE are added on writing.
+    matrix : ndarray
+        ``(2, 3)`` float64, read-only: the true transform mapping this frame's pixel ``(x, y)`` onto the
+        reference's (frame 0): ``[x0, y0] = matrix[:, :2] @ [x, y] + matrix[:, 2]``.
+    kind : str
+        ``"good"``, ``"cloud"`` or ``"wind"``.
+    has_trail : bool
+        True when a satellite trail crosses the frame.
+    """
+
+    index: int
+    name: str
+    data: np.ndarray
+    header: Mapping[str, str | int | float]
+    matrix: np.ndarray
+    kind: str
+    has_trail: bool
+
+    @property
+    def rotation_deg(self) -> float:
+        """The matrix's rotation, degrees counter-clockwise in (x, y) pixel axes, in (-180, 180]."""
+        angle = math.degrees(math.atan2(self.matrix[1, 0], self.matrix[0, 0]))
+        return angle + 360.0 if angle <= -180.0 else angle
+
+    @property
+    def centre_shift(self) -> tuple[float, float]:
+        """``(dx, dy)``: where the frame's centre lands on the reference, minus the centre."""
+        rows, cols = self.data.shape
+        centre = np.array([(cols - 1) / 2.0, (rows - 1) / 2.0])
+        moved = self.matrix[:, :2] @ centre + self.matrix[:, 2] - centre
+        return float(moved[0]), float(moved[1])
+
+
+@dataclass(frozen=True, eq=False)
+class FieldStars:
+    """The field's stars as they fall on one frame (those whose profile touches it).
+
+    Attributes
+    ----------
+    x, y : ndarray
+        Centres in the frame's pixels, float64, read-only.
+    flux : ndarray
+        Total flux in ADU before clouds, float64, read-only (for colour frames, the G-channel flux).
+    rgb : ndarray
+        ``(N, 3)`` float64, read-only: relative R, G, B flux of each star (G = 1).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    flux: np.ndarray
+    rgb: np.ndarray
+
+
+def true_matrix(config: SimConfig, index: int) -> np.ndarray:
+    """The true transform of a frame, without rendering it.
+
+    Parameters
+    ----------
+    config : SimConfig
+    index : int
+        0-based frame index.
+
+    Returns
+    -------
+    ndarray
+        ``(2, 3)`` float64: frame ``index`` pixel ``(x, y)`` -> reference (frame 0) pixel.
+
+    Raises
+    ------
+    ConfigError
+        When ``index`` is not a frame of the session.
+    """
+    _check_index(config, index)
+    forward = _forward(config, index)
+    linear_inv = forward[:, :2].T  # a rotation: its inverse is its transpose
+    result = np.empty((2, 3))
+    result[:, :2] = linear_inv
+    result[:, 2] = -linear_inv @ forward[:, 2]
+    return result
+
+
+def field_stars(config: SimConfig, index: int) -> FieldStars:
+    """Where the field's stars land on a frame.
+
+    The field is fixed by the seed and infinite: it is drawn tile by tile of the reference's pixel plane,
+    so it does not depend on the number of frames, and drift or rotation never empty the frame.
+
+    Parameters
+    ----------
+    config : SimConfig
+    index : int
+        0-based frame index.
+
+    Returns
+    -------
+    FieldStars
+        The stars whose profile touches the frame, in frame pixels.
+
+    Raises
+    ------
+    ConfigError
+        When ``index`` is not a frame of the session.
+    """
+    _check_index(config, index)
+    width, height = config.size
+    margin = _stamp_half(config.fwhm, WIND_ELONGATION) + 1.0
+    inverse = true_matrix(config, index)
+    corners = np.array([[-margin, -margin], [width - 1 + margin, -margin],
+                        [-margin, height - 1 + margin], [width - 1 + margin, height - 1 + margin]])
+    sky_corners = corners @ inverse[:, :2].T + inverse[:, 2]
+    tx0, ty0 = np.floor(sky_corners.min(axis=0) / _TILE).astype(int)
+    tx1, ty1 = np.floor(sky_corners.max(axis=0) / _TILE).astype(int)
+    density = config.n_stars / float(width * height)
+    parts = [_tile_stars(config.seed, density, tx, ty)
+             for ty in range(ty0, ty1 + 1) for tx in range(tx0, tx1 + 1)]
+    sky = np.concatenate(parts, axis=0) if parts else np.empty((0, 6))
+    forward = _forward(config, index)
+    xy = sky[:, :2] @ forward[:, :2].T + forward[:, 2]
+    keep = ((xy[:, 0] >= -margin) & (xy[:, 0] <= width - 1 + margin)
+            & (xy[:, 1] >= -margin) & (xy[:, 1] <= height - 1 + margin))
+    return FieldStars(x=_frozen(xy[keep, 0]), y=_frozen(xy[keep, 1]), flux=_frozen(sky[keep, 2]),
+                      rgb=_frozen(sky[keep, 3:6]))
+
+
+def render_frame(config: SimConfig, index: int) -> SimFrame:
+    """Render one frame of the session, deterministically.
+
+    Parameters
+    ----------
+    config : SimConfig
+    index : int
+        0-based frame index.
+
+    Returns
+    -------
+    SimFrame
+        The uint16 image (sky gradient, stars, hot pixels, Poisson and read noise, a trail or a bad-frame
+        defect when the config asks), its header cards and its true transform.
+
+    Raises
+    ------
+    ConfigError
+        When ``index`` is not a frame of the session.
+    """
+    _check_index(config, index)
+    width, height = config.size
+    shape = (height, width)
+    kind = _kind(config, index)
+    has_trail = index in config.trails
+    events = np.random.default_rng([config.seed, _TAG_EVENT, index])
+
+    stars = field_stars(config, index)
+    flux = stars.flux * (CLOUD_TRANSMISSION if kind == "cloud" else 1.0)
+    elongation, angle = 1.0, 0.0
+    if kind == "wind":
+        elongation, angle = WIND_ELONGATION, float(events.uniform(0.0, 180.0))
+    cell = _cell_channels(config.bayer)
+    site_gain = None if cell is None else stars.rgb[:, cell]
+    light = _render_moffat(shape, stars.x, stars.y, flux, fwhm=config.fwhm, beta=MOFFAT_BETA,
+                           elongation=elongation, angle_deg=angle, site_gain=site_gain)
+
+    light += _sky(config, cell) * (CLOUD_SKY_FACTOR if kind == "cloud" else 1.0)
+    if has_trail:
+        _add_trail(light, events)
+    hot_rows, hot_cols, hot_values = _hot_pixels(config)
+    light[hot_rows, hot_cols] += hot_values
+
+    noise = np.random.default_rng([config.seed, _TAG_NOISE, index])
+    image = noise.poisson(light).astype(np.float32)
+    image += noise.standard_normal(shape, dtype=np.float32) * np.float32(READ_NOISE)
+    image += np.float32(BIAS)
+    np.rint(image, out=image)
+    np.clip(image, 0, SATURATION, out=image)
+
+    return SimFrame(index=index, name=_file_name(config, index), data=_frozen(image.astype(np.uint16)),
+                    header=MappingProxyType(_header(config, index)),
+                    matrix=_frozen(true_matrix(config, index)), kind=kind, has_trail=has_trail)
+
+
+def simulate(outdir: str | Path, config: SimConfig, *, sleep: Callable[[float], object] = time.sleep,
+             on_written: Callable[[Path], object] | None = None) -> list[Path]:
+    """Write a simulated session to a folder, frame by frame, at the config's cadence.
+
+    Before each frame appears, its row is in ``outdir/truth.csv`` (rewritten atomically each time; columns
+    ``TRUTH_COLUMNS``), so a watcher that sees a frame can always look up its truth.
+
+    Parameters
+    ----------
+    outdir : str or Path
+        Output folder, created when missing.
+    config : SimConfig
+    sleep : callable
+        Called with ``config.interval`` between frames and, in chunked writes, with the seconds each chunk
+        takes; inject a recorder in tests.
+    on_written : callable or None
+        Called with the path of each frame once it is complete.
+
+    Returns
+    -------
+    list of Path
+        The frames written, in order.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rows: list[list[str]] = []
+    paths: list[Path] = []
+    for index in range(config.frames):
+        frame = render_frame(config, index)
+        if index:
+            sleep(config.interval)
+        path = outdir / frame.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows.append(_truth_row(frame))
+        _write_truth(outdir / TRUTH_FILE, rows)
+        payload = _fits_bytes(frame)
+        mode = _write_mode(config, index)
+        if mode == "chunked":
+            _write_chunked(path, payload, config.chunk_rate, sleep)
+        elif mode == "rename":
+            _write_renamed(path, payload)
+        else:
+            _write_atomic(path, payload)
+        paths.append(path)
+        if on_written is not None:
+            on_written(path)
+    return paths
 
 
 def render_stars(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray,
                  fwhm: float = 3.0, beta: float = 3.0, elongation: float = 1.0,
                  angle_deg: float = 0.0) -> np.ndarray:
     """Render Moffat stars onto a zero float64 image.
+
+    Each star is drawn on a square stamp of half-width ``ceil(max(4 * fwhm * elongation, 6))`` pixels.
 
     Parameters
     ----------
@@ -39,27 +524,275 @@ def render_stars(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.
     ndarray
         float64 image of the stars alone.
     """
+    x, y, flux = (np.asarray(v, dtype=np.float64).ravel() for v in (x, y, flux))
+    if not x.shape == y.shape == flux.shape:
+        raise ValueError("x, y and flux must have the same length.")
+    return _render_moffat(shape, x, y, flux, fwhm=fwhm, beta=beta, elongation=elongation,
+                          angle_deg=angle_deg, site_gain=None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Private helpers
+
+
+def _render_moffat(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, *,
+                   fwhm: float, beta: float, elongation: float, angle_deg: float,
+                   site_gain: np.ndarray | None) -> np.ndarray:
+    """Vectorised Moffat renderer: all stamps of a batch at once, summed with ``bincount``.
+
+    ``site_gain`` is ``(N, 2, 2)`` or None: star ``k`` contributes ``site_gain[k, row % 2, col % 2]`` times
+    its profile at a pixel, which is how the colour planes are sampled into a Bayer mosaic.
+    """
     rows, cols = shape
-    image = np.zeros(shape, dtype=np.float64)
     alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    half = int(np.ceil(max(4.0 * fwhm * elongation, 6.0)))
-    yy, xx = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float64)
+    half = int(_stamp_half(fwhm, elongation))
+    offsets = np.arange(-half, half + 1)
+    off_y, off_x = offsets[:, None], offsets[None, :]
     cos_t, sin_t = np.cos(np.radians(angle_deg)), np.sin(np.radians(angle_deg))
     norm = (beta - 1.0) / (np.pi * alpha * alpha * elongation)
-    for xi, yi, fi in zip(np.asarray(x, float), np.asarray(y, float), np.asarray(flux, float), strict=True):
-        cx, cy = int(np.floor(xi + 0.5)), int(np.floor(yi + 0.5))
-        if cx < -half or cy < -half or cx > cols + half or cy > rows + half:
-            continue
-        dx = xx - (xi - cx)
-        dy = yy - (yi - cy)
+    cx_all = np.floor(x + 0.5).astype(np.int64)
+    cy_all = np.floor(y + 0.5).astype(np.int64)
+    # Stars whose stamp cannot touch the image cost nothing further.
+    near = (cx_all >= -half) & (cy_all >= -half) & (cx_all <= cols + half) & (cy_all <= rows + half)
+    picked = np.flatnonzero(near)
+    image = np.zeros(rows * cols, dtype=np.float64)
+    side = 2 * half + 1
+    batch = max(1, _STAMP_BUDGET // (side * side))
+    for first in range(0, picked.size, batch):
+        ids = picked[first:first + batch]
+        cx, cy = cx_all[ids][:, None, None], cy_all[ids][:, None, None]
+        dx = off_x - (x[ids] - cx_all[ids])[:, None, None]
+        dy = off_y - (y[ids] - cy_all[ids])[:, None, None]
         u = (dx * cos_t + dy * sin_t) / elongation
         v = -dx * sin_t + dy * cos_t
-        stamp = fi * norm * (1.0 + (u * u + v * v) / (alpha * alpha)) ** (-beta)
-        r0, c0 = cy - half, cx - half
-        r1, c1 = r0 + stamp.shape[0], c0 + stamp.shape[1]
-        sr0, sc0 = max(0, -r0), max(0, -c0)
-        sr1, sc1 = stamp.shape[0] - max(0, r1 - rows), stamp.shape[1] - max(0, c1 - cols)
-        if sr1 <= sr0 or sc1 <= sc0:
-            continue
-        image[max(r0, 0):min(r1, rows), max(c0, 0):min(c1, cols)] += stamp[sr0:sr1, sc0:sc1]
-    return image
+        stamp = (flux[ids] * norm)[:, None, None] * (1.0 + (u * u + v * v) / (alpha * alpha)) ** (-beta)
+        r = cy + off_y
+        c = cx + off_x
+        inside = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
+        r, c = np.broadcast_to(r, inside.shape)[inside], np.broadcast_to(c, inside.shape)[inside]
+        weights = stamp[inside]
+        if site_gain is not None:
+            star = np.broadcast_to(np.arange(ids.size)[:, None, None], inside.shape)[inside]
+            weights = weights * site_gain[ids][star, r % 2, c % 2]
+        image += np.bincount(r * cols + c, weights=weights, minlength=rows * cols)
+    return image.reshape(shape)
+
+
+def _stamp_half(fwhm: float, elongation: float) -> float:
+    """Half-width of a star's stamp, pixels (far enough out that the cut-off wing is below the noise)."""
+    return float(np.ceil(max(4.0 * fwhm * elongation, 6.0)))
+
+
+def _tile_stars(seed: int, density: float, tx: int, ty: int) -> np.ndarray:
+    """The stars of one sky tile: ``(N, 6)`` rows of ``x, y, flux, r, g, b`` in reference pixels."""
+    rng = np.random.default_rng([seed, _TAG_TILE, _zigzag(tx), _zigzag(ty)])
+    count = int(rng.poisson(density * _TILE * _TILE))
+    out = np.empty((count, 6))
+    out[:, 0] = (tx + rng.random(count)) * _TILE
+    out[:, 1] = (ty + rng.random(count)) * _TILE
+    # dN/dF ~ F^-2 between FLUX_MIN and FLUX_MAX, by inverting its cumulative distribution.
+    out[:, 2] = FLUX_MIN / (1.0 - rng.random(count) * (1.0 - FLUX_MIN / FLUX_MAX))
+    colour = rng.uniform(-1.0, 1.0, count) * STAR_COLOUR_SPREAD
+    out[:, 3] = 1.0 + colour
+    out[:, 4] = 1.0
+    out[:, 5] = 1.0 - colour
+    return out
+
+
+def _zigzag(n: int) -> int:
+    """Map any integer to a distinct non-negative one (SeedSequence wants non-negative entropy)."""
+    return 2 * n if n >= 0 else -2 * n - 1
+
+
+def _cos_sin_deg(angle_deg: float) -> tuple[float, float]:
+    """cos and sin of an angle in degrees, exact at multiples of 90 (so a pure flip is exactly -1, 0)."""
+    turns = angle_deg / 90.0
+    if turns == round(turns):
+        return ((1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0))[round(turns) % 4]
+    rad = math.radians(angle_deg)
+    return math.cos(rad), math.sin(rad)
+
+
+def _forward(config: SimConfig, index: int) -> np.ndarray:
+    """The 2x3 reference -> frame map: ``p = c + R(theta) (s - c) + D``."""
+    width, height = config.size
+    angle = index * config.rotation_per_frame
+    if config.flip_at is not None and index >= config.flip_at:
+        angle += 180.0
+    cos_t, sin_t = _cos_sin_deg(angle)
+    rotation = np.array([[cos_t, -sin_t], [sin_t, cos_t]])
+    centre = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
+    drift = index * np.asarray(config.drift)
+    result = np.empty((2, 3))
+    result[:, :2] = rotation
+    result[:, 2] = centre - rotation @ centre + drift
+    return result
+
+
+def _kind(config: SimConfig, index: int) -> str:
+    if index in config.cloud_frames:
+        return "cloud"
+    if index in config.wind_frames:
+        return "wind"
+    bad = sorted(set(config.bad_frames))
+    if index in bad:
+        return ("cloud", "wind")[bad.index(index) % 2]
+    return "good"
+
+
+def _cell_channels(bayer: str | None) -> np.ndarray | None:
+    """``(2, 2)`` channel index (0 R, 1 G, 2 B) of each site of the Bayer cell, or None for mono."""
+    if bayer is None:
+        return None
+    return np.array([[_RGB.index(bayer[0]), _RGB.index(bayer[1])],
+                     [_RGB.index(bayer[2]), _RGB.index(bayer[3])]])
+
+
+def _sky(config: SimConfig, cell: np.ndarray | None) -> np.ndarray:
+    """Sky background with a linear gradient fixed to the sensor, tinted per Bayer site for colour."""
+    width, height = config.size
+    direction = np.random.default_rng([config.seed, _TAG_SENSOR, 0]).uniform(0.0, 2.0 * np.pi)
+    gx = SKY_GRADIENT * np.cos(direction) * (np.arange(width) - (width - 1) / 2.0) / width
+    gy = SKY_GRADIENT * np.sin(direction) * (np.arange(height) - (height - 1) / 2.0) / height
+    sky = SKY_LEVEL * (1.0 + np.add.outer(gy, gx))
+    if cell is not None:
+        tint = np.asarray(SKY_TINT)[cell]
+        sky *= tint[(np.arange(height) % 2)[:, None], (np.arange(width) % 2)[None, :]]
+    return sky
+
+
+def _hot_pixels(config: SimConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows, columns and extra ADU of the hot pixels: a property of the sensor, the same every frame."""
+    width, height = config.size
+    rng = np.random.default_rng([config.seed, _TAG_SENSOR, 1])
+    count = max(1, round(HOT_PIXEL_FRACTION * width * height))
+    flat = rng.choice(width * height, size=count, replace=False)
+    low, high = np.log(HOT_PIXEL_RANGE[0]), np.log(HOT_PIXEL_RANGE[1])
+    values = np.exp(rng.uniform(low, high, count))
+    return flat // width, flat % width, values
+
+
+def _add_trail(light: np.ndarray, rng: np.random.Generator) -> None:
+    """Add a straight satellite trail at a random angle through a random point of the frame's central half.
+
+    The central half keeps the trail long (at least about half the short side), as a real pass is.
+    """
+    height, width = light.shape
+    x0, y0 = rng.uniform(0.25 * width, 0.75 * width), rng.uniform(0.25 * height, 0.75 * height)
+    theta = rng.uniform(0.0, np.pi)
+    cos_t, sin_t = np.float32(np.cos(theta)), np.float32(np.sin(theta))
+    # Perpendicular distance of each pixel from the line, evaluated by rows to keep memory small.
+    cols = np.arange(width, dtype=np.float32) - np.float32(x0)
+    for row in range(height):
+        distance = cols * sin_t - np.float32(row - y0) * cos_t
+        light[row] += TRAIL_PEAK * np.exp(-0.5 * (distance / np.float32(TRAIL_SIGMA)) ** 2)
+
+
+def _header(config: SimConfig, index: int) -> dict[str, str | int | float]:
+    start = config.start.astimezone(UTC) + timedelta(seconds=index * config.interval)
+    cards: dict[str, str | int | float] = {
+        "IMAGETYP": "Light",
+        "OBJECT": config.object_name,
+    }
+    if config.filter is not None:
+        cards["FILTER"] = config.filter
+    cards["EXPTIME"] = float(config.exptime)
+    cards["DATE-OBS"] = start.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+    cards["INSTRUME"] = "livestack simulator"
+    cards["GAIN"] = 1.0
+    if config.bayer is not None:
+        cards["BAYERPAT"] = config.bayer
+        cards["XBAYROFF"] = 0
+        cards["YBAYROFF"] = 0
+        cards["ROWORDER"] = "TOP-DOWN"
+    return cards
+
+
+def _file_name(config: SimConfig, index: int) -> str:
+    name = f"sim_{index + 1:04d}.fits"
+    if config.subdir_every and (index + 1) % config.subdir_every == 0:
+        return f"{SUBDIR_NAME}/{name}"
+    return name
+
+
+def _write_mode(config: SimConfig, index: int) -> str:
+    if config.write_mode == "mixed":
+        return ("atomic", "chunked", "rename")[index % 3]
+    return config.write_mode
+
+
+def _check_index(config: SimConfig, index: int) -> None:
+    if not 0 <= index < config.frames:
+        raise ConfigError(f"simulate: frame index {index} is outside frames 0..{config.frames - 1}.")
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(array)
+    array.setflags(write=False)
+    return array
+
+
+def _fits_bytes(frame: SimFrame) -> bytes:
+    """The whole FITS file in memory: uint16 pixels stored as BITPIX 16 with BZERO 32768."""
+    header = fits.Header()
+    for key, value in frame.header.items():
+        header[key] = (value, _COMMENTS.get(key, ""))
+    buffer = io.BytesIO()
+    fits.PrimaryHDU(data=frame.data, header=header).writeto(buffer)
+    return buffer.getvalue()
+
+
+def _truth_row(frame: SimFrame) -> list[str]:
+    (a, b, tx), (c, d, ty) = frame.matrix.tolist()
+    dx, dy = frame.centre_shift
+    numbers = [a, b, tx, c, d, ty, dx, dy, frame.rotation_deg]
+    return [str(frame.index), frame.name, frame.kind, str(int(frame.has_trail)), *(repr(n) for n in numbers)]
+
+
+def _write_truth(path: Path, rows: list[list[str]]) -> None:
+    """Rewrite the truth sidecar atomically, so a reader never sees half a row."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(TRUTH_COLUMNS)
+    writer.writerows(rows)
+    _write_atomic(path, text.getvalue().encode("utf-8"))
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    """Hidden temporary name in the same folder, fsync, then ``os.replace``: the file appears whole."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _write_renamed(path: Path, payload: bytes) -> None:
+    """Write ``name.fits.part`` in full, then rename it: what many capture programs do (without fsync)."""
+    temporary = path.with_name(f"{path.name}.part")
+    try:
+        temporary.write_bytes(payload)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _write_chunked(path: Path, payload: bytes, rate: float, sleep: Callable[[float], object]) -> None:
+    """Write the final name slowly, like a copy over a network share: the file is visible while it grows.
+
+    The file is created empty, then each chunk lands after the time it takes at ``rate`` bytes/s. An
+    interruption leaves a truncated file, as an interrupted copy does.
+    """
+    chunk = max(1, round(rate * CHUNK_SECONDS))
+    with open(path, "wb") as handle:
+        for first in range(0, len(payload), chunk):
+            piece = payload[first:first + chunk]
+            sleep(len(piece) / rate)
+            handle.write(piece)
+            handle.flush()
