@@ -1,0 +1,470 @@
+"""The ``livestack`` command: stack, simulate, run, demo, tui, keys, config."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import logging
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from livestack import __version__
+from livestack.errors import LivestackError
+
+__all__ = ["main"]
+
+log = logging.getLogger("livestack")
+
+_FITS_OUT = (".fits", ".fit", ".fts")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 1 when nothing could be done, 2 for a usage or configuration error.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.command)
+    try:
+        status: int = args.func(args)
+    except LivestackError as exc:
+        print(f"livestack: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("livestack: interrupted", file=sys.stderr)
+        return 130
+    return status
+
+
+# -- livestack stack -----------------------------------------------------------------------------------
+
+def _cmd_stack(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from livestack.pipeline import FrameResult, Stacker, expand_paths, order_by_time
+    from livestack.snapshot import write_fits, write_preview
+
+    config = _load(args, {"stack.method": args.method, "align.reference": args.reference,
+                          "frames.bayer_pattern": args.bayer, "align.interpolation": args.interpolation,
+                          "output.image_format": args.image_format})
+    console = Console(stderr=True)
+    paths = expand_paths(args.paths)
+    if not paths:
+        console.print("livestack: no files match " + " ".join(args.paths))
+        return 1
+    paths = order_by_time(paths, config.frames.bayer_pattern or None)
+    fits_path, image_path = _stack_outputs(Path(args.output), config.output.image_format)
+    fits_path.parent.mkdir(parents=True, exist_ok=True)
+
+    import tempfile
+    results: list[FrameResult] = []
+    with tempfile.TemporaryDirectory(prefix=".livestack-", dir=fits_path.parent) as workdir:
+        stacker = Stacker(config, workdir=Path(workdir))
+        columns = (TextColumn("[bold]stacking"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[name]}"), TimeRemainingColumn())
+        with Progress(*columns, console=console, disable=args.quiet) as progress:
+            task = progress.add_task("stack", total=len(paths), name="")
+            for path in paths:
+                progress.update(task, name=path.name)
+                result = stacker.process(path)
+                results.append(result)
+                if not result.accepted:
+                    progress.console.print(f"[yellow]rejected[/] {path.name}: {result.reason}")
+                progress.advance(task)
+        image = stacker.result()
+        if image is not None and stacker.count > 0:
+            write_fits(fits_path, image, stacker.info())
+            write_preview(image_path, image)
+    if args.report:
+        _write_report(Path(args.report), results)
+    accepted = [r for r in results if r.accepted]
+    reasons = Counter(r.reason for r in results if not r.accepted)
+    console.print(f"[bold]{len(accepted)}[/] of {len(results)} frames stacked "
+                  f"({config.stack.method}), total exposure {_hms(stacker.exptime)}")
+    for reason, n in reasons.most_common():
+        console.print(f"  rejected {n}: {reason}")
+    if not accepted:
+        console.print("livestack: no frame could be stacked; nothing written")
+        return 1
+    console.print(f"wrote {fits_path} and {image_path}")
+    return 0
+
+
+def _stack_outputs(out: Path, image_format: str) -> tuple[Path, Path]:
+    suffix = ".jpg" if image_format == "jpeg" else ".png"
+    if out.name.lower().endswith(_FITS_OUT):
+        return out, out.with_suffix(suffix)
+    return out / "stack.fits", out / f"stack{suffix}"
+
+
+_REPORT_COLUMNS = ("file", "verdict", "reason", "m00", "m01", "m02", "m10", "m11", "m12", "rotation_deg",
+                   "scale", "inliers", "rms", "method", "stars", "fwhm", "ellipticity", "background",
+                   "noise", "t_read", "t_detect", "t_align", "t_warp", "t_stack")
+
+
+def _write_report(path: Path, results: Sequence[Any]) -> None:
+    """One CSV row per frame (see the README for the columns)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(_REPORT_COLUMNS)
+        for r in results:
+            t, q = r.transform, r.quality
+            matrix = [f"{v:.6f}" for v in t.matrix.ravel()] if t is not None else [""] * 6
+            row = [r.path, r.verdict, r.reason or "", *matrix,
+                   f"{t.rotation:.5f}" if t else "", f"{t.scale:.6f}" if t else "",
+                   t.inliers if t else "", f"{t.rms:.4f}" if t else "", t.method if t else "",
+                   q.stars if q else "", _fmt(q.fwhm if q else None), _fmt(q.ellipticity if q else None),
+                   _fmt(q.background if q else None), _fmt(q.noise if q else None)]
+            row += [_fmt(r.timings.get(stage), 4) for stage in ("read", "detect", "align", "warp", "stack")]
+            writer.writerow(row)
+
+
+# -- livestack simulate --------------------------------------------------------------------------------
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from livestack.simulate import SimConfig, simulate
+
+    width, height = _size(args.size)
+    config = SimConfig(frames=args.frames, interval=args.interval, size=(width, height), seed=args.seed,
+                       bayer=args.bayer, flip_at=args.flip_at, bad_frames=_indices(args.bad),
+                       trails=_indices(args.trails), write_mode=args.write_mode)
+    out = Path(args.outdir)
+    print(f"simulating {args.frames} frames of {width}x{height} into {out} every {args.interval:g} s",
+          file=sys.stderr)
+    paths = simulate(out, config, on_written=lambda p: print(f"wrote {p}", file=sys.stderr))
+    print(f"{len(paths)} frames written; true transforms in {out / 'truth.csv'}", file=sys.stderr)
+    return 0
+
+
+# -- livestack run -------------------------------------------------------------------------------------
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from livestack.daemon import Daemon
+
+    config = _load(args, {"watch.folder": _abs(args.watch), "output.folder": _abs(args.output),
+                          "watch.polling": True if args.polling else None,
+                          "stack.method": args.method})
+    daemon = Daemon(config)
+    _install_signals(daemon.request_stop)
+    if args.tui and sys.stdin.isatty() and sys.stdout.isatty():
+        from livestack.tui.app import run_tui
+
+        daemon.start()
+        try:
+            run_tui(daemon.publish_endpoint, daemon.control_endpoint, None)
+        finally:
+            daemon.stop()
+        return 0
+    return daemon.run()
+
+
+def _install_signals(stop: Callable[[], None]) -> None:
+    """First SIGINT/SIGTERM: stop cleanly (finish the frame, checkpoint, snapshot); second SIGINT: now."""
+    import os
+    import signal
+
+    count = 0
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > 1 and signum == signal.SIGINT:
+            os._exit(130)
+        log.warning("%s received: finishing the frame in hand, then checkpoint and snapshot "
+                    "(Ctrl-C again to quit at once)", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+# -- livestack demo ------------------------------------------------------------------------------------
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+    import threading
+
+    from livestack.daemon import Daemon
+    from livestack.simulate import SimConfig, simulate
+
+    output = Path(args.output).resolve()
+    use_tui = not args.plain and sys.stdin.isatty() and sys.stdout.isatty()
+    with tempfile.TemporaryDirectory(prefix="livestack-demo-") as tmp:
+        frames_dir = Path(tmp) / "frames"
+        frames_dir.mkdir()
+        config = _load(args, {
+            "watch.folder": str(frames_dir), "output.folder": str(output),
+            "state.folder": str(Path(tmp) / "state"), "watch.settle": 0.5, "watch.poll_interval": 0.25,
+            "output.every_frames": 5, "network.preview_interval": 2.0,
+            "network.publish": "tcp://127.0.0.1:*", "network.control": "tcp://127.0.0.1:*"})
+        width, height = _size(args.size)
+        sim = SimConfig(frames=args.frames, interval=args.interval, size=(width, height), seed=args.seed,
+                        bad_frames=(args.frames * 2 // 3,), trails=(args.frames // 3,), write_mode="mixed",
+                        subdir_every=7)
+        printer = _DemoPrinter(args.frames, quiet=use_tui)
+        daemon = Daemon(config, listeners=[printer])
+        stop = threading.Event()
+
+        def stop_all() -> None:
+            stop.set()
+            daemon.request_stop()
+
+        def pause(seconds: float) -> None:
+            # The camera's clock: a stop ends the night instead of rushing the remaining frames out.
+            if stop.wait(seconds):
+                raise _CameraStoppedError
+
+        _install_signals(stop_all)
+        daemon.start()
+        written: list[Path] = []
+
+        def camera() -> None:
+            def note(path: Path) -> None:
+                written.append(path)
+
+            with contextlib.suppress(_CameraStoppedError):
+                simulate(frames_dir, sim, sleep=pause, on_written=note)
+
+        thread = threading.Thread(target=camera, name="livestack-demo-camera", daemon=True)
+        thread.start()
+        print(f"demo: a simulated camera writes {args.frames} frames of {width}x{height} every "
+              f"{args.interval:g} s; snapshots go to {output}", file=sys.stderr)
+        try:
+            if use_tui:
+                from livestack.tui.app import run_tui
+
+                run_tui(daemon.publish_endpoint, daemon.control_endpoint, None)
+                stop.set()
+            else:
+                while not daemon.wait(0.2):
+                    done = daemon.stats.received + daemon.stats.duplicates
+                    if not thread.is_alive() and done >= len(written) and daemon.status()["queue"] == 0:
+                        break
+        finally:
+            stop.set()
+            thread.join()
+            daemon.stop()
+        s = daemon.stats
+        print(f"demo: {s.accepted} stacked, {s.rejected} rejected of {s.received} frames; "
+              f"total exposure {_hms(daemon.stacker.exptime)}", file=sys.stderr)
+        for reason, n in printer.reasons.most_common():
+            print(f"  rejected {n}: {reason}", file=sys.stderr)
+        print(f"snapshots: {', '.join(sorted(str(p) for p in output.rglob('stack.*')))}", file=sys.stderr)
+    return 0 if daemon.stats.accepted else 1
+
+
+class _CameraStoppedError(Exception):
+    """Raised inside the simulated camera's sleep to end the demo early."""
+
+
+class _DemoPrinter:
+    """Plain progress lines from the daemon's events."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total = total
+        self.quiet = quiet
+        self.reasons: Counter[str] = Counter()
+
+    def __call__(self, event: Any) -> None:
+        p = event.payload
+        if event.topic == "frame" and p["verdict"] != "received":
+            if p["verdict"] == "rejected":
+                self.reasons[p["reason"]] += 1
+            if self.quiet:
+                return
+            if p["verdict"] == "accepted":
+                t = p["transform"] or {}
+                detail = (f"stars {p['stars']:4d}  FWHM {p['fwhm'] or float('nan'):.2f}  "
+                          f"shift ({t.get('dx', 0):+7.2f}, {t.get('dy', 0):+7.2f})  "
+                          f"rot {t.get('rotation', 0):+7.3f} deg  latency {p['latency']:.2f} s")
+            else:
+                detail = p["reason"]
+            print(f"[{p['seq']:3d}/{self.total}] {p['name']:<16} {p['verdict']:<8} {detail}", file=sys.stderr)
+        elif event.topic == "snapshot" and not self.quiet:
+            print(f"          snapshot of {p['frames']} frames -> {p['image']}", file=sys.stderr)
+
+
+# -- livestack tui and keys ----------------------------------------------------------------------------
+
+def _cmd_tui(args: argparse.Namespace) -> int:
+    from livestack.tui.app import run_tui
+
+    run_tui(args.connect, args.control, Path(args.keys) if args.keys else None)
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from livestack.net import generate_keys
+
+    public, secret = generate_keys(args.directory, args.name)
+    print(f"public key: {public}\nsecret key: {secret} (keep it private)")
+    return 0
+
+
+# -- livestack config ----------------------------------------------------------------------------------
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from livestack.config import load_config, render_toml
+
+    if args.check:
+        load_config(args.check)
+        print(f"{args.check}: valid")
+        return 0
+    sys.stdout.write(render_toml())
+    return 0
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+def _load(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    from livestack.config import load_config
+
+    return load_config(args.config).with_overrides(overrides)
+
+
+def _abs(value: str | None) -> str | None:
+    """Command-line paths are relative to the current folder (config paths to the config file)."""
+    return None if value is None else str(Path(value).expanduser().resolve())
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"size must look like 1600x1200, not {text!r}") from exc
+    return w, h
+
+
+def _indices(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise LivestackError(f"frame indices must be comma-separated numbers, not {text!r}") from exc
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or value != value:
+        return ""
+    return f"{value:.{digits}f}"
+
+
+def _hms(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m{s % 60:02d}s"
+
+
+def _setup_logging(verbose: int, command: str = "") -> None:
+    """Log to stderr; under systemd (JOURNAL_STREAM set) prefix syslog priorities for journald."""
+    import os
+
+    quiet = logging.WARNING if command in ("stack", "simulate", "config", "keys", "tui") else logging.INFO
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else quiet
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<N>`` syslog priority prefixes, which journald reads as the message's level."""
+
+    _PRIORITY: ClassVar[dict[int, int]] = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
+                                           logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self._PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livestack", description="Live stacking of astronomical frames.")
+    p.add_argument("--version", action="version", version=f"livestack {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("stack", help="stack files, folders or globs into one image")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="FITS files, folders or glob patterns")
+    s.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output FITS file (picture beside it) or a folder for stack.fits and the picture")
+    s.add_argument("--config", metavar="FILE", help="configuration file (default: built-in defaults)")
+    s.add_argument("--method", choices=("mean", "kappa-sigma", "median"), help="stacking method")
+    s.add_argument("--reference", metavar="FILE", help="frame to align onto")
+    s.add_argument("--bayer", choices=("RGGB", "BGGR", "GRBG", "GBRG"),
+                   help="Bayer pattern for cameras that write none")
+    s.add_argument("--interpolation", choices=("bilinear", "bicubic", "lanczos"))
+    s.add_argument("--image-format", choices=("jpeg", "png"), help="format of the picture")
+    s.add_argument("--report", metavar="FILE.csv", help="write one CSV row per frame")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_stack)
+
+    m = sub.add_parser("simulate", help="write simulated camera frames at a cadence")
+    m.add_argument("outdir", metavar="OUTDIR")
+    m.add_argument("--frames", type=int, default=20)
+    m.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
+    m.add_argument("--size", default="1600x1200", help="WIDTHxHEIGHT")
+    m.add_argument("--seed", type=int, default=1)
+    m.add_argument("--bayer", choices=("RGGB", "BGGR", "GRBG", "GBRG"), help="write a colour mosaic")
+    m.add_argument("--flip-at", type=int, metavar="N", help="meridian flip (180 deg) from frame N")
+    m.add_argument("--bad", metavar="N,N", help="indices of bad frames (cloud, wind)")
+    m.add_argument("--trails", metavar="N,N", help="indices of frames with a satellite trail")
+    m.add_argument("--write-mode", choices=("atomic", "chunked", "rename", "mixed"), default="atomic")
+    m.set_defaults(func=_cmd_simulate)
+
+    r = sub.add_parser("run", help="the live daemon: watch a folder and stack what arrives")
+    r.add_argument("--config", metavar="FILE", help="configuration file")
+    r.add_argument("--watch", metavar="DIR", help="folder to watch (overrides [watch] folder)")
+    r.add_argument("--output", metavar="DIR", help="snapshot folder (overrides [output] folder)")
+    r.add_argument("--method", choices=("mean", "kappa-sigma", "median"), help="stacking method")
+    r.add_argument("--polling", action="store_true", help="poll the folder (network shares)")
+    r.add_argument("--tui", action="store_true", help="show the dashboard when a terminal is attached")
+    r.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("demo", help="a simulated camera and the live daemon stacking its frames")
+    d.add_argument("--output", default="demo-output", metavar="DIR", help="snapshot folder")
+    d.add_argument("--frames", type=int, default=40)
+    d.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    d.add_argument("--size", default="1600x1200", help="WIDTHxHEIGHT")
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--config", metavar="FILE", help="configuration file")
+    d.add_argument("--plain", action="store_true", help="plain progress lines even in a terminal")
+    d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("tui", help="the dashboard of a running daemon, local or remote")
+    t.add_argument("--connect", default="tcp://127.0.0.1:5555", metavar="ENDPOINT", help="event socket")
+    t.add_argument("--control", default="tcp://127.0.0.1:5556", metavar="ENDPOINT", help="control socket")
+    t.add_argument("--keys", metavar="DIR", help="folder with client.key_secret and server.key (CURVE)")
+    t.set_defaults(func=_cmd_tui)
+
+    k = sub.add_parser("keys", help="make a CURVE key pair (NAME.key, NAME.key_secret)")
+    k.add_argument("directory", metavar="DIR")
+    k.add_argument("--name", default="server", help="file name stem (server, or a client's name)")
+    k.set_defaults(func=_cmd_keys)
+
+    c = sub.add_parser("config", help="print the default configuration, or check a file")
+    c.add_argument("--check", metavar="FILE", help="validate a configuration file")
+    c.set_defaults(func=_cmd_config)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())
