@@ -1,0 +1,336 @@
+"""Events: the versioned messages livestack publishes, and the control requests it answers.
+
+This module is the whole contract between the daemon and its clients (the terminal UI, a web viewer, a
+script): clients import it and nothing else of livestack's processing. It has no dependency beyond numpy.
+
+Wire format (ZeroMQ PUB, multipart)::
+
+    [topic (ascii), payload (UTF-8 JSON object)]                 # every event
+    [topic, payload, preview (raw uint8 bytes)]                   # a `stack` event carrying a preview
+
+Every payload carries ``"v"`` (``SCHEMA_VERSION``), ``"topic"`` and ``"time"`` (ISO 8601 UTC). The fields of
+each topic are listed in ``FIELDS``; a field whose type includes ``None`` may be null. A preview's shape is in
+the payload's ``"preview"`` field (``[rows, columns, channels]``, dtype uint8, C order).
+
+Control (ZeroMQ REP): a request is a JSON object ``{"cmd": NAME, ...}`` with NAME in ``COMMANDS``
+(``set_reference`` takes ``"path"``); the reply is ``{"ok": true, "result": {...}}`` or
+``{"ok": false, "error": "one sentence"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "COMMANDS",
+    "FIELDS",
+    "SCHEMA_VERSION",
+    "TOPICS",
+    "Event",
+    "SchemaError",
+    "decode",
+    "decode_request",
+    "encode",
+    "error_reply",
+    "make_event",
+    "ok_reply",
+    "utc_now_iso",
+    "validate",
+]
+
+#: Bumped on any incompatible change of a payload; clients should ignore events of another version.
+SCHEMA_VERSION = 1
+
+TOPICS: tuple[str, ...] = ("frame", "stack", "snapshot", "status", "log")
+
+#: Control requests the daemon answers.
+COMMANDS: tuple[str, ...] = ("status", "pause", "resume", "snapshot", "reset", "set_reference", "shutdown")
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_STR = (str, type(None))
+_OPT_DICT = (dict, type(None))
+_OPT_LIST = (list, type(None))
+
+#: Field name -> accepted JSON types, per topic. Common to all: v, topic, time.
+FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "frame": {
+        "seq": (int,),                # order of arrival in this daemon's life, from 1
+        "path": (str,),               # the file as the daemon saw it
+        "name": (str,),               # its base name
+        "verdict": (str,),            # "received", "accepted" or "rejected"
+        "reason": _OPT_STR,           # why it was rejected (null otherwise)
+        "date_obs": _OPT_STR,         # start of exposure, ISO UTC
+        "exptime": _OPT_NUM,          # seconds
+        "object": _OPT_STR,
+        "filter": _OPT_STR,
+        "stars": (int, type(None)),
+        "fwhm": _OPT_NUM,             # median, pixels
+        "ellipticity": _OPT_NUM,
+        "background": _OPT_NUM,
+        "noise": _OPT_NUM,
+        "transform": _OPT_DICT,       # {"matrix": [[a,b,tx],[c,d,ty]], "dx", "dy", "rotation", "scale",
+                                      #  "inliers", "rms", "method"}; dx, dy: frame centre's shift
+        "timings": (dict,),           # stage name -> seconds
+        "latency": _OPT_NUM,          # seconds from file complete to this event
+        "session": (int,),            # stack session number (a reset or new OBJECT starts a new one)
+    },
+    "stack": {
+        "frames": (int,),             # frames in the stack
+        "exptime": _NUM,              # total exposure, seconds
+        "method": (str,),
+        "rejected_fraction": _NUM,
+        "snr": _OPT_NUM,              # median signal-to-noise estimate of the stack
+        "object": _OPT_STR,
+        "filter": _OPT_STR,
+        "reference": _OPT_STR,        # path of the reference frame
+        "session": (int,),
+        "preview": _OPT_LIST,         # [rows, columns, channels] when a preview part follows
+    },
+    "snapshot": {
+        "fits": _OPT_STR,             # path of the FITS snapshot
+        "image": _OPT_STR,            # path of the PNG/JPEG snapshot
+        "frames": (int,),
+        "session": (int,),
+        "reason": (str,),             # "interval", "request" or "shutdown"
+    },
+    "status": {
+        "state": (str,),              # "starting", "waiting", "running", "paused", "stopping"
+        "queue": (int,),              # frames waiting to be processed
+        "lag": _NUM,                  # seconds the oldest waiting frame has waited
+        "received": (int,),
+        "accepted": (int,),
+        "rejected": (int,),
+        "exptime": _NUM,              # total exposure in the current stack
+        "frames": (int,),             # frames in the current stack
+        "uptime": _NUM,
+        "started": (str,),            # ISO UTC
+        "watch": (str,),
+        "output": (str,),
+        "method": (str,),
+        "object": _OPT_STR,
+        "filter": _OPT_STR,
+        "session": (int,),
+        "last_latency": _OPT_NUM,
+        "insecure": (bool,),          # true when bound beyond loopback without keys (explicit opt-out)
+    },
+    "log": {
+        "level": (str,),              # "info", "warning" or "error"
+        "message": (str,),
+        "logger": (str,),
+    },
+}
+
+_VERDICTS = ("received", "accepted", "rejected")
+_STATES = ("starting", "waiting", "running", "paused", "stopping")
+_LEVELS = ("info", "warning", "error")
+
+
+class SchemaError(ValueError):
+    """A message does not follow the schema; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One published event: its topic, its JSON payload and, for ``stack``, an optional preview.
+
+    Attributes
+    ----------
+    topic : str
+    payload : Mapping
+        The decoded JSON object, including ``v``, ``topic`` and ``time``.
+    preview : ndarray or None
+        uint8 ``(rows, columns, channels)``, read-only.
+    """
+
+    topic: str
+    payload: Mapping[str, Any]
+    preview: np.ndarray | None = field(default=None, compare=False)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.payload[key]
+
+
+def utc_now_iso() -> str:
+    """The current time as ISO 8601 UTC with a ``Z``-free ``+00:00`` offset."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def validate(payload: Mapping[str, Any]) -> None:
+    """Check a payload against the schema.
+
+    Parameters
+    ----------
+    payload : Mapping
+        A decoded event payload.
+
+    Raises
+    ------
+    SchemaError
+        When the version, topic, a field's presence or type, or an enumerated value is wrong.
+    """
+    if payload.get("v") != SCHEMA_VERSION:
+        raise SchemaError(f"schema version {payload.get('v')!r} is not {SCHEMA_VERSION}")
+    topic = payload.get("topic")
+    if topic not in FIELDS:
+        raise SchemaError(f"unknown topic {topic!r}; topics are {', '.join(TOPICS)}")
+    if not isinstance(payload.get("time"), str):
+        raise SchemaError(f"{topic} event has no 'time' string")
+    for name, types in FIELDS[topic].items():
+        if name not in payload:
+            raise SchemaError(f"{topic} event lacks the field {name!r}")
+        value = payload[name]
+        # bool is an int in Python; only accept it where bool is named.
+        if isinstance(value, bool) and bool not in types:
+            raise SchemaError(f"{topic}.{name} is a boolean, expected {_names(types)}")
+        if not isinstance(value, types):
+            raise SchemaError(f"{topic}.{name} is {type(value).__name__}, expected {_names(types)}")
+    _check_enum(payload, "frame", "verdict", _VERDICTS)
+    _check_enum(payload, "status", "state", _STATES)
+    _check_enum(payload, "log", "level", _LEVELS)
+
+
+def make_event(topic: str, preview: np.ndarray | None = None, **fields: Any) -> Event:
+    """Build and validate an event.
+
+    Parameters
+    ----------
+    topic : str
+        One of ``TOPICS``.
+    preview : ndarray, optional
+        uint8 ``(rows, columns)`` or ``(rows, columns, channels)``; only for ``stack``.
+    **fields
+        The topic's fields (see ``FIELDS``); ``preview`` shape is filled in here.
+
+    Returns
+    -------
+    Event
+
+    Raises
+    ------
+    SchemaError
+        When the fields do not follow the schema.
+    """
+    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "topic": topic, "time": utc_now_iso()}
+    payload.update(fields)
+    image: np.ndarray | None = None
+    if preview is not None:
+        if topic != "stack":
+            raise SchemaError("only stack events carry a preview")
+        image = np.ascontiguousarray(preview, dtype=np.uint8)
+        if image.ndim == 2:
+            image = image[:, :, np.newaxis]
+        if image.ndim != 3:
+            raise SchemaError("a preview is a 2-D or 3-D uint8 image")
+        image.flags.writeable = False
+        payload["preview"] = list(image.shape)
+    elif topic == "stack":
+        payload.setdefault("preview", None)
+    validate(payload)
+    return Event(topic, payload, image)
+
+
+def encode(event: Event) -> list[bytes]:
+    """The multipart message of an event: ``[topic, json]`` or ``[topic, json, preview]``."""
+    parts = [event.topic.encode("ascii"), json.dumps(event.payload, separators=(",", ":")).encode()]
+    if event.preview is not None:
+        parts.append(event.preview.tobytes())
+    return parts
+
+
+def decode(parts: list[bytes]) -> Event:
+    """Parse and validate a multipart message.
+
+    Parameters
+    ----------
+    parts : list of bytes
+        As received from a SUB socket.
+
+    Returns
+    -------
+    Event
+
+    Raises
+    ------
+    SchemaError
+        When the message is malformed or does not follow the schema.
+    """
+    if len(parts) not in (2, 3):
+        raise SchemaError(f"an event has 2 or 3 parts, this one has {len(parts)}")
+    try:
+        topic = parts[0].decode("ascii")
+        payload = json.loads(parts[1])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SchemaError(f"an event is not ascii topic plus JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise SchemaError("an event payload is not a JSON object")
+    if payload.get("topic") != topic:
+        raise SchemaError(f"topic part {topic!r} differs from the payload's {payload.get('topic')!r}")
+    validate(payload)
+    preview: np.ndarray | None = None
+    if len(parts) == 3:
+        shape = payload.get("preview")
+        if not isinstance(shape, list) or len(shape) != 3:
+            raise SchemaError("a preview part came without its shape in 'preview'")
+        rows, cols, channels = (int(n) for n in shape)
+        if rows * cols * channels != len(parts[2]):
+            raise SchemaError(f"preview of {len(parts[2])} bytes does not match shape {shape}")
+        preview = np.frombuffer(parts[2], dtype=np.uint8).reshape(rows, cols, channels)
+    return Event(topic, payload, preview)
+
+
+def decode_request(raw: bytes) -> dict[str, Any]:
+    """Parse a control request.
+
+    Parameters
+    ----------
+    raw : bytes
+        The request as received on the REP socket.
+
+    Returns
+    -------
+    dict
+        The request, with ``cmd`` one of ``COMMANDS``.
+
+    Raises
+    ------
+    SchemaError
+        With a sentence suitable for the error reply.
+    """
+    try:
+        request = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SchemaError("the request is not JSON") from exc
+    if not isinstance(request, dict):
+        raise SchemaError('the request is not a JSON object like {"cmd": "status"}')
+    cmd = request.get("cmd")
+    if cmd not in COMMANDS:
+        raise SchemaError(f"unknown command {cmd!r}; commands are {', '.join(COMMANDS)}")
+    if cmd == "set_reference" and not isinstance(request.get("path"), str):
+        raise SchemaError("set_reference needs a 'path' string naming a frame")
+    return request
+
+
+def ok_reply(**result: Any) -> bytes:
+    """A success reply carrying ``result``."""
+    return json.dumps({"ok": True, "result": result}).encode()
+
+
+def error_reply(message: str) -> bytes:
+    """An error reply carrying one sentence."""
+    return json.dumps({"ok": False, "error": message}).encode()
+
+
+def _names(types: tuple[type, ...]) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _check_enum(payload: Mapping[str, Any], topic: str, name: str, allowed: tuple[str, ...]) -> None:
+    if payload["topic"] == topic and payload[name] not in allowed:
+        raise SchemaError(f"{topic}.{name} is {payload[name]!r}; allowed: {', '.join(allowed)}")
