@@ -1,0 +1,962 @@
+"""Watch: decide which files in a watched folder are whole frames, and hand each over exactly once.
+
+Capture programs write a FITS file per exposure in many ways: in place and slowly (over a network share),
+to a temporary name renamed at the end, into dated subfolders made during the night. This module turns
+all of them into one stream of "this file is complete" calls.
+
+Public API:
+
+- ``check_fits(path) -> FitsCheck``: is this file a complete FITS file (``COMPLETE``), one still being
+  written (``INCOMPLETE``, wait), or not FITS at all (``INVALID``)? Reads headers only (plus, for gzip,
+  the whole compressed stream).
+- ``fits_complete(path) -> str | None``: None when complete, else the reason (either kind).
+- ``WatchConfig``: frozen settings of one watch (folder, patterns, ignores, timings).
+- ``Watcher(config, on_frame, on_problem=None)``: ``start()``, ``stop()``, context manager.
+
+When a file is delivered
+------------------------
+A file is handed to ``on_frame`` when ``check_fits`` says ``COMPLETE`` and either the writer closed it
+(inotify's close-after-write, seen as watchdog's ``FileClosedEvent``), it was renamed into its name (the
+temp-then-rename pattern), or its size and mtime stayed unchanged for ``settle`` seconds (polling mode,
+and the fallback for files that never get a close event, e.g. written over a share). A file that is not
+FITS at all (``INVALID``: text, empty, garbage) is delivered too once its size and mtime have been
+unchanged for ``settle`` seconds, so the daemon's reader rejects it with a reason that gets journaled.
+A file that stays ``INCOMPLETE`` and unchanged for ``stale_after`` seconds is reported once to
+``on_problem`` and then left alone until it changes.
+
+Exactly once
+------------
+Each ``(path, size, mtime_ns)`` is delivered at most once per ``Watcher``. A file re-written later with a
+different size or mtime is delivered again (the daemon's journal dedupes by content hash, across restarts
+too). Files present at start are delivered first, ordered by mtime then path; the daemon re-orders by
+DATE-OBS if it wants to. A reconcile scan every ``reconcile_interval`` seconds picks up any file the events
+missed (an inotify queue overflow, a remount, a share that dropped and came back).
+
+Threads
+-------
+watchdog's observer threads only put events in a queue. One worker thread owns all state: it waits on that
+queue with a timeout (the next due check or reconcile), checks candidates and calls the callbacks. The
+callbacks therefore run on the worker thread and must be quick (the daemon puts the path in a queue).
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import gzip
+import logging
+import math
+import os
+import queue
+import stat
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Protocol, Self
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from livestack.errors import ConfigError
+from livestack.frames import FITS_SUFFIXES
+
+__all__ = [
+    "DEFAULT_IGNORE",
+    "DEFAULT_PATTERNS",
+    "FitsCheck",
+    "FitsState",
+    "WatchConfig",
+    "Watcher",
+    "check_fits",
+    "fits_complete",
+]
+
+log = logging.getLogger(__name__)
+
+#: File name patterns that are frames: every ending of ``FITS_SUFFIXES`` (matched case-insensitively).
+DEFAULT_PATTERNS: tuple[str, ...] = tuple(f"*{suffix}" for suffix in FITS_SUFFIXES)
+
+#: Names never delivered, matched case-insensitively against every part of the path below the root:
+#: temporary files, dot files and folders, editor and capture-program tilde files.
+DEFAULT_IGNORE: tuple[str, ...] = ("*.tmp", "*.part", ".*", "~*", "*~")
+
+#: FITS files are made of records of this many bytes.
+BLOCK_SIZE = 2880
+#: Bytes per header card.
+CARD_SIZE = 80
+#: A header longer than this many records is not a header: real ones take a handful.
+MAX_HEADER_BLOCKS = 1000
+#: How many decompressed bytes a gzip check reads at a time while skipping data (bounds memory).
+GZIP_CHUNK = 1 << 20
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_PRIMARY_START = b"SIMPLE  ="
+_EXTENSION_START = b"XTENSION="
+_END_KEYWORD = b"END"
+_VALID_BITPIX = (8, 16, 32, 64, -32, -64)
+_MAX_NAXIS = 999
+# Header cards may hold only printable ASCII (FITS standard 4.1.2.1).
+_PRINTABLE = bytes(range(0x20, 0x7F))
+
+
+class FitsState(enum.Enum):
+    """What ``check_fits`` found."""
+
+    #: A whole FITS file: every HDU announced by its headers is there, the file ends at an HDU boundary.
+    COMPLETE = "complete"
+    #: Looks like FITS but is shorter than its headers announce: wait for the writer.
+    INCOMPLETE = "incomplete"
+    #: Not a FITS file at all (empty, text, garbage, a broken header or gzip stream).
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True)
+class FitsCheck:
+    """The answer of ``check_fits``.
+
+    Attributes
+    ----------
+    state : FitsState
+    reason : str
+        Empty for ``COMPLETE``; otherwise one sentence, e.g.
+        ``"still being written: 1,234,560 of 8,294,400 bytes"`` or ``"no END card yet"``.
+    """
+
+    state: FitsState
+    reason: str = ""
+
+    @property
+    def complete(self) -> bool:
+        """True when the file is a complete FITS file."""
+        return self.state is FitsState.COMPLETE
+
+
+def check_fits(path: str | Path) -> FitsCheck:
+    """Tell whether a file is a complete FITS file, one still being written, or not FITS at all.
+
+    The headers of every HDU are read (2880-byte records up to the END card); each HDU's data size comes
+    from BITPIX, NAXISn, PCOUNT and GCOUNT, padded to 2880 bytes, and is skipped without reading. The file
+    is complete when it ends exactly at an HDU boundary. A primary HDU without data (NAXIS = 0) followed by
+    a tile-compressed image extension (``.fz``) is handled like any other multi-HDU file. Bytes after the
+    last HDU that do not start an extension header are ignored, as FITS readers do.
+
+    A gzip file (recognised by its magic bytes, whatever its name) is decompressed as a stream, a megabyte
+    at a time, to the end of the stream: a stream that ends before its end marker is incomplete; the gzip
+    trailer's CRC and size are then verified by the gzip module, and the decompressed FITS must be complete.
+    The gzip trailer alone cannot tell a finished file from a half-written one (its last eight bytes are
+    just compressed data until the writer is done), so the whole stream is read; for a 60-megapixel frame
+    that costs about a second on a small computer, once per candidate.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to check. It is only read.
+
+    Returns
+    -------
+    FitsCheck
+        ``COMPLETE``, ``INCOMPLETE`` (with why: wait and check again) or ``INVALID`` (with why).
+
+    Raises
+    ------
+    OSError
+        When the file cannot be opened or read (``FileNotFoundError`` when it has gone).
+    """
+    with open(path, "rb") as handle:
+        magic = handle.read(len(_GZIP_MAGIC))
+        handle.seek(0)
+        if not magic:
+            return FitsCheck(FitsState.INVALID, "not a FITS file: the file is empty")
+        if magic == _GZIP_MAGIC:
+            return _check_gzip(handle)
+        if _GZIP_MAGIC.startswith(magic):
+            # One byte that starts like gzip: the first byte of a gzip file being written.
+            return _truncated_gzip()
+        return _walk_hdus(_PlainStream(handle))
+
+
+def fits_complete(path: str | Path) -> str | None:
+    """Say why a file is not a complete FITS file, or None when it is.
+
+    A shorthand for ``check_fits`` that does not tell "still being written" from "not FITS"; the
+    watcher uses ``check_fits``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to check.
+
+    Returns
+    -------
+    str or None
+        None for a complete FITS file, else a short reason.
+
+    Raises
+    ------
+    OSError
+        When the file cannot be opened or read.
+    """
+    result = check_fits(path)
+    return None if result.complete else result.reason
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """Settings of one watch.
+
+    Attributes
+    ----------
+    root : Path
+        The folder the capture program writes into.
+    patterns : tuple of str
+        Glob patterns (``fnmatch``) on file names that are frames, case-insensitive.
+    recursive : bool
+        Also watch subfolders, including ones made after the start.
+    ignore : tuple of str
+        Glob patterns, case-insensitive, matched against every part of a path below ``root``: a matching
+        file is never delivered, a matching folder is not entered.
+    ignore_dirs : tuple of Path
+        Folders never entered, such as the daemon's own output and state folders when they lie inside
+        ``root``.
+    polling : bool
+        Poll the folder (watchdog's PollingObserver) instead of OS events: for network shares, where
+        inotify sees nothing of what other machines write.
+    settle : float
+        Seconds a file's size and mtime must stay unchanged before it is checked when no close event says
+        the writer is done (polling mode, shares, files that are not FITS).
+    poll_interval : float
+        Seconds between polls in polling mode, and between re-checks of files still being written.
+    reconcile_interval : float
+        Seconds between full scans that deliver complete files the events missed.
+    stale_after : float
+        Seconds a file may stay incomplete and unchanged before it is reported to ``on_problem``.
+    """
+
+    root: Path
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    recursive: bool = True
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    ignore_dirs: tuple[Path, ...] = ()
+    polling: bool = False
+    settle: float = 2.0
+    poll_interval: float = 1.0
+    reconcile_interval: float = 30.0
+    stale_after: float = 120.0
+
+    def __post_init__(self) -> None:
+        # Normalise once at the boundary so that every path compared later is absolute and every
+        # sequence is a tuple (the value must stay hashable and immutable across threads).
+        object.__setattr__(self, "root", Path(os.path.abspath(self.root)))
+        object.__setattr__(self, "patterns", tuple(self.patterns))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "ignore_dirs", tuple(Path(os.path.abspath(d)) for d in self.ignore_dirs))
+        if not self.patterns:
+            raise ConfigError("watch patterns must name at least one file pattern.")
+        if self.settle < 0:
+            raise ConfigError(f"watch settle must be 0 seconds or more, not {self.settle}.")
+        for name in ("poll_interval", "reconcile_interval", "stale_after"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"watch {name} must be more than 0 seconds, not {value}.")
+
+
+class Watcher:
+    """Watch a folder and call ``on_frame`` once for each complete frame (see the module docstring).
+
+    Parameters
+    ----------
+    config : WatchConfig
+    on_frame : callable
+        ``on_frame(path)``, called on the watcher's thread for each complete (or not-FITS) file; must
+        return quickly. An exception it raises is logged and the file still counts as delivered.
+    on_problem : callable, optional
+        ``on_problem(path, reason)``, called for a file that stays incomplete and unchanged for
+        ``stale_after`` seconds, or that cannot be read. Logged as a warning when not given.
+    """
+
+    def __init__(
+        self,
+        config: WatchConfig,
+        on_frame: Callable[[Path], None],
+        on_problem: Callable[[Path, str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._on_frame = on_frame
+        self._on_problem = on_problem
+        self._matcher = _Matcher(config)
+        self._events: queue.Queue[_Item] = queue.Queue()
+        self._stopping = threading.Event()
+        self._observer: BaseObserver | None = None
+        self._worker: threading.Thread | None = None
+        # Owned by the worker thread only.
+        self._pending: dict[Path, _Candidate] = {}
+        self._delivered: set[tuple[Path, int, int]] = set()
+        self._reported: set[tuple[Path, int, int]] = set()
+
+    def start(self) -> None:
+        """Start watching: deliver the files already there (oldest first), then new ones as they complete.
+
+        Returns at once; the initial scan runs on the watcher's thread.
+
+        Raises
+        ------
+        ConfigError
+            When the root is not a folder.
+        RuntimeError
+            When the watcher was started before.
+        """
+        if self._worker is not None:
+            raise RuntimeError("a Watcher can be started only once.")
+        root = self.config.root
+        if not root.is_dir():
+            raise ConfigError(f"watch folder {root} does not exist or is not a folder.")
+        # Events first, scan second: a file written in between is seen twice and delivered once.
+        self._observer = self._start_observer()
+        self._worker = threading.Thread(target=self._run, name="livestack-watch", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        """Stop watching and join every thread. Safe to call more than once."""
+        self._stopping.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+        if self._worker is not None:
+            self._events.put(_STOP)
+            self._worker.join()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- event side (watchdog's dispatcher thread): classify and queue, nothing else ------------------
+
+    def _event(self, kind: _Kind, path: Path) -> None:
+        """Queue one filtered event for the worker."""
+        self._events.put((kind, path))
+
+    def _start_observer(self) -> BaseObserver:
+        """Start watchdog on the root: OS events, or polling; fall back to polling when inotify fails."""
+        handler = _Handler(self)
+        if not self.config.polling:
+            try:
+                observer: BaseObserver = Observer()
+            except OSError as exc:
+                log.warning("cannot use OS events for %s (%s); polling instead", self.config.root, exc)
+            else:
+                # Started before scheduling, so that a failed schedule is cleaned up by stop and join.
+                observer.start()
+                try:
+                    observer.schedule(handler, str(self.config.root), recursive=self.config.recursive,
+                                      event_filter=list(_EVENT_TYPES))
+                except OSError as exc:
+                    # Typically the inotify watch limit on a big tree; polling still sees everything.
+                    log.warning("cannot watch %s with OS events (%s); polling instead", self.config.root, exc)
+                    observer.stop()
+                    observer.join()
+                else:
+                    return observer
+        observer = PollingObserver(timeout=self.config.poll_interval)
+        observer.schedule(handler, str(self.config.root), recursive=self.config.recursive,
+                          event_filter=list(_EVENT_TYPES))
+        observer.start()
+        return observer
+
+    # -- worker thread -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """The worker: initial scan, then events, due checks and reconcile scans until stopped."""
+        self._initial_scan()
+        next_reconcile = time.monotonic() + self.config.reconcile_interval
+        while not self._stopping.is_set():
+            wake = min((c.due for c in self._pending.values()), default=next_reconcile)
+            timeout = max(0.0, min(wake, next_reconcile) - time.monotonic())
+            try:
+                item = self._events.get(timeout=timeout)
+            except queue.Empty:
+                pass
+            else:
+                # A burst of events (one per write) costs one pass over the due candidates.
+                while item is not _STOP:
+                    self._apply(item)
+                    try:
+                        item = self._events.get_nowait()
+                    except queue.Empty:
+                        break
+                if item is _STOP:
+                    return
+            now = time.monotonic()
+            for path in [p for p, c in self._pending.items() if c.due <= now]:
+                if self._stopping.is_set():
+                    return
+                self._examine(path, now)
+            if now >= next_reconcile:
+                self._reconcile()
+                next_reconcile = time.monotonic() + self.config.reconcile_interval
+
+    def _apply(self, item: _Item) -> None:
+        """Update the candidates from one event."""
+        kind, path = item
+        now = time.monotonic()
+        if kind is _Kind.GONE:
+            if self._pending.pop(path, None) is not None:
+                log.debug("%s went away before it was complete", path)
+            return
+        if kind is _Kind.DIR:
+            # watchdog simulates events for what a new folder already holds, but a scan costs little
+            # and does not depend on that.
+            for file_path, st in self._scan(path):
+                self._add(file_path, st, now)
+            return
+        candidate = self._pending.get(path)
+        if candidate is None:
+            candidate = self._pending[path] = _Candidate()
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            del self._pending[path]
+            return
+        except OSError:
+            # Let the due check report it.
+            candidate.due = now
+            return
+        candidate.observe(_key(st), now)
+        if kind is _Kind.TOUCHED:
+            candidate.closed_key = None
+            candidate.due = now + self.config.settle
+        else:
+            # Closed after writing, or renamed into place: the writer says it is done.
+            candidate.closed_key = candidate.key
+            candidate.due = now
+
+    def _add(self, path: Path, st: os.stat_result, now: float) -> None:
+        """Make a scanned file a candidate unless it is known already."""
+        key = _key(st)
+        if path in self._pending or (path, *key) in self._delivered or (path, *key) in self._reported:
+            return
+        candidate = self._pending[path] = _Candidate()
+        candidate.observe(key, now)
+        candidate.due = now + self.config.settle
+
+    def _examine(self, path: Path, now: float) -> None:
+        """Check one due candidate: deliver it, report it, drop it or set when to look again."""
+        candidate = self._pending[path]
+        settle = self.config.settle
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            log.debug("%s went away before it was complete", path)
+            del self._pending[path]
+            return
+        except OSError as exc:
+            self._problem(path, None, f"cannot read the file: {exc.strerror or exc}")
+            return
+        if not stat.S_ISREG(st.st_mode):
+            del self._pending[path]
+            return
+        key = _key(st)
+        if (path, *key) in self._delivered:
+            del self._pending[path]
+            return
+        if candidate.observe(key, now):
+            candidate.due = now + settle
+            return
+        stable = now - candidate.since >= settle
+        if not stable and candidate.closed_key != key:
+            candidate.due = candidate.since + settle
+            return
+        if candidate.check is None:
+            try:
+                candidate.check = check_fits(path)
+            except FileNotFoundError:
+                log.debug("%s went away before it was complete", path)
+                del self._pending[path]
+                return
+            except OSError as exc:
+                self._problem(path, key, f"cannot read the file: {exc.strerror or exc}")
+                return
+        state = candidate.check.state
+        if state is FitsState.COMPLETE:
+            self._deliver(path, key)
+        elif state is FitsState.INVALID:
+            if stable:
+                log.debug("%s is not a FITS file (%s); delivered for rejection", path,
+                          candidate.check.reason)
+                self._deliver(path, key)
+            else:
+                candidate.due = candidate.since + settle
+        elif now - candidate.since >= self.config.stale_after:
+            self._problem(path, key, f"incomplete and unchanged for {self.config.stale_after:g} s: "
+                                     f"{candidate.check.reason}")
+        else:
+            # Still being written: look again soon; a change restarts the settle time.
+            candidate.due = now + self.config.poll_interval
+
+    def _deliver(self, path: Path, key: tuple[int, int]) -> None:
+        """Hand a file over, once."""
+        self._delivered.add((path, *key))
+        self._pending.pop(path, None)
+        try:
+            self._on_frame(path)
+        except Exception:
+            # The callback belongs to the daemon; its failure must not stop the watch. Logged with the
+            # traceback, not swallowed.
+            log.exception("on_frame failed for %s", path)
+
+    def _problem(self, path: Path, key: tuple[int, int] | None, reason: str) -> None:
+        """Report a file that cannot become a frame as it is, and stop looking at it until it changes."""
+        self._pending.pop(path, None)
+        if key is not None:
+            self._reported.add((path, *key))
+        if self._on_problem is None:
+            log.warning("%s: %s", path, reason)
+            return
+        try:
+            self._on_problem(path, reason)
+        except Exception:
+            # As for on_frame: a failing callback must not stop the watch.
+            log.exception("on_problem failed for %s", path)
+
+    def _initial_scan(self) -> None:
+        """Deliver the files already there, oldest first; younger or unfinished ones become candidates."""
+        found = sorted(self._scan(self.config.root), key=lambda e: (e[1].st_mtime_ns, str(e[0])))
+        wall = time.time()
+        for path, st in found:
+            if self._stopping.is_set():
+                return
+            now = time.monotonic()
+            key = _key(st)
+            # A file untouched for `settle` seconds by its mtime needs no further waiting. (A share whose
+            # clock runs ahead only makes this slower: such files go the candidate way.)
+            if wall - st.st_mtime >= self.config.settle:
+                try:
+                    result = check_fits(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    self._problem(path, key, f"cannot read the file: {exc.strerror or exc}")
+                    continue
+                if result.state is not FitsState.INCOMPLETE:
+                    self._deliver(path, key)
+                    continue
+                if wall - st.st_mtime >= self.config.stale_after:
+                    self._problem(path, key, f"incomplete: {result.reason}")
+                    continue
+            self._add(path, st, now)
+
+    def _reconcile(self) -> None:
+        """Make every file not yet delivered a candidate: catches whatever the events missed."""
+        now = time.monotonic()
+        for path, st in self._scan(self.config.root):
+            if self._stopping.is_set():
+                return
+            self._add(path, st, now)
+
+    def _scan(self, top: Path) -> Iterator[tuple[Path, os.stat_result]]:
+        """Yield the frame files below ``top`` (one level when not recursive), skipping ignored folders."""
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    listed = list(entries)
+            except OSError as exc:
+                # A folder removed or made unreadable mid-scan; the next reconcile tries again.
+                log.debug("cannot list %s: %s", folder, exc)
+                continue
+            for entry in listed:
+                path = folder / entry.name
+                try:
+                    # Symlinked folders are not followed (no loops); symlinked files are.
+                    if entry.is_dir(follow_symlinks=False):
+                        if self.config.recursive and self._matcher.wants_dir(path):
+                            stack.append(path)
+                        continue
+                    if not self._matcher.wants_file(path):
+                        continue
+                    st = entry.stat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield path, st
+
+
+# -- private helpers ------------------------------------------------------------------------------------
+
+
+class _Kind(enum.Enum):
+    """What an event means for a candidate."""
+
+    TOUCHED = "touched"  # created or written: wait for settle or a close
+    CLOSED = "closed"  # closed after writing, or renamed into place: check now
+    GONE = "gone"  # deleted or renamed away
+    DIR = "dir"  # a folder appeared: scan it
+
+
+_Item = tuple[_Kind, Path]
+_STOP: _Item = (_Kind.GONE, Path())  # compared by identity; never a real event
+
+_EVENT_TYPES = (
+    FileCreatedEvent, FileModifiedEvent, FileAttribEvent, FileClosedEvent, FileMovedEvent,
+    FileDeletedEvent, DirCreatedEvent, DirMovedEvent,
+)
+
+
+@dataclass
+class _Candidate:
+    """A file that may become a frame; mutable, owned by the worker thread.
+
+    ``since`` is when the current ``key`` (size, mtime_ns) was first seen; ``closed_key`` is the key at the
+    writer's close or rename; ``check`` is the completeness answer for ``key``.
+    """
+
+    key: tuple[int, int] | None = None
+    since: float = 0.0
+    closed_key: tuple[int, int] | None = None
+    check: FitsCheck | None = None
+    due: float = field(default=0.0)
+
+    def observe(self, key: tuple[int, int], now: float) -> bool:
+        """Record the current size and mtime; True when they changed."""
+        if key == self.key:
+            return False
+        self.key = key
+        self.since = now
+        self.closed_key = None
+        self.check = None
+        return True
+
+
+def _key(st: os.stat_result) -> tuple[int, int]:
+    """The identity of one version of a file: size and mtime in nanoseconds."""
+    return st.st_size, st.st_mtime_ns
+
+
+class _Matcher:
+    """Which paths below the root are frames, after the patterns and ignores of a config."""
+
+    def __init__(self, config: WatchConfig) -> None:
+        self._root = config.root
+        self._recursive = config.recursive
+        self._patterns = tuple(p.lower() for p in config.patterns)
+        self._ignore = tuple(p.lower() for p in config.ignore)
+        self._ignore_dirs = config.ignore_dirs
+
+    def _parts(self, path: Path) -> tuple[str, ...] | None:
+        """The parts of ``path`` below the root, or None when it is outside or inside an ignored folder."""
+        try:
+            parts = path.relative_to(self._root).parts
+        except ValueError:
+            return None
+        if not parts:
+            return None
+        if any(path == d or d in path.parents for d in self._ignore_dirs):
+            return None
+        if any(self._ignored(part) for part in parts):
+            return None
+        return parts
+
+    def _ignored(self, name: str) -> bool:
+        lowered = name.lower()
+        return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in self._ignore)
+
+    def wants_dir(self, path: Path) -> bool:
+        """True for a folder that is watched."""
+        return self._parts(path) is not None
+
+    def wants_file(self, path: Path) -> bool:
+        """True for a file that may be a frame."""
+        parts = self._parts(path)
+        if parts is None or (not self._recursive and len(parts) > 1):
+            return False
+        lowered = parts[-1].lower()
+        return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in self._patterns)
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns watchdog events into queued ``(_Kind, path)`` items; runs on watchdog's dispatcher thread."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        super().__init__()
+        self._watcher = watcher
+        self._matcher = watcher._matcher
+
+    def _file(self, kind: _Kind, raw: bytes | str) -> None:
+        if raw:
+            path = Path(os.fsdecode(raw))
+            if self._matcher.wants_file(path):
+                self._watcher._event(kind, path)
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            path = Path(os.fsdecode(event.src_path))
+            if self._matcher.wants_dir(path):
+                self._watcher._event(_Kind.DIR, path)
+        else:
+            self._file(_Kind.TOUCHED, event.src_path)
+
+    def on_modified(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._file(_Kind.TOUCHED, event.src_path)
+
+    def on_attrib(self, event: FileSystemEvent) -> None:
+        # inotify reports a bare mtime change (touch, a copy that restores times) as an attribute change.
+        if not event.is_directory:
+            self._file(_Kind.TOUCHED, event.src_path)
+
+    def on_closed(self, event: FileSystemEvent) -> None:
+        self._file(_Kind.CLOSED, event.src_path)
+
+    def on_deleted(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._file(_Kind.GONE, event.src_path)
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            dest = Path(os.fsdecode(event.dest_path)) if event.dest_path else None
+            if dest is not None and self._matcher.wants_dir(dest):
+                self._watcher._event(_Kind.DIR, dest)
+            return
+        self._file(_Kind.GONE, event.src_path)
+        self._file(_Kind.CLOSED, event.dest_path)
+
+
+class _Stream(Protocol):
+    """What the HDU walk needs from a file: sequential reads and forward skips."""
+
+    position: int
+    truncated: bool
+    note: str
+
+    def read(self, size: int) -> bytes: ...
+
+    def skip(self, size: int) -> int: ...
+
+    def drain(self) -> None: ...
+
+
+class _PlainStream:
+    """An uncompressed file: skips are seeks bounded by the current file size."""
+
+    note = ""
+    truncated = False
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.position = 0
+
+    def read(self, size: int) -> bytes:
+        data = self._handle.read(size)
+        self.position += len(data)
+        return data
+
+    def skip(self, size: int) -> int:
+        available = max(0, os.fstat(self._handle.fileno()).st_size - self.position)
+        step = min(size, available)
+        self.position += step
+        self._handle.seek(self.position)
+        return step
+
+    def drain(self) -> None:
+        """Nothing to verify after the last HDU of a plain file."""
+
+
+class _GzipStream:
+    """A gzip file read as a stream of decompressed bytes; an early end of the stream sets ``truncated``."""
+
+    note = " (decompressed)"
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._gzip = gzip.GzipFile(fileobj=handle, mode="rb")
+        self.position = 0
+        self.truncated = False
+
+    def read(self, size: int) -> bytes:
+        chunks = []
+        wanted = size
+        while wanted > 0 and not self.truncated:
+            try:
+                data = self._gzip.read(min(wanted, GZIP_CHUNK))
+            except EOFError:
+                self.truncated = True
+                break
+            if not data:
+                break
+            chunks.append(data)
+            wanted -= len(data)
+        result = b"".join(chunks)
+        self.position += len(result)
+        return result
+
+    def skip(self, size: int) -> int:
+        done = 0
+        while done < size:
+            got = len(self.read(min(size - done, GZIP_CHUNK)))
+            if got == 0:
+                break
+            done += got
+        return done
+
+    def drain(self) -> None:
+        """Read to the end of the stream, so that the gzip trailer (CRC, size) is verified."""
+        while self.read(GZIP_CHUNK):
+            pass
+
+
+class _HeaderError(Exception):
+    """Raised inside the HDU walk for a header that cannot be FITS; carries the reason."""
+
+
+def _check_gzip(handle: BinaryIO) -> FitsCheck:
+    """Check a gzip-compressed FITS file (see ``check_fits``)."""
+    try:
+        return _walk_hdus(_GzipStream(handle))
+    except gzip.BadGzipFile as exc:
+        return FitsCheck(FitsState.INVALID, f"not a valid gzip file: {exc}")
+    except zlib.error as exc:
+        return FitsCheck(FitsState.INVALID, f"corrupt gzip data: {exc}")
+
+
+def _walk_hdus(stream: _Stream) -> FitsCheck:
+    """Walk the HDUs of a FITS byte stream; complete when it ends exactly after one."""
+    hdu = 0
+    while True:
+        start = _PRIMARY_START if hdu == 0 else _EXTENSION_START
+        cards: dict[bytes, bytes] = {}
+        blocks = 0
+        while True:
+            block = stream.read(BLOCK_SIZE)
+            if blocks == 0:
+                head = block[: len(start)]
+                if not start.startswith(head) or not block:
+                    if stream.truncated:
+                        return _truncated_gzip()
+                    if hdu == 0:
+                        reason = "the file is empty" if not block else "it does not start with SIMPLE"
+                        return FitsCheck(FitsState.INVALID, f"not a FITS file: {reason}")
+                    # The end of the file, or bytes after the last HDU that FITS readers ignore.
+                    stream.drain()
+                    return _truncated_gzip() if stream.truncated else FitsCheck(FitsState.COMPLETE)
+            if block.translate(None, _PRINTABLE):
+                what = "not a FITS file: the header" if hdu == 0 else f"HDU {hdu}: the header"
+                return FitsCheck(FitsState.INVALID, f"{what} holds bytes that are not text")
+            found_end = _parse_cards(block, cards)
+            blocks += 1
+            if len(block) < BLOCK_SIZE:
+                if stream.truncated:
+                    return _truncated_gzip()
+                if not found_end:
+                    return FitsCheck(FitsState.INCOMPLETE, "no END card yet")
+                return _short(stream, stream.position - len(block) + BLOCK_SIZE)
+            if found_end:
+                break
+            if blocks >= MAX_HEADER_BLOCKS:
+                return FitsCheck(FitsState.INVALID,
+                                 f"HDU {hdu}: no END card in the first {MAX_HEADER_BLOCKS} header records")
+        try:
+            size = _data_size(cards, primary=hdu == 0)
+        except _HeaderError as exc:
+            return FitsCheck(FitsState.INVALID, f"HDU {hdu}: {exc}")
+        padded = -(-size // BLOCK_SIZE) * BLOCK_SIZE
+        end = stream.position + padded
+        if stream.skip(padded) < padded:
+            if stream.truncated:
+                return _truncated_gzip()
+            return _short(stream, end)
+        hdu += 1
+
+
+def _short(stream: _Stream, announced: int) -> FitsCheck:
+    """The answer for a file that ends before what its headers announce."""
+    return FitsCheck(FitsState.INCOMPLETE,
+                     f"still being written: {stream.position:,} of {announced:,} bytes{stream.note}")
+
+
+def _truncated_gzip() -> FitsCheck:
+    """The answer for a gzip stream that ends before its end marker.
+
+    No byte counts: what a truncated stream decompresses to is only known up to the last full read.
+    """
+    return FitsCheck(FitsState.INCOMPLETE, "still being written: the gzip stream has no end yet")
+
+
+def _parse_cards(block: bytes, cards: dict[bytes, bytes]) -> bool:
+    """Add the valued cards of a header record to ``cards`` (first one wins); True at the END card."""
+    for offset in range(0, len(block) - CARD_SIZE + 1, CARD_SIZE):
+        card = block[offset:offset + CARD_SIZE]
+        keyword = card[:8].rstrip()
+        if keyword == _END_KEYWORD:
+            return True
+        if card[8:10] == b"= ":
+            cards.setdefault(keyword, card[10:])
+    return False
+
+
+def _data_size(cards: dict[bytes, bytes], *, primary: bool) -> int:
+    """Bytes of data an HDU's header announces, before padding (FITS standard 4.4.1.1 and 7.1.1)."""
+    bitpix = _int_card(cards, b"BITPIX")
+    if bitpix not in _VALID_BITPIX:
+        raise _HeaderError(f"BITPIX = {bitpix} is not one of {', '.join(map(str, _VALID_BITPIX))}")
+    naxis = _int_card(cards, b"NAXIS")
+    if not 0 <= naxis <= _MAX_NAXIS:
+        raise _HeaderError(f"NAXIS = {naxis} is not between 0 and {_MAX_NAXIS}")
+    axes = [_int_card(cards, b"NAXIS%d" % n) for n in range(1, naxis + 1)]
+    if any(length < 0 for length in axes):
+        raise _HeaderError("an NAXISn value is negative")
+    pcount = _int_card(cards, b"PCOUNT", default=0)
+    gcount = _int_card(cards, b"GCOUNT", default=1)
+    if pcount < 0 or gcount < 0:
+        raise _HeaderError("PCOUNT or GCOUNT is negative")
+    if naxis == 0:
+        elements = 0
+    elif primary and axes[0] == 0 and _value_text(cards.get(b"GROUPS", b"")) == b"T":
+        # Random groups: NAXIS1 = 0 is a marker, not a length.
+        elements = math.prod(axes[1:])
+    else:
+        elements = math.prod(axes)
+    return abs(bitpix) // 8 * gcount * (pcount + elements)
+
+
+def _int_card(cards: dict[bytes, bytes], keyword: bytes, default: int | None = None) -> int:
+    """The integer value of a card; ``default`` when absent, or ``_HeaderError`` when required."""
+    raw = cards.get(keyword)
+    name = keyword.decode("ascii")
+    if raw is None:
+        if default is None:
+            raise _HeaderError(f"the header has no {name}")
+        return default
+    text = _value_text(raw)
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise _HeaderError(f"{name} is not an integer: {text.decode('ascii')!r}") from exc
+
+
+def _value_text(raw: bytes) -> bytes:
+    """A card's value without its comment."""
+    return raw.split(b"/", 1)[0].strip()
