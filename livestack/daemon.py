@@ -1,0 +1,761 @@
+"""Daemon: owns the threads, sockets, signals, state folder and systemd notifications.
+
+Threads, each with one job, talking through queues (values crossing them are immutable or copies):
+
+- the watcher (``watch.Watcher``) hands complete files to the inbox;
+- the worker takes frames from the inbox in observation order, de-duplicates them by content against the
+  journal, runs them through ``pipeline.Stacker``, journals the verdict, and queues events, snapshots and
+  checkpoints; it is the only thread that changes the stack (``_stack_lock`` lets the writer read it);
+- the writer computes and writes snapshots, previews and checkpoints, off the critical path;
+- the network thread publishes events (never blocking), answers control requests, sends ``status`` every
+  second and pings systemd's watchdog while the worker's heartbeat is fresh.
+
+Exactly once: a frame is journaled (fsync) right after it is stacked; checkpoints hold the accumulators as of
+a journal sequence number. On start the last checkpoint is loaded and the accepted frames journaled after it
+are stacked again from their files, in order; anything never journaled is simply new.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from livestack import events, watch
+from livestack.config import Config
+from livestack.errors import FrameError, LivestackError
+from livestack.frames import read_meta
+from livestack.net import Security, SocketHub
+from livestack.notify import Notifier, watchdog_interval
+from livestack.pipeline import FrameResult, Prepared, Stacker
+from livestack.snapshot import preview_array, write_fits, write_preview
+from livestack.state import CheckpointStore, Journal, JournalEntry, content_hash, recover
+
+__all__ = ["Daemon", "DaemonStats"]
+
+log = logging.getLogger("livestack.daemon")
+
+#: Seconds between ``status`` events.
+STATUS_PERIOD = 1.0
+#: The worker's heartbeat older than this (seconds, beyond a frame in hand) stops systemd watchdog pings.
+HEARTBEAT_LIMIT = 30.0
+#: Seconds a control request waits for the worker or writer before replying with an error.
+CONTROL_TIMEOUT = 20.0
+#: Events waiting for the network thread; beyond this the oldest are dropped (and counted).
+EVENT_BACKLOG = 10_000
+
+
+@dataclass
+class DaemonStats:
+    """Counters the daemon publishes (mutated by the worker only; read by others)."""
+
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    last_latency: float | None = None
+    latencies: list[float] = field(default_factory=list)
+
+
+@dataclass(order=True, frozen=True)
+class _Queued:
+    """A complete file waiting in the inbox, ordered by observation time then arrival."""
+
+    key: tuple[float, int]
+    path: Path = field(compare=False)
+    completed: float = field(compare=False)  # time.time() when the watcher found it complete
+
+
+@dataclass(frozen=True)
+class _Command:
+    name: str
+    args: dict[str, Any]
+    future: Future[dict[str, Any]]
+
+
+class _Inbox:
+    """Frames in observation order plus control commands, with one blocking ``get``."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._frames: list[_Queued] = []
+        self._commands: list[_Command] = []
+        self._arrivals = 0
+
+    def put_frame(self, path: Path, observed: datetime | None) -> None:
+        with self._cond:
+            self._arrivals += 1
+            t = observed.timestamp() if observed else float("inf")
+            heapq.heappush(self._frames, _Queued((t, self._arrivals), path, time.time()))
+            self._cond.notify()
+
+    def put_command(self, command: _Command) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def get(self, timeout: float, paused: bool) -> _Queued | _Command | None:
+        with self._cond:
+            if not self._commands and (paused or not self._frames):
+                self._cond.wait(timeout)
+            if self._commands:
+                return self._commands.pop(0)
+            if self._frames and not paused:
+                return heapq.heappop(self._frames)
+            return None
+
+    def depth_and_lag(self) -> tuple[int, float]:
+        with self._cond:
+            if not self._frames:
+                return 0, 0.0
+            return len(self._frames), time.time() - min(q.completed for q in self._frames)
+
+
+class _EventLogHandler(logging.Handler):
+    """Turns warnings and errors into ``log`` events."""
+
+    def __init__(self, emit: Callable[[events.Event], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self._emit = emit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        with contextlib.suppress(events.SchemaError):
+            self._emit(events.make_event("log", level=level, message=record.getMessage(),
+                                         logger=record.name))
+
+
+class Daemon:
+    """The live stacker: watch, stack, publish, snapshot, checkpoint.
+
+    Parameters
+    ----------
+    config : Config
+    notifier : Notifier, optional
+        systemd notifications (default: from the environment; does nothing off systemd).
+    listeners : sequence of callables, optional
+        Called with every event on the network thread (the demo prints progress this way).
+
+    Notes
+    -----
+    Use ``start()`` then ``wait()``/``stop()``, or ``run()`` for both. ``request_stop()`` is safe from a
+    signal handler.
+    """
+
+    def __init__(self, config: Config, notifier: Notifier | None = None,
+                 listeners: Sequence[Callable[[events.Event], None]] = ()) -> None:
+        self.config = config
+        self.watch_dir = config.path(config.watch.folder)
+        self.output_dir = config.path(config.output.folder)
+        self.state_dir = (config.path(config.state.folder) if config.state.folder
+                          else self.output_dir / ".livestack-state")
+        self.notifier = notifier or Notifier()
+        self.stats = DaemonStats()
+        self._listeners = list(listeners)
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._paused = False
+        self._state = "starting"
+        self._inbox = _Inbox()
+        self._events: queue.Queue[events.Event] = queue.Queue(EVENT_BACKLOG)
+        self._writer_jobs: queue.Queue[Callable[[], object] | None] = queue.Queue()
+        self._stack_lock = threading.Lock()
+        self._heartbeat = time.monotonic()
+        self._busy_since: float | None = None
+        self._started = time.time()
+        self._started_iso = events.utc_now_iso()
+        self._threads: list[threading.Thread] = []
+        self._hub: SocketHub | None = None
+        self._watcher: watch.Watcher | None = None
+        self._journal: Journal | None = None
+        self._store: CheckpointStore | None = None
+        self._known: dict[tuple[str, int, int], str] = {}
+        self._hashes: set[str] = set()
+        self._session = 1
+        self._seq = 0
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        self._last_preview = 0.0
+        self._snapshot_count = 0
+        self._log_handler = _EventLogHandler(self._emit)
+        self.insecure = False
+        self.stacker = self._new_stacker()
+
+    # -- life -----------------------------------------------------------------------------------------
+
+    @property
+    def publish_endpoint(self) -> str:
+        """The bound PUB endpoint (with the real port when configured as ``*``)."""
+        return self._hub.publisher.endpoint if self._hub else self.config.network.publish
+
+    @property
+    def control_endpoint(self) -> str:
+        """The bound REP endpoint."""
+        return self._hub.control.endpoint if self._hub else self.config.network.control
+
+    def start(self) -> None:
+        """Open the state folder, bind sockets, recover, and start watching.
+
+        Raises
+        ------
+        LivestackError
+            When the watched folder is missing, the state is unusable or a socket cannot be bound.
+        """
+        if not self.watch_dir.is_dir():
+            raise LivestackError(f"the watched folder {self.watch_dir} does not exist")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        n = self.config.network
+        secret = self.config.path(n.server_secret_key) if n.server_secret_key else None
+        authorized = self.config.path(n.authorized_keys) if n.authorized_keys else None
+        security = Security(server_secret_key=secret, authorized_keys=authorized,
+                            insecure_remote=n.insecure_remote)
+        self._hub = SocketHub(n.publish, n.control, security)
+        self.insecure = self._hub.insecure
+        if self.insecure:
+            log.warning("INSECURE: sockets bound beyond loopback without CURVE keys; anyone who can reach "
+                        "%s and %s can watch and control this daemon", n.publish, n.control)
+        logging.getLogger("livestack").addHandler(self._log_handler)
+        try:
+            self._recover()
+        except BaseException:
+            self._close_hub()
+            raise
+        self._spawn("livestack-network", self._network_loop)
+        self._spawn("livestack-writer", self._writer_loop)
+        self._spawn("livestack-worker", self._worker_loop)
+        w = self.config.watch
+        ignore_dirs = tuple(p for p in (self.output_dir, self.state_dir) if _inside(p, self.watch_dir))
+        self._watcher = watch.Watcher(
+            watch.WatchConfig(root=self.watch_dir, patterns=w.patterns, recursive=w.recursive,
+                              polling=w.polling, settle=w.settle, poll_interval=w.poll_interval,
+                              reconcile_interval=w.reconcile_interval, ignore_dirs=ignore_dirs),
+            on_frame=self._on_file)
+        self._watcher.start()
+        self._state = "waiting"
+        self.notifier.ready()
+        log.info("watching %s; snapshots in %s; events on %s, control on %s", self.watch_dir,
+                 self.output_dir, self.publish_endpoint, self.control_endpoint)
+
+    def request_stop(self) -> None:
+        """Ask for a clean stop: finish the frame in hand, checkpoint, snapshot, exit (signal-safe)."""
+        self._stop.set()
+        self._inbox.wake()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until a stop is requested; True if it was."""
+        return self._stop.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop cleanly: the worker finishes its frame, then the final checkpoint and snapshot are written."""
+        if self._stopped.is_set():
+            return
+        self.request_stop()
+        self._state = "stopping"
+        self.notifier.stopping()
+        if self._watcher is not None:
+            self._watcher.stop()
+        for t in self._threads:
+            if t.name == "livestack-worker":
+                t.join()
+        self._writer_jobs.put(None)
+        for t in self._threads:
+            if t.name == "livestack-writer":
+                t.join()
+        self._network_done = True
+        for t in self._threads:
+            t.join()
+        self._close_hub()
+        logging.getLogger("livestack").removeHandler(self._log_handler)
+        if self._journal is not None:
+            self._journal.close()
+        self._stopped.set()
+
+    def run(self) -> int:
+        """Start, wait for a stop request, stop; the exit status."""
+        self.start()
+        try:
+            while not self.wait(1.0):
+                pass
+        finally:
+            self.stop()
+        return 0
+
+    # -- control --------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The ``status`` event's fields."""
+        depth, lag = self._inbox.depth_and_lag()
+        ref = self.stacker.reference_meta
+        state = "paused" if self._paused and self._state in ("waiting", "running") else self._state
+        return {"state": state, "queue": depth, "lag": lag, "received": self.stats.received,
+                "accepted": self.stats.accepted, "rejected": self.stats.rejected,
+                "exptime": self.stacker.exptime, "frames": self.stacker.count,
+                "uptime": time.time() - self._started, "started": self._started_iso,
+                "watch": str(self.watch_dir), "output": str(self.session_dir), "method": self.stacker.method,
+                "object": ref.object if ref else None, "filter": ref.filter if ref else None,
+                "session": self._session, "last_latency": self.stats.last_latency, "insecure": self.insecure}
+
+    def handle(self, request: dict[str, Any]) -> bytes:
+        """Answer one control request (called on the network thread)."""
+        cmd = request["cmd"]
+        if cmd == "status":
+            return events.ok_reply(**self.status())
+        if cmd in ("pause", "resume"):
+            self._paused = cmd == "pause"
+            self._inbox.wake()
+            log.info("%s by control request", "paused" if self._paused else "resumed")
+            return events.ok_reply(state=self.status()["state"])
+        if cmd == "shutdown":
+            self.request_stop()
+            return events.ok_reply(state="stopping")
+        if self._stop.is_set():
+            return events.error_reply("the daemon is stopping")
+        future: Future[dict[str, Any]] = Future()
+        if cmd == "snapshot":
+            self._writer_jobs.put(lambda: future.set_result(self._write_snapshot("request")))
+        else:
+            self._inbox.put_command(_Command(cmd, request, future))
+        try:
+            return events.ok_reply(**future.result(timeout=CONTROL_TIMEOUT))
+        except TimeoutError:
+            return events.error_reply(f"{cmd} did not finish within {CONTROL_TIMEOUT:g} s")
+        except LivestackError as exc:
+            return events.error_reply(str(exc))
+
+    # -- the worker -----------------------------------------------------------------------------------
+
+    @property
+    def session_dir(self) -> Path:
+        """Where the current stack's snapshots go: a subfolder per OBJECT when sessions follow objects."""
+        ref = self.stacker.reference_meta
+        if self.config.stack.new_session_on_object and ref is not None and ref.object:
+            return self.output_dir / _safe_name(ref.object)
+        return self.output_dir
+
+    def _on_file(self, path: Path) -> None:
+        """Watcher callback: queue a complete file in observation order."""
+        try:
+            observed = read_meta(path, self.config.frames.bayer_pattern or None).time_utc
+        except FrameError:
+            observed = None
+        self._inbox.put_frame(path, observed)
+
+    def _worker_loop(self) -> None:
+        while not self._stop.is_set():
+            self._heartbeat = time.monotonic()
+            item = self._inbox.get(0.5, self._paused)
+            if item is None:
+                self._maybe_checkpoint(idle=True)
+                continue
+            if isinstance(item, _Command):
+                self._run_command(item)
+                continue
+            self._busy_since = time.monotonic()
+            try:
+                self._take(item)
+            except (OSError, LivestackError) as exc:
+                log.error("%s could not be processed: %s", item.path, exc)
+            finally:
+                self._busy_since = None
+        self._final()
+
+    def _take(self, item: _Queued) -> None:
+        path = item.path
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            log.warning("%s disappeared before it could be stacked", path)
+            return
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key in self._known:
+            return
+        digest = content_hash(path)
+        if digest in self._hashes:
+            self.stats.duplicates += 1
+            log.info("%s has the content of a frame already seen; counted once", path.name)
+            self._known[key] = digest
+            return
+        self._state = "running"
+        self.stats.received += 1
+        seq = self._seq + 1
+        self._emit(self._frame_event(seq, path, "received", None, None, item.completed))
+        prepared = self.stacker.prepare(path)
+        if isinstance(prepared, Prepared):
+            self._maybe_new_session(prepared)
+        with self._stack_lock:
+            result = self.stacker.commit(prepared)
+        self._seq = seq
+        self._journal_result(seq, path, st, digest, result, item.completed)
+        self._known[key] = digest
+        self._hashes.add(digest)
+        if result.accepted:
+            self.stats.accepted += 1
+        else:
+            self.stats.rejected += 1
+        latency = time.time() - item.completed
+        self.stats.last_latency = latency
+        self.stats.latencies.append(latency)
+        self._emit(self._frame_event(seq, path, result.verdict, result, latency, item.completed))
+        if result.accepted:
+            self._since_snapshot += 1
+            self._since_checkpoint += 1
+            self._emit_stack_event()
+            self._maybe_snapshot()
+        self._maybe_checkpoint(idle=False)
+        depth, _ = self._inbox.depth_and_lag()
+        if depth == 0:
+            self._state = "waiting"
+
+    def _journal_result(self, seq: int, path: Path, st: Any, digest: str, result: FrameResult,
+                        completed: float) -> None:
+        assert self._journal is not None
+        q = result.quality
+        quality: dict[str, float | int | None] = {} if q is None else {
+            "stars": q.stars, "fwhm": _finite(q.fwhm), "ellipticity": _finite(q.ellipticity),
+            "background": _finite(q.background), "noise": _finite(q.noise)}
+        self._journal.append(JournalEntry(
+            seq=seq, path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, hash=digest,
+            verdict="accepted" if result.accepted else "rejected", reason=result.reason,
+            session=self._session,
+            transform=[float(v) for v in result.transform.matrix.ravel()] if result.transform else None,
+            quality=quality, timings=dict(result.timings), latency=time.time() - completed,
+            time=events.utc_now_iso(), reference=result.reference))
+
+    def _maybe_new_session(self, prepared: Prepared) -> None:
+        ref = self.stacker.reference_meta
+        obj = prepared.frame.meta.object
+        if (self.config.stack.new_session_on_object and ref is not None and self.stacker.count > 0
+                and obj and ref.object and obj.strip().lower() != ref.object.strip().lower()):
+            log.warning("OBJECT changed from %s to %s: starting a new stack", ref.object, obj)
+            self._new_session(None)
+
+    def _run_command(self, command: _Command) -> None:
+        try:
+            if command.name == "reset":
+                self._new_session(None)
+                command.future.set_result({"session": self._session})
+            elif command.name == "set_reference":
+                path = Path(command.args["path"])
+                self._new_session(path)
+                command.future.set_result({"session": self._session, "reference": str(path)})
+            else:
+                command.future.set_exception(LivestackError(f"unknown command {command.name}"))
+        except LivestackError as exc:
+            command.future.set_exception(exc)
+
+    def _new_session(self, reference: Path | None) -> None:
+        """Close the current stack (final snapshot) and start an empty one."""
+        fresh = self._new_stacker(session=self._session + 1)
+        if reference is not None:
+            problem = fresh.use_reference(reference)
+            if problem:
+                raise LivestackError(f"{reference} cannot be the reference: {problem}")
+        if self.stacker.count > 0:
+            self._queue_snapshot("session end")
+        with self._stack_lock:
+            self.stacker = fresh
+            self._session += 1
+        self._since_snapshot = 0
+        self._checkpoint()
+        self._emit_stack_event()
+        log.info("session %d started%s", self._session, f" with reference {reference}" if reference else "")
+
+    def _final(self) -> None:
+        self._checkpoint()
+        if self.stacker.count > 0:
+            self._queue_snapshot("shutdown")
+
+    # -- snapshots, previews, checkpoints -------------------------------------------------------------
+
+    def _maybe_snapshot(self) -> None:
+        o = self.config.output
+        due_frames = o.every_frames > 0 and self._since_snapshot >= o.every_frames
+        due_time = o.every_seconds > 0 and time.monotonic() - self._last_snapshot >= o.every_seconds
+        if due_frames or due_time:
+            self._queue_snapshot("interval")
+
+    def _queue_snapshot(self, reason: str) -> None:
+        self._since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        stacker, session_dir = self.stacker, self.session_dir
+        self._writer_jobs.put(lambda: self._write_snapshot(reason, stacker, session_dir))
+
+    def _write_snapshot(self, reason: str, stacker: Stacker | None = None,
+                        folder: Path | None = None) -> dict[str, Any]:
+        """Writer thread: compute the stack under the lock, write FITS and picture outside it."""
+        stacker = stacker or self.stacker
+        folder = folder or self.session_dir
+        with self._stack_lock:
+            image = stacker.result()
+            info = stacker.info()
+        if image is None or info.ncombine == 0:
+            raise LivestackError("the stack is empty: nothing to snapshot yet")
+        folder.mkdir(parents=True, exist_ok=True)
+        fits_path = folder / "stack.fits"
+        suffix = ".jpg" if self.config.output.image_format == "jpeg" else ".png"
+        image_path = folder / f"stack{suffix}"
+        write_fits(fits_path, image, info)
+        write_preview(image_path, image)
+        if self.config.output.history:
+            self._snapshot_count += 1
+            history = folder / "history"
+            history.mkdir(exist_ok=True)
+            stem = f"stack-{info.ncombine:04d}"
+            write_fits(history / f"{stem}.fits", image, info)
+            write_preview(history / f"{stem}{suffix}", image)
+        self._emit(events.make_event("snapshot", fits=str(fits_path), image=str(image_path),
+                                     frames=info.ncombine, session=self._session, reason=reason))
+        return {"fits": str(fits_path), "image": str(image_path), "frames": info.ncombine}
+
+    def _emit_stack_event(self) -> None:
+        interval = self.config.network.preview_interval
+        now = time.monotonic()
+        if interval > 0 and self.stacker.count > 0 and now - self._last_preview >= interval:
+            self._last_preview = now
+            stacker = self.stacker
+            self._writer_jobs.put(lambda: self._emit(self._stack_event(stacker, with_preview=True)))
+        else:
+            self._emit(self._stack_event(self.stacker, with_preview=False))
+
+    def _stack_event(self, stacker: Stacker, with_preview: bool) -> events.Event:
+        preview = None
+        snr = None
+        if with_preview:
+            with self._stack_lock:
+                image = stacker.result()
+            if image is not None:
+                preview = preview_array(image, max_side=self.config.network.preview_size)
+                snr = stacker.snr(image)
+        info = stacker.info()
+        return events.make_event(
+            "stack", preview=preview, frames=info.ncombine, exptime=info.exptime, method=info.method,
+            rejected_fraction=float(stacker.rejected_fraction), snr=snr, object=info.object,
+            filter=info.filter, reference=info.reference, session=self._session)
+
+    def _maybe_checkpoint(self, idle: bool) -> None:
+        s = self.config.state
+        if self._since_checkpoint == 0:
+            return
+        if (self._since_checkpoint >= s.checkpoint_every_frames
+                or time.monotonic() - self._last_checkpoint >= s.checkpoint_every_seconds or idle):
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Copy the stack's state now (consistent with the journal) and let the writer save it."""
+        assert self._store is not None
+        with self._stack_lock:
+            arrays, meta = self.stacker.checkpoint()
+            arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+        meta = {**meta, "session": self._session}
+        seq, session, store = self._seq, self._session, self._store
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._writer_jobs.put(lambda: store.save(seq, session, arrays, meta))
+
+    def _writer_loop(self) -> None:
+        while True:
+            job = self._writer_jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except LivestackError as exc:
+                log.warning("%s", exc)
+            except OSError as exc:
+                log.error("could not write to disk: %s", exc)
+
+    # -- recovery -------------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        self._journal = Journal(self.state_dir / "journal.jsonl")
+        self._store = CheckpointStore(self.state_dir / "checkpoints")
+        entries = self._journal.entries()
+        for e in entries:
+            self._known[(e.path, e.size, e.mtime_ns)] = e.hash
+            self._hashes.add(e.hash)
+            self.stats.received += 1
+            if e.verdict == "accepted":
+                self.stats.accepted += 1
+            else:
+                self.stats.rejected += 1
+        self._seq = max((e.seq for e in entries), default=0)
+        plan = recover(self._journal, self._store)
+        if plan.checkpoint is not None:
+            arrays = self._store.load(plan.checkpoint)
+            self._session = plan.checkpoint.session
+            self.stacker = self._new_stacker(session=self._session)
+            self.stacker.restore(arrays, plan.checkpoint.meta)
+        replayed = 0
+        for entry in plan.replay:
+            if entry.session != self._session:
+                self._session = entry.session
+                self.stacker = self._new_stacker(session=self._session)
+            path = Path(entry.path)
+            try:
+                same = content_hash(path) == entry.hash
+            except OSError:
+                same = False
+            if not same:
+                log.error("%s was stacked before the restart but is gone or changed; the stack lacks it",
+                          path)
+                continue
+            result = self.stacker.process(path)
+            if not result.accepted:
+                log.error("%s was accepted before the restart but not now: %s", path, result.reason)
+            replayed += 1
+        if plan.checkpoint is not None or replayed:
+            log.info("resumed session %d: %d frames from the checkpoint, %d stacked again from files",
+                     self._session, self.stacker.count - replayed, replayed)
+            self._checkpoint_now()
+
+    def _checkpoint_now(self) -> None:
+        assert self._store is not None
+        arrays, meta = self.stacker.checkpoint()
+        self._store.save(self._seq, self._session, arrays, {**meta, "session": self._session})
+
+    def _new_stacker(self, session: int = 1) -> Stacker:
+        workdir = self.state_dir / "work" / f"session-{session}"
+        if self.config.stack.method == "median":
+            workdir.mkdir(parents=True, exist_ok=True)
+        return Stacker(self.config, workdir=workdir)
+
+    # -- the network thread ---------------------------------------------------------------------------
+
+    _network_done = False
+
+    def _network_loop(self) -> None:
+        assert self._hub is not None
+        hub = self._hub
+        next_status = 0.0
+        ping = watchdog_interval()
+        next_ping = 0.0
+        while True:
+            hub.control.poll_once(self._safe_handle, timeout_ms=50)
+            self._drain_events(hub)
+            now = time.monotonic()
+            if now >= next_status:
+                next_status = now + STATUS_PERIOD
+                status = self.status()
+                self._publish(hub, events.make_event("status", **status))
+                self.notifier.status(_status_line(status))
+            if ping is not None and now >= next_ping and self._healthy():
+                next_ping = now + ping
+                self.notifier.watchdog()
+            if self._network_done:
+                self._drain_events(hub)
+                self._publish(hub, events.make_event("status", **self.status()))
+                return
+
+    def _safe_handle(self, request: dict[str, Any]) -> bytes:
+        try:
+            return self.handle(request)
+        except (LivestackError, ValueError, KeyError) as exc:
+            return events.error_reply(str(exc))
+
+    def _healthy(self) -> bool:
+        """The pipeline's own health: the worker looped recently, or is inside one frame."""
+        now = time.monotonic()
+        if self._stop.is_set():
+            return True
+        if now - self._heartbeat < HEARTBEAT_LIMIT:
+            return True
+        busy = self._busy_since
+        return busy is not None and now - busy < HEARTBEAT_LIMIT * 4
+
+    def _drain_events(self, hub: SocketHub) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._publish(hub, event)
+
+    def _publish(self, hub: SocketHub, event: events.Event) -> None:
+        hub.publisher.send(event)
+        for listener in self._listeners:
+            listener(event)
+
+    def _emit(self, event: events.Event) -> None:
+        try:
+            self._events.put_nowait(event)
+        except queue.Full:
+            with contextlib.suppress(queue.Empty):
+                self._events.get_nowait()
+            with contextlib.suppress(queue.Full):
+                self._events.put_nowait(event)
+
+    def _frame_event(self, seq: int, path: Path, verdict: str, result: FrameResult | None,
+                     latency: float | None, completed: float) -> events.Event:
+        meta = result.meta if result else None
+        q = result.quality if result else None
+        t = result.transform if result else None
+        transform = None
+        if t is not None and meta is not None:
+            rows, cols = meta.shape
+            centre = np.array([[(cols - 1) / 2.0, (rows - 1) / 2.0]])
+            dx, dy = (t.apply(centre) - centre)[0]
+            transform = {"matrix": t.matrix.tolist(), "dx": float(dx), "dy": float(dy),
+                         "rotation": t.rotation, "scale": t.scale, "inliers": t.inliers, "rms": t.rms,
+                         "method": t.method}
+        return events.make_event(
+            "frame", seq=seq, path=str(path), name=path.name, verdict=verdict,
+            reason=result.reason if result else None,
+            date_obs=meta.time_utc.isoformat() if meta and meta.time_utc else None,
+            exptime=meta.exptime if meta else None, object=meta.object if meta else None,
+            filter=meta.filter if meta else None, stars=q.stars if q else None,
+            fwhm=_finite(q.fwhm) if q else None, ellipticity=_finite(q.ellipticity) if q else None,
+            background=_finite(q.background) if q else None, noise=_finite(q.noise) if q else None,
+            transform=transform, timings=dict(result.timings) if result else {},
+            latency=latency, session=self._session)
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _close_hub(self) -> None:
+        if self._hub is not None:
+            self._hub.close()
+            self._hub = None
+
+
+def _status_line(status: dict[str, Any]) -> str:
+    return (f"{status['state']}: {status['frames']} stacked, {status['rejected']} rejected, "
+            f"queue {status['queue']}")
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", text.strip()).strip("._")
+    return name or "object"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
