@@ -98,6 +98,8 @@ class AlignConfig:
     triangle_stars: int = _key(50, "brightest stars used by the rotation-invariant fallback", minimum=5)
     max_fwhm_factor: float = _key(1.6, "reject frames whose FWHM exceeds the reference's by this factor "
                                   "(0 = off)", minimum=0.0)
+    min_star_fraction: float = _key(0.3, "reject frames with fewer stars than this fraction of the "
+                                    "reference's (clouds)", minimum=0.0, maximum=1.0)
     max_ellipticity: float = _key(0.5, "reject frames whose stars are more elongated than this (1 - b/a)",
                                   minimum=0.0, maximum=1.0)
 

@@ -563,8 +563,7 @@ class Daemon:
         """Copy the stack's state now (consistent with the journal) and let the writer save it."""
         assert self._store is not None
         with self._stack_lock:
-            arrays, meta = self.stacker.checkpoint()
-            arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+            arrays, meta = self.stacker.checkpoint()  # copies of the accumulators' arrays
         meta = {**meta, "session": self._session}
         seq, session, store = self._seq, self._session, self._store
         self._since_checkpoint = 0
@@ -582,6 +581,8 @@ class Daemon:
                 log.warning("%s", exc)
             except OSError as exc:
                 log.error("could not write to disk: %s", exc)
+            except ValueError as exc:
+                log.error("a snapshot or checkpoint failed: %s", exc, exc_info=True)
 
     # -- recovery -------------------------------------------------------------------------------------
 

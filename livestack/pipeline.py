@@ -297,7 +297,15 @@ class Stacker:
         """
         if self._acc is None or self._ref_stars is None or self._ref_meta is None:
             return {}, {"empty": True}
-        arrays = {f"acc_{k}": v for k, v in self._acc.state().items()}
+        # Text entries of the accumulator's state (its method, a cube's file name) travel in ``meta``: the
+        # arrays hold numbers only.
+        arrays: dict[str, np.ndarray] = {}
+        text: dict[str, str] = {}
+        for k, v in self._acc.state().items():
+            if v.dtype.kind in "US":
+                text[k] = str(v)
+            else:
+                arrays[f"acc_{k}"] = v
         s = self._ref_stars
         for name in ("x", "y", "flux", "fwhm", "a", "b", "theta", "flags"):
             arrays[f"ref_{name}"] = getattr(s, name)
@@ -305,7 +313,7 @@ class Stacker:
             arrays["last_matrix"] = self._last.matrix
         m = self._ref_meta
         meta = {
-            "empty": False, "method": self.method, "exptime": self.exptime,
+            "empty": False, "method": self.method, "exptime": self.exptime, "acc_text": text,
             "date_obs": _iso(self.date_obs), "date_end": _iso(self.date_end),
             "ref_fwhm": self._ref_fwhm,
             "ref": {"path": m.path, "shape": list(m.shape), "time_utc": _iso(m.time_utc),
@@ -340,7 +348,9 @@ class Stacker:
         self._ref_fwhm = float(meta["ref_fwhm"])
         shape = tuple(int(n) for n in meta["stack_shape"])
         self._acc = self._new_accumulator(shape)
-        self._acc.restore({k[4:]: v for k, v in arrays.items() if k.startswith("acc_")})
+        state = {k[4:]: v for k, v in arrays.items() if k.startswith("acc_")}
+        state.update({k: np.array(v) for k, v in meta.get("acc_text", {}).items()})
+        self._acc.restore(state)
         self._acc_channels = shape[2] if len(shape) == 3 else None
         if "last_matrix" in arrays:
             self._last = _matrix_transform(np.asarray(arrays["last_matrix"]))
@@ -393,6 +403,10 @@ class Stacker:
         if quality.stars < self._params.min_inliers:
             return _too_few_stars(quality.stars, self._params.min_inliers, "to be aligned")
         a = self.config.align
+        ref_count = len(self._ref_stars) if self._ref_stars is not None else 0
+        if quality.stars < a.min_star_fraction * ref_count:
+            return (f"only {quality.stars} stars found, under {a.min_star_fraction:g} x the reference's "
+                    f"{ref_count} (clouds or dew)")
         if (a.max_fwhm_factor > 0 and np.isfinite(self._ref_fwhm) and np.isfinite(quality.fwhm)
                 and quality.fwhm > a.max_fwhm_factor * self._ref_fwhm):
             return (f"stars are blurred: FWHM {quality.fwhm:.2f} px is over {a.max_fwhm_factor:g} x the "
