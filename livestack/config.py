@@ -84,7 +84,8 @@ class AlignConfig:
     reference: str = _key("", "frame to align onto ('' = the first frame with enough stars)")
     reference_min_stars: int = _key(15, "stars a frame needs to become the reference", minimum=3)
     model: str = _key("similarity", "transform model", choices=("similarity", "affine"))
-    interpolation: str = _key("bilinear", "warp interpolation", choices=("bilinear", "bicubic", "lanczos"))
+    interpolation: str = _key("bicubic", "warp interpolation (bilinear blurs undersampled stars)",
+                              choices=("bilinear", "bicubic", "lanczos"))
     min_inliers: int = _key(8, "matched stars needed to accept a frame", minimum=3)
     min_matched_fraction: float = _key(0.2, "fraction of the reference's stars in view that must match",
                                        minimum=0.0, maximum=1.0)
