@@ -88,7 +88,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         image = stacker.result()
         if image is not None and stacker.count > 0:
             write_fits(fits_path, image, stacker.info())
-            write_preview(image_path, image)
+            write_preview(image_path, image, flatten=config.output.flatten_background)
     if args.report:
         _write_report(Path(args.report), results)
     accepted = [r for r in results if r.accepted]

@@ -125,6 +125,7 @@ class OutputConfig:
                                 minimum=0.0)
     image_format: str = _key("jpeg", "format of the picture for people", choices=("jpeg", "png"))
     history: bool = _key(False, "also keep numbered copies of each snapshot")
+    flatten_background: bool = _key(True, "remove sky gradients from pictures and previews (not from FITS)")
 
 
 @dataclass(frozen=True)

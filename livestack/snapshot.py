@@ -33,11 +33,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import sep
 from astropy.io import fits
 
-__all__ = ["JPEG_QUALITY", "PNG_COMPRESSION", "SHADOWS_SIGMA", "STAT_SAMPLES", "TARGET_BACKGROUND",
-           "StackInfo", "atomic_write", "encode_image", "preview_array", "preview_bytes", "stretch",
-           "write_fits", "write_preview"]
+__all__ = ["FLATTEN_MESH", "JPEG_QUALITY", "PNG_COMPRESSION", "SHADOWS_SIGMA", "STAT_SAMPLES",
+           "TARGET_BACKGROUND", "StackInfo", "atomic_write", "encode_image", "flatten_background",
+           "preview_array", "preview_bytes", "stretch", "write_fits", "write_preview"]
 
 #: Where the sky lands after the stretch, as a fraction of full scale (people like 0.1 to 0.25).
 TARGET_BACKGROUND: float = 0.20
@@ -282,7 +283,56 @@ def encode_image(image8: np.ndarray, fmt: str) -> bytes:
     return encoded.tobytes()
 
 
-def write_preview(path: str | Path, image: np.ndarray) -> None:
+#: Background mesh of ``flatten_background``, as a fraction of the image's shorter side: coarse enough that
+#: galaxies and nebulae of a few arcminutes survive, fine enough to follow light pollution and moonlight.
+FLATTEN_MESH = 1.0 / 5.0
+#: ``flatten_background`` models the sky on a copy whose shorter side is about this many pixels.
+_FLATTEN_SIDE = 256
+
+
+def flatten_background(image: np.ndarray) -> np.ndarray:
+    """Subtract a smooth sky model (gradients from light pollution, the Moon, vignetting) per channel.
+
+    The model is sep's background mesh (sigma-clipped per cell, spline-interpolated) computed on a
+    downsampled copy, then scaled back up; the median sky level is kept so the image stays positive.
+    For pictures only: the FITS snapshot keeps the stack as it is.
+
+    Parameters
+    ----------
+    image : ndarray
+        Linear ``(H, W)`` or ``(H, W, C)`` image; NaN allowed (kept NaN).
+
+    Returns
+    -------
+    ndarray
+        float32, same shape.
+    """
+    if image.ndim not in (2, 3):
+        raise ValueError(f"Only (H, W) or (H, W, C) images can be flattened, not {image.shape}.")
+    planes = image[:, :, np.newaxis] if image.ndim == 2 else image
+    rows, cols = planes.shape[:2]
+    factor = max(1, min(rows, cols) // _FLATTEN_SIDE)
+    small_size = (max(1, cols // factor), max(1, rows // factor))
+    out = np.empty(planes.shape, dtype=np.float32)
+    for c in range(planes.shape[2]):
+        plane = np.asarray(planes[:, :, c], dtype=np.float32)
+        finite = np.isfinite(plane)
+        if not finite.any():
+            out[:, :, c] = plane
+            continue
+        fill = float(np.median(plane[finite][:: max(1, int(finite.sum()) // 100_000)]))
+        filled = np.where(finite, plane, np.float32(fill))
+        small = np.ascontiguousarray(cv2.resize(filled, small_size, interpolation=cv2.INTER_AREA))
+        holes = cv2.resize((~finite).astype(np.uint8), small_size, interpolation=cv2.INTER_NEAREST) > 0
+        mesh = max(8, int(min(small.shape) * FLATTEN_MESH))
+        model = sep.Background(small, mask=holes, bw=mesh, bh=mesh, fw=3, fh=3).back()
+        level = float(np.median(model))
+        full = cv2.resize(model, (cols, rows), interpolation=cv2.INTER_CUBIC)
+        out[:, :, c] = plane - full + np.float32(level)
+    return out[:, :, 0] if image.ndim == 2 else out
+
+
+def write_preview(path: str | Path, image: np.ndarray, flatten: bool = False) -> None:
     """Stretch a linear image and write it as PNG or JPEG (by the suffix), atomically.
 
     Parameters
@@ -291,6 +341,8 @@ def write_preview(path: str | Path, image: np.ndarray) -> None:
         Destination ending in ``.png``, ``.jpg`` or ``.jpeg``.
     image : ndarray
         Linear ``(H, W)`` or ``(H, W, 3)`` RGB image.
+    flatten : bool
+        Remove sky gradients first (``flatten_background``).
 
     Raises
     ------
@@ -305,10 +357,10 @@ def write_preview(path: str | Path, image: np.ndarray) -> None:
         raise ValueError(
             f"The preview {path} must end in one of {', '.join(_PREVIEW_SUFFIXES)}, not {suffix!r}."
         )
-    atomic_write(path, encode_image(stretch(image), suffix))
+    atomic_write(path, encode_image(stretch(flatten_background(image) if flatten else image), suffix))
 
 
-def preview_array(image: np.ndarray, max_side: int = 160) -> np.ndarray:
+def preview_array(image: np.ndarray, max_side: int = 160, flatten: bool = False) -> np.ndarray:
     """A small stretched uint8 copy of an image, for event previews.
 
     Parameters
@@ -317,6 +369,8 @@ def preview_array(image: np.ndarray, max_side: int = 160) -> np.ndarray:
         Linear ``(H, W)`` or ``(H, W, 3)`` image.
     max_side : int
         Longest side of the result, pixels; images already smaller keep their size.
+    flatten : bool
+        Remove sky gradients (after downscaling, where it is cheap).
 
     Returns
     -------
@@ -330,7 +384,7 @@ def preview_array(image: np.ndarray, max_side: int = 160) -> np.ndarray:
         size = (max(1, round(cols * factor)), max(1, round(rows * factor)))
         # INTER_AREA averages whole blocks: noise drops and stars survive, unlike point sampling.
         data = cv2.resize(data, size, interpolation=cv2.INTER_AREA)
-    return stretch(data)
+    return stretch(flatten_background(data) if flatten else data)
 
 
 def preview_bytes(image: np.ndarray, max_size: int = 256) -> bytes:

@@ -271,3 +271,31 @@ def test_preview_bytes_is_a_small_jpeg() -> None:
     assert data[:2] == b"\xff\xd8"
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert decoded is not None and decoded.shape == (75, 100)
+
+
+def test_flatten_background_removes_a_gradient_but_keeps_stars() -> None:
+    from livestack.simulate import render_stars
+    from livestack.snapshot import flatten_background
+
+    rng = np.random.default_rng(4)
+    rows, cols = 600, 800
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    gradient = 1000.0 + 0.8 * xx + 0.3 * yy
+    x, y = rng.uniform(20, cols - 20, 150), rng.uniform(20, rows - 20, 150)
+    stars = render_stars((rows, cols), x, y, rng.uniform(2e3, 2e4, 150))
+    image = (gradient + stars + rng.normal(0, 5, (rows, cols))).astype(np.float32)
+    image[:40, :60] = np.nan  # an uncovered corner stays uncovered
+    flat = flatten_background(image)
+    assert flat.shape == image.shape and flat.dtype == np.float32
+    assert np.isnan(flat[:40, :60]).all()
+    sky = flat[np.isfinite(flat) & (stars < 1.0)]
+    # The raw sky spans ~900 counts corner to corner; flattened, quadrants agree to within the noise.
+    quadrants = [np.median(q[np.isfinite(q) & (s < 1.0)]) for q, s in (
+        (flat[:300, :400], stars[:300, :400]), (flat[300:, 400:], stars[300:, 400:]),
+        (flat[:300, 400:], stars[:300, 400:]), (flat[300:, :400], stars[300:, :400]))]
+    assert max(quadrants) - min(quadrants) < 5.0, quadrants
+    assert 1.4826 * np.median(np.abs(sky - np.median(sky))) < 6.0
+    bright = stars > 200
+    assert np.allclose((flat - np.median(sky))[bright], stars[bright], rtol=0.05, atol=25.0)
+    colour = flatten_background(np.dstack([image, image * 0.5, image * 2.0]))
+    assert colour.shape == (rows, cols, 3)
