@@ -63,7 +63,7 @@ def test_stack_writes_fits_picture_and_a_report(sequence: tuple[Path, SimConfig]
         assert float(row["t_read"]) > 0 and float(row["t_detect"]) > 0
 
 
-def test_stack_into_a_folder_and_kappa_sigma_by_default(sequence: tuple[Path, SimConfig], tmp_path: Path) -> None:
+def test_stack_into_a_folder_uses_kappa_sigma(sequence: tuple[Path, SimConfig], tmp_path: Path) -> None:
     folder, _ = sequence
     assert main(["stack", str(folder / "sim_*.fits"), str(folder / "night2"), "-o", str(tmp_path), "-q"]) == 0
     with fits.open(tmp_path / "stack.fits") as hdul:
