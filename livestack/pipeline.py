@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import glob
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -192,6 +193,35 @@ class Stacker:
     def process(self, path: str | Path) -> FrameResult:
         """Prepare and commit one frame."""
         return self.commit(self.prepare(path))
+
+    def stream(self, paths: Iterable[str | Path], executor: Executor | None = None) -> Iterator[FrameResult]:
+        """Process files in order, reading and detecting the next frame while this one is stacked.
+
+        Parameters
+        ----------
+        paths : iterable of str or Path
+        executor : Executor, optional
+            Where ``prepare`` runs ahead (a one-thread pool is enough). The stages that overlap release
+            the GIL (OpenCV's warp, the numba accumulators), so two cores do both at once. Without one,
+            frames are processed one after the other.
+
+        Yields
+        ------
+        FrameResult
+            One per path, in order.
+        """
+        if executor is None:
+            for path in paths:
+                yield self.process(path)
+            return
+        ahead: Future[Prepared | FrameResult] | None = None
+        for path in paths:
+            upcoming = executor.submit(self.prepare, path)
+            if ahead is not None:
+                yield self.commit(ahead.result())
+            ahead = upcoming
+        if ahead is not None:
+            yield self.commit(ahead.result())
 
     def use_reference(self, path: str | Path) -> str | None:
         """Start a new, empty stack aligned onto the given frame.

@@ -731,7 +731,7 @@ def _read_exact(cube: io.FileIO, target: np.ndarray, offset: int) -> None:
 # every channel finite. Per-row counters avoid races between prange workers.
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, inline="always", nogil=True)
 def _valid(image: np.ndarray, footprint: np.ndarray, y: int, x: int) -> bool:  # pragma: no cover
     if not footprint[y, x]:
         return False
@@ -741,7 +741,7 @@ def _valid(image: np.ndarray, footprint: np.ndarray, y: int, x: int) -> bool:  #
     return True
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 def _mean_add(image: np.ndarray, footprint: np.ndarray, weight: float, total: np.ndarray,
               weights: np.ndarray, coverage: np.ndarray) -> None:  # pragma: no cover - compiled
     height, width, channels = image.shape
@@ -754,7 +754,7 @@ def _mean_add(image: np.ndarray, footprint: np.ndarray, weight: float, total: np
                 coverage[y, x] += 1
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 def _mask_copy(image: np.ndarray, footprint: np.ndarray, out: np.ndarray,
                coverage: np.ndarray) -> None:  # pragma: no cover - compiled
     """``out`` = image where valid, NaN elsewhere; count the valid pixels into ``coverage``."""
@@ -771,11 +771,31 @@ def _mask_copy(image: np.ndarray, footprint: np.ndarray, out: np.ndarray,
                     out[y, x, c] = nan
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
 def _kappa_add(image: np.ndarray, footprint: np.ndarray, weight: float, kappa: float, min_test: int,
                floor: np.ndarray, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray, n: np.ndarray,
-               coverage: np.ndarray, offered: np.ndarray,
-               rejected: np.ndarray) -> None:  # pragma: no cover - compiled
+               coverage: np.ndarray, offered: np.ndarray, rejected: np.ndarray) -> None:
+    """One frame into the running moments.
+
+    Mono goes through a 2-D plane kernel: the fused per-pixel loop over a run-time channel count does not
+    vectorise and ran 4x slower (29 ms against 7 ms at 8.3 MP). Colour keeps the fused loop, which beats
+    three passes over strided channel planes.
+    """
+    if image.shape[2] > 1:
+        _kappa_add_pixels(image, footprint, weight, kappa, min_test, floor, mean, m2, wsum, n, coverage,
+                          offered, rejected)
+        return
+    valid = np.empty(footprint.shape, dtype=np.bool_)
+    _valid_and_count(image, footprint, valid, coverage)
+    for c in range(image.shape[2]):
+        _kappa_plane(image[:, :, c], valid, weight, kappa, min_test, float(floor[c]), mean[:, :, c],
+                     m2[:, :, c], wsum[:, :, c], n[:, :, c], offered, rejected)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def _kappa_add_pixels(image: np.ndarray, footprint: np.ndarray, weight: float, kappa: float, min_test: int,
+               floor: np.ndarray, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray, n: np.ndarray,
+                      coverage: np.ndarray, offered: np.ndarray,
+                      rejected: np.ndarray) -> None:  # pragma: no cover - compiled
     height, width, channels = image.shape
     for y in numba.prange(height):
         row_offered = 0
@@ -808,7 +828,61 @@ def _kappa_add(image: np.ndarray, footprint: np.ndarray, weight: float, kappa: f
         rejected[y] += row_rejected
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def _valid_and_count(image: np.ndarray, footprint: np.ndarray, valid: np.ndarray,
+                     coverage: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``valid`` = inside the footprint with every channel finite; count those pixels into ``coverage``."""
+    height, width, channels = image.shape
+    for y in numba.prange(height):
+        for x in range(width):
+            ok = footprint[y, x]
+            if ok:
+                for c in range(channels):
+                    if not np.isfinite(image[y, x, c]):
+                        ok = False
+                        break
+            valid[y, x] = ok
+            if ok:
+                coverage[y, x] += 1
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def _kappa_plane(image: np.ndarray, valid: np.ndarray, weight: float, kappa: float, min_test: int,
+                 floor: float, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray, n: np.ndarray,
+                 offered: np.ndarray, rejected: np.ndarray) -> None:  # pragma: no cover - compiled
+    height, width = image.shape
+    kappa2 = kappa * kappa
+    floor2 = floor * floor
+    for y in numba.prange(height):
+        row_offered = 0
+        row_rejected = 0
+        for x in range(width):
+            if not valid[y, x]:
+                continue
+            value = np.float64(image[y, x])
+            centre = np.float64(mean[y, x])
+            accepted = n[y, x]
+            total = np.float64(wsum[y, x])
+            row_offered += 1
+            delta = value - centre
+            if accepted >= min_test:
+                # |delta| > kappa * max(sigma, floor), squared and without divisions (the hot path).
+                spread = np.float64(m2[y, x]) * accepted
+                floor_spread = floor2 * total * (accepted - 1)
+                if delta * delta * total * (accepted - 1) > kappa2 * max(spread, floor_spread):
+                    row_rejected += 1
+                    continue
+            total += weight
+            centre += delta * weight / total
+            m2[y, x] = np.float32(np.float64(m2[y, x]) + weight * delta * (value - centre))
+            mean[y, x] = np.float32(centre)
+            wsum[y, x] = np.float32(total)
+            n[y, x] = accepted + 1
+        offered[y] += row_offered
+        rejected[y] += row_rejected
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 def _robust_init(buffer: np.ndarray, weights: np.ndarray, kappa: float, mad_to_sigma: float, min_test: int,
                  floor: np.ndarray, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray, n: np.ndarray,
                  offered: np.ndarray, rejected: np.ndarray) -> None:  # pragma: no cover - compiled
@@ -862,7 +936,7 @@ def _robust_init(buffer: np.ndarray, weights: np.ndarray, kappa: float, mad_to_s
         rejected[y] += row_rejected
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 def _sample_variance(buffer: np.ndarray, variance: np.ndarray,
                      samples: np.ndarray) -> None:  # pragma: no cover - compiled
     """Unbiased variance of each pixel's non-NaN buffered samples (NaN below two), and their number."""
@@ -884,7 +958,7 @@ def _sample_variance(buffer: np.ndarray, variance: np.ndarray,
                 variance[y, x, c] = spread / (m - 1) if m >= 2 else np.nan
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 def _nanmedian_block(block: np.ndarray, rows: int, cols: int,
                      out: np.ndarray) -> None:  # pragma: no cover - compiled
     """``out[y, x, c]`` = median of the non-NaN ``block[:, y, x, c]`` (NaN if none), for the first
@@ -907,7 +981,7 @@ def _nanmedian_block(block: np.ndarray, rows: int, cols: int,
                 out[y, x, c] = np.float32(_median(scratch, m)) if m else np.float32(np.nan)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _median(values: np.ndarray, m: int) -> float:  # pragma: no cover - compiled
     """Median of ``values[:m]`` (reordered in place); the mean of the two middle values for even ``m``.
 
@@ -924,7 +998,7 @@ def _median(values: np.ndarray, m: int) -> float:  # pragma: no cover - compiled
     return 0.5 * (lower + upper)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _select(values: np.ndarray, m: int, k: int) -> float:  # pragma: no cover - compiled
     """Hoare quickselect: reorder ``values[:m]`` so that ``values[k]`` is the k-th smallest; return it."""
     lo = 0

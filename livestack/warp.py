@@ -142,7 +142,7 @@ def _row_intervals(inverse: np.ndarray, frame_h: int, frame_w: int, before: int,
     return first_i, last_i
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 def _fill_footprint(first: np.ndarray, last: np.ndarray, footprint: np.ndarray,
                     aligned: np.ndarray) -> None:  # pragma: no cover - compiled
     """Set each row's footprint interval True and NaN the aligned pixels outside it (in place)."""
