@@ -63,8 +63,9 @@ class WatchConfig:
 class FramesConfig:
     """``[frames]``: how frames are read."""
 
-    bayer_pattern: str = _key("", "Bayer pattern for cameras that write none ('' = from the header)",
-                              choices=("", "RGGB", "BGGR", "GRBG", "GBRG"))
+    bayer_pattern: str = _key("", "Bayer pattern for cameras that write none ('' = from the header; "
+                              "MONO = treat every frame as mono)",
+                              choices=("", "RGGB", "BGGR", "GRBG", "GBRG", "MONO"))
 
 
 @dataclass(frozen=True)

@@ -69,3 +69,20 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
     assert config.align.reference == ""
     with pytest.raises(ConfigError, match=r"the command line: \[stack\] method is \"sum\""):
         config.with_overrides({"stack.method": "sum"})
+
+
+def test_readme_documents_every_key_with_its_default() -> None:
+    import dataclasses
+
+    from livestack.config import _toml_value
+
+    readme = (ROOT / "README.md").read_text()
+    config = Config()
+    for section in ("watch", "frames", "detect", "align", "stack", "output", "state", "network"):
+        assert f"**[{section}]**" in readme, section
+        table = readme.split(f"**[{section}]**", 1)[1].split("**[", 1)[0]
+        for f in dataclasses.fields(getattr(config, section)):
+            row = next((line for line in table.splitlines() if line.startswith(f"| `{f.name}` |")), None)
+            assert row is not None, f"README lacks [{section}] {f.name}"
+            default = _toml_value(f.default)
+            assert default in row or isinstance(f.default, tuple), (section, f.name, default)
