@@ -17,6 +17,7 @@ are stacked again from their files, in order; anything never journaled is simply
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import heapq
 import logging
@@ -29,17 +30,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from livestack import events, watch
 from livestack.config import Config
-from livestack.errors import FrameError, LivestackError
+from livestack.errors import LivestackError
 from livestack.frames import read_meta
 from livestack.net import Security, SocketHub
 from livestack.notify import Notifier, watchdog_interval
-from livestack.pipeline import FrameResult, Prepared, Stacker
+from livestack.pipeline import REJECTED, FrameResult, Prepared, Stacker
 from livestack.snapshot import preview_array, write_fits, write_preview
 from livestack.state import CheckpointStore, Journal, JournalEntry, content_hash, recover
 
@@ -55,6 +57,9 @@ HEARTBEAT_LIMIT = 30.0
 CONTROL_TIMEOUT = 20.0
 #: Events waiting for the network thread; beyond this the oldest are dropped (and counted).
 EVENT_BACKLOG = 10_000
+#: Seconds a frame file may stay incomplete and unchanged before it is rejected as truncated (an interrupted
+#: copy); if it grows again later it is taken as a new file.
+STALE_AFTER = 120.0
 
 
 @dataclass
@@ -76,6 +81,7 @@ class _Queued:
     key: tuple[float, int]
     path: Path = field(compare=False)
     completed: float = field(compare=False)  # time.time() when the watcher found it complete
+    problem: str | None = field(default=None, compare=False)  # why the watcher gave up on it, if it did
 
 
 @dataclass(frozen=True)
@@ -93,13 +99,20 @@ class _Inbox:
         self._frames: list[_Queued] = []
         self._commands: list[_Command] = []
         self._arrivals = 0
+        # Read under the lock by ``get``: a frame arriving just after a pause must not slip through.
+        self.paused = False
 
-    def put_frame(self, path: Path, observed: datetime | None) -> None:
+    def put_frame(self, path: Path, observed: datetime | None, problem: str | None = None) -> None:
         with self._cond:
             self._arrivals += 1
             t = observed.timestamp() if observed else float("inf")
-            heapq.heappush(self._frames, _Queued((t, self._arrivals), path, time.time()))
+            heapq.heappush(self._frames, _Queued((t, self._arrivals), path, time.time(), problem))
             self._cond.notify()
+
+    def set_paused(self, paused: bool) -> None:
+        with self._cond:
+            self.paused = paused
+            self._cond.notify_all()
 
     def put_command(self, command: _Command) -> None:
         with self._cond:
@@ -110,13 +123,13 @@ class _Inbox:
         with self._cond:
             self._cond.notify_all()
 
-    def get(self, timeout: float, paused: bool) -> _Queued | _Command | None:
+    def get(self, timeout: float) -> _Queued | _Command | None:
         with self._cond:
-            if not self._commands and (paused or not self._frames):
+            if not self._commands and (self.paused or not self._frames):
                 self._cond.wait(timeout)
             if self._commands:
                 return self._commands.pop(0)
-            if self._frames and not paused:
+            if self._frames and not self.paused:
                 return heapq.heappop(self._frames)
             return None
 
@@ -170,7 +183,8 @@ class Daemon:
         self._listeners = list(listeners)
         self._stop = threading.Event()
         self._stopped = threading.Event()
-        self._paused = False
+        # Resolved by stop() once the worker and the writer are gone: control requests stop waiting for them.
+        self._closed: Future[None] = Future()
         self._state = "starting"
         self._inbox = _Inbox()
         self._events: queue.Queue[events.Event] = queue.Queue(EVENT_BACKLOG)
@@ -238,6 +252,7 @@ class Daemon:
             self._recover()
         except BaseException:
             self._close_hub()
+            logging.getLogger("livestack").removeHandler(self._log_handler)
             raise
         self._spawn("livestack-network", self._network_loop)
         self._spawn("livestack-writer", self._writer_loop)
@@ -247,8 +262,9 @@ class Daemon:
         self._watcher = watch.Watcher(
             watch.WatchConfig(root=self.watch_dir, patterns=w.patterns, recursive=w.recursive,
                               polling=w.polling, settle=w.settle, poll_interval=w.poll_interval,
-                              reconcile_interval=w.reconcile_interval, ignore_dirs=ignore_dirs),
-            on_frame=self._on_file)
+                              reconcile_interval=w.reconcile_interval, stale_after=STALE_AFTER,
+                              ignore_dirs=ignore_dirs),
+            on_frame=self._on_file, on_problem=self._on_problem)
         self._watcher.start()
         self._state = "waiting"
         self.notifier.ready()
@@ -280,6 +296,8 @@ class Daemon:
         for t in self._threads:
             if t.name == "livestack-writer":
                 t.join()
+        # Nothing will answer a request still waiting for the worker or the writer now.
+        self._closed.set_result(None)
         self._network_done = True
         for t in self._threads:
             t.join()
@@ -305,7 +323,12 @@ class Daemon:
         """The ``status`` event's fields."""
         depth, lag = self._inbox.depth_and_lag()
         ref = self.stacker.reference_meta
-        state = "paused" if self._paused and self._state in ("waiting", "running") else self._state
+        if self._stop.is_set():
+            state = "stopping"  # the worker may still finish a frame, but it is not "waiting" any more
+        elif self._inbox.paused and self._state in ("waiting", "running"):
+            state = "paused"
+        else:
+            state = self._state
         return {"state": state, "queue": depth, "lag": lag, "received": self.stats.received,
                 "accepted": self.stats.accepted, "rejected": self.stats.rejected,
                 "exptime": self.stacker.exptime, "frames": self.stacker.count,
@@ -320,9 +343,8 @@ class Daemon:
         if cmd == "status":
             return events.ok_reply(**self.status())
         if cmd in ("pause", "resume"):
-            self._paused = cmd == "pause"
-            self._inbox.wake()
-            log.info("%s by control request", "paused" if self._paused else "resumed")
+            self._inbox.set_paused(cmd == "pause")
+            log.info("%s by control request", "paused" if cmd == "pause" else "resumed")
             return events.ok_reply(state=self.status()["state"])
         if cmd == "shutdown":
             self.request_stop()
@@ -331,15 +353,27 @@ class Daemon:
             return events.error_reply("the daemon is stopping")
         future: Future[dict[str, Any]] = Future()
         if cmd == "snapshot":
-            self._writer_jobs.put(lambda: future.set_result(self._write_snapshot("request")))
+            self._writer_jobs.put(lambda: self._requested_snapshot(future))
         else:
             self._inbox.put_command(_Command(cmd, request, future))
-        try:
-            return events.ok_reply(**future.result(timeout=CONTROL_TIMEOUT))
-        except TimeoutError:
+        waited: list[Future[Any]] = [future, self._closed]
+        concurrent.futures.wait(waited, timeout=CONTROL_TIMEOUT,
+                                return_when=concurrent.futures.FIRST_COMPLETED)
+        if not future.done():
+            if self._closed.done():
+                return events.error_reply(f"the daemon stopped before {cmd} was done")
             return events.error_reply(f"{cmd} did not finish within {CONTROL_TIMEOUT:g} s")
-        except LivestackError as exc:
+        try:
+            return events.ok_reply(**future.result())
+        except (LivestackError, OSError) as exc:
             return events.error_reply(str(exc))
+
+    def _requested_snapshot(self, future: Future[dict[str, Any]]) -> None:
+        """Writer thread: a snapshot for a control request; a failure is the reply, not a lost request."""
+        try:
+            future.set_result(self._write_snapshot("request"))
+        except (LivestackError, OSError) as exc:
+            future.set_exception(exc)
 
     # -- the worker -----------------------------------------------------------------------------------
 
@@ -355,14 +389,19 @@ class Daemon:
         """Watcher callback: queue a complete file in observation order."""
         try:
             observed = read_meta(path, self.config.frames.bayer_pattern or None).time_utc
-        except FrameError:
+        except Exception:
+            # The time only orders the inbox; the worker rejects a file that cannot be read, with the reason.
             observed = None
         self._inbox.put_frame(path, observed)
+
+    def _on_problem(self, path: Path, reason: str) -> None:
+        """Watcher callback: a file stayed incomplete (an interrupted copy); the worker rejects it."""
+        self._inbox.put_frame(path, None, problem=f"truncated: {reason}")
 
     def _worker_loop(self) -> None:
         while not self._stop.is_set():
             self._heartbeat = time.monotonic()
-            item = self._inbox.get(0.5, self._paused)
+            item = self._inbox.get(0.5)
             if item is None:
                 self._maybe_checkpoint(idle=True)
                 continue
@@ -398,7 +437,7 @@ class Daemon:
         self.stats.received += 1
         seq = self._seq + 1
         self._emit(self._frame_event(seq, path, "received", None, None, item.completed))
-        prepared = self.stacker.prepare(path)
+        prepared = self._prepare(item)
         if isinstance(prepared, Prepared):
             self._maybe_new_session(prepared)
         with self._stack_lock:
@@ -424,6 +463,19 @@ class Daemon:
         depth, _ = self._inbox.depth_and_lag()
         if depth == 0:
             self._state = "waiting"
+
+    def _prepare(self, item: _Queued) -> Prepared | FrameResult:
+        """Read a frame and find its stars; anything wrong with the file rejects it with a reason."""
+        if item.problem is not None:
+            return FrameResult(str(item.path), REJECTED, item.problem, None, None, None, MappingProxyType({}))
+        try:
+            return self.stacker.prepare(item.path)
+        except Exception as exc:
+            # A file the reader or the star finder chokes on is a bad frame, not the end of the worker
+            # (which would stop stacking for good, and again after every restart).
+            log.error("%s could not be read: %s", item.path, exc, exc_info=True)
+            reason = " ".join(f"{item.path} cannot be read ({type(exc).__name__}: {exc})".split())
+            return FrameResult(str(item.path), REJECTED, reason, None, None, None, MappingProxyType({}))
 
     def _journal_result(self, seq: int, path: Path, st: Any, digest: str, result: FrameResult,
                         completed: float) -> None:
@@ -496,14 +548,15 @@ class Daemon:
     def _queue_snapshot(self, reason: str) -> None:
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
-        stacker, session_dir = self.stacker, self.session_dir
-        self._writer_jobs.put(lambda: self._write_snapshot(reason, stacker, session_dir))
+        stacker, session_dir, session = self.stacker, self.session_dir, self._session
+        self._writer_jobs.put(lambda: self._write_snapshot(reason, stacker, session_dir, session))
 
     def _write_snapshot(self, reason: str, stacker: Stacker | None = None,
-                        folder: Path | None = None) -> dict[str, Any]:
+                        folder: Path | None = None, session: int | None = None) -> dict[str, Any]:
         """Writer thread: compute the stack under the lock, write FITS and picture outside it."""
-        stacker = stacker or self.stacker
-        folder = folder or self.session_dir
+        if stacker is None or folder is None or session is None:
+            with self._stack_lock:  # the worker swaps the stacker and the session together under this lock
+                stacker, folder, session = self.stacker, self.session_dir, self._session
         with self._stack_lock:
             image = stacker.result()
             info = stacker.info()
@@ -514,16 +567,16 @@ class Daemon:
         suffix = ".jpg" if self.config.output.image_format == "jpeg" else ".png"
         image_path = folder / f"stack{suffix}"
         write_fits(fits_path, image, info)
-        write_preview(image_path, image)
+        write_preview(image_path, image, flatten=self.config.output.flatten_background)
         if self.config.output.history:
             self._snapshot_count += 1
             history = folder / "history"
             history.mkdir(exist_ok=True)
             stem = f"stack-{info.ncombine:04d}"
             write_fits(history / f"{stem}.fits", image, info)
-            write_preview(history / f"{stem}{suffix}", image)
+            write_preview(history / f"{stem}{suffix}", image, flatten=self.config.output.flatten_background)
         self._emit(events.make_event("snapshot", fits=str(fits_path), image=str(image_path),
-                                     frames=info.ncombine, session=self._session, reason=reason))
+                                     frames=info.ncombine, session=session, reason=reason))
         return {"fits": str(fits_path), "image": str(image_path), "frames": info.ncombine}
 
     def _emit_stack_event(self) -> None:
@@ -543,7 +596,8 @@ class Daemon:
             with self._stack_lock:
                 image = stacker.result()
             if image is not None:
-                preview = preview_array(image, max_side=self.config.network.preview_size)
+                preview = preview_array(image, max_side=self.config.network.preview_size,
+                                        flatten=self.config.output.flatten_background)
                 snr = stacker.snr(image)
         info = stacker.info()
         return events.make_event(
@@ -568,6 +622,8 @@ class Daemon:
         seq, session, store = self._seq, self._session, self._store
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
+        if not arrays:
+            return  # an empty stack (a new session, a stop before any frame): nothing the journal lacks
         self._writer_jobs.put(lambda: store.save(seq, session, arrays, meta))
 
     def _writer_loop(self) -> None:
@@ -600,10 +656,14 @@ class Daemon:
                 self.stats.rejected += 1
         self._seq = max((e.seq for e in entries), default=0)
         plan = recover(self._journal, self._store)
+        # The plan's session, not only the checkpoint's: after a reset whose empty checkpoint a crash
+        # prevented, the journal may already be in the new session with nothing accepted to replay; going
+        # on in the old one would make every later journal line "older than the session before it".
+        self._session = max(plan.session, self._session)
+        if plan.checkpoint is not None or self._session != 1:
+            self.stacker = self._new_stacker(session=self._session)
         if plan.checkpoint is not None:
             arrays = self._store.load(plan.checkpoint)
-            self._session = plan.checkpoint.session
-            self.stacker = self._new_stacker(session=self._session)
             self.stacker.restore(arrays, plan.checkpoint.meta)
         replayed = 0
         for entry in plan.replay:
@@ -627,6 +687,20 @@ class Daemon:
             log.info("resumed session %d: %d frames from the checkpoint, %d stacked again from files",
                      self._session, self.stacker.count - replayed, replayed)
             self._checkpoint_now()
+        workdir = self.stacker.workdir
+        if plan.checkpoint is None and self.config.stack.method == "median" and workdir and workdir.is_dir():
+            # A crash before the session's first checkpoint leaves a median cube that nothing names: its
+            # frames were just stacked again into a new cube. Left alone, each such crash costs the disk up
+            # to checkpoint_every_frames frames.
+            current = self.stacker.checkpoint()[1].get("acc_text", {}).get("cube")
+            for stray in workdir.glob("median-*.cube"):
+                if stray.name != current:
+                    try:
+                        stray.unlink()
+                    except OSError as exc:
+                        log.warning("cannot remove %s, a median cube no checkpoint names: %s", stray, exc)
+                    else:
+                        log.info("removed %s, a median cube no checkpoint names (left by a crash)", stray)
 
     def _checkpoint_now(self) -> None:
         assert self._store is not None
@@ -677,6 +751,8 @@ class Daemon:
         now = time.monotonic()
         if self._stop.is_set():
             return True
+        if not all(t.is_alive() for t in self._threads if t.name == "livestack-writer"):
+            return False  # no more snapshots or checkpoints: let systemd restart us
         if now - self._heartbeat < HEARTBEAT_LIMIT:
             return True
         busy = self._busy_since
