@@ -71,6 +71,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     fits_path.parent.mkdir(parents=True, exist_ok=True)
 
     import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
     results: list[FrameResult] = []
     with tempfile.TemporaryDirectory(prefix=".livestack-", dir=fits_path.parent) as workdir:
         stacker = Stacker(config, workdir=Path(workdir))
@@ -78,13 +80,13 @@ def _cmd_stack(args: argparse.Namespace) -> int:
                    TextColumn("{task.fields[name]}"), TimeRemainingColumn())
         with Progress(*columns, console=console, disable=args.quiet) as progress:
             task = progress.add_task("stack", total=len(paths), name="")
-            for path in paths:
-                progress.update(task, name=path.name)
-                result = stacker.process(path)
-                results.append(result)
-                if not result.accepted:
-                    progress.console.print(f"[yellow]rejected[/] {path.name}: {result.reason}")
-                progress.advance(task)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="livestack-read") as ahead:
+                for result in stacker.stream(paths, ahead):
+                    name = Path(result.path).name
+                    results.append(result)
+                    if not result.accepted:
+                        progress.console.print(f"[yellow]rejected[/] {name}: {result.reason}")
+                    progress.update(task, name=name, advance=1)
         image = stacker.result()
         if image is not None and stacker.count > 0:
             write_fits(fits_path, image, stacker.info())
@@ -162,13 +164,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(config)
     _install_signals(daemon.request_stop)
     if args.tui and sys.stdin.isatty() and sys.stdout.isatty():
-        from livestack.tui.app import run_tui
+        from livestack.tui.app import LivestackApp, run_app
 
         daemon.start()
         try:
-            run_tui(daemon.publish_endpoint, daemon.control_endpoint, None)
+            # The dashboard closes when a signal or a `shutdown` request stops the daemon; quitting the
+            # dashboard stops the daemon (final checkpoint and snapshot) in the finally.
+            run_app(LivestackApp(daemon.publish_endpoint, daemon.control_endpoint, attached=True),
+                    stop_requested=daemon.wait)
         finally:
             daemon.stop()
+        s = daemon.stats
+        print(f"livestack: stopped; {s.accepted} stacked, {s.rejected} rejected of {s.received} frames; "
+              f"snapshots in {daemon.session_dir}", file=sys.stderr)
         return 0
     return daemon.run()
 
@@ -198,6 +206,7 @@ def _install_signals(stop: Callable[[], None]) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
     import threading
+    import time
 
     from livestack.daemon import Daemon
     from livestack.simulate import SimConfig, simulate
@@ -232,24 +241,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         _install_signals(stop_all)
         daemon.start()
         written: list[Path] = []
+        app: LivestackApp | None = None
+        if use_tui:
+            from livestack.tui.app import LivestackApp, run_app
+
+            app = LivestackApp(daemon.publish_endpoint, daemon.control_endpoint, attached=True)
 
         def camera() -> None:
             def note(path: Path) -> None:
                 written.append(path)
 
+            if app is not None:
+                # A subscriber hears only what is published after it connects: let the dashboard hear
+                # the daemon's heartbeat before the first frame, so that its table misses none.
+                deadline = time.monotonic() + 10.0
+                while not app.heard.wait(0.1) and not stop.is_set() and time.monotonic() < deadline:
+                    pass
             with contextlib.suppress(_CameraStoppedError):
                 simulate(frames_dir, sim, sleep=pause, on_written=note)
+            if app is not None and not stop.is_set():
+                app.note(f"camera finished: {len(written)} frames. The dashboard stays; q stops the "
+                         "daemon (final snapshot) and prints the summary.")
 
         thread = threading.Thread(target=camera, name="livestack-demo-camera", daemon=True)
         thread.start()
         print(f"demo: a simulated camera writes {args.frames} frames of {width}x{height} every "
               f"{args.interval:g} s; snapshots go to {output}", file=sys.stderr)
         try:
-            if use_tui:
-                from livestack.tui.app import run_tui
-
-                run_tui(daemon.publish_endpoint, daemon.control_endpoint, None)
-                stop.set()
+            if app is not None:
+                # Until q, or a signal (which stops the daemon and so closes the dashboard).
+                run_app(app, stop_requested=daemon.wait)
             else:
                 while not daemon.wait(0.2):
                     done = daemon.stats.received + daemon.stats.duplicates

@@ -7,9 +7,11 @@ messages; control requests run on thread workers too; the UI thread only folds e
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import tzinfo
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -36,8 +38,11 @@ __all__ = [
     "ConnectionChanged",
     "ControlReplied",
     "EventReceived",
+    "ExitRequested",
     "HelpScreen",
     "LivestackApp",
+    "Noted",
+    "run_app",
     "run_tui",
 ]
 
@@ -51,7 +56,7 @@ _HELP = """\
   [b]p[/b]  pause the stack, or resume it when paused
   [b]s[/b]  write a snapshot now (FITS and image)
   [b]r[/b]  reset: start a new stack (asks first; frames on disk are kept)
-  [b]?[/b]  this help        [b]q[/b]  quit the dashboard (the daemon keeps running)
+  [b]?[/b]  this help        [b]q[/b]  {quit}
 
 [b]Panels[/b]
   [b]header[/b]    target, filter, stacking method, the daemon's state, the connection:
@@ -65,6 +70,9 @@ _HELP = """\
   [b]log[/b]       warnings and errors, rejections, snapshots, replies to your commands
 
 Press escape or ? to close."""
+
+_QUIT_REMOTE = "quit the dashboard (the daemon keeps running)"
+_QUIT_ATTACHED = "quit: stop the daemon (final checkpoint and snapshot) and leave"
 
 
 class EventReceived(Message):
@@ -99,6 +107,26 @@ class ConnectionChanged(Message):
         self.state: ConnectionState = state
         self.since = since
         self.detail = detail
+
+
+class Noted(Message):
+    """A line for the log from the program the dashboard runs in (e.g. "camera finished" in the demo).
+
+    Parameters
+    ----------
+    text : str
+    level : str
+        ``info``, ``warning`` or ``error``.
+    """
+
+    def __init__(self, text: str, level: str = "info") -> None:
+        super().__init__()
+        self.text = text
+        self.level = level
+
+
+class ExitRequested(Message):
+    """The daemon the dashboard is attached to is stopping (a signal, a ``shutdown`` request): close."""
 
 
 class ControlReplied(Message):
@@ -160,17 +188,27 @@ class ConfirmScreen(ModalScreen[bool]):
 
 
 class HelpScreen(ModalScreen[None]):
-    """The keys and what each panel means."""
+    """The keys and what each panel means.
+
+    Parameters
+    ----------
+    attached : bool
+        Whether quitting also stops the daemon (it runs in the dashboard's process).
+    """
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "close", "close"),
         Binding("question_mark", "close", "close", key_display="?", show=False),
     ]
 
+    def __init__(self, attached: bool = False) -> None:
+        super().__init__()
+        self.attached = attached
+
     def compose(self) -> ComposeResult:
         """The help text."""
         with VerticalScroll(id="help"):
-            yield Static(_HELP, id="help-text")
+            yield Static(_HELP.format(quit=_QUIT_ATTACHED if self.attached else _QUIT_REMOTE), id="help-text")
 
     def action_close(self) -> None:
         """Close the help."""
@@ -198,6 +236,16 @@ class LivestackApp(App[None]):
         The time zone of displayed times; the local one by default.
     control_timeout : float
         Seconds to wait for a control reply.
+    attached : bool
+        The daemon runs in this process (``livestack run --tui``, ``livestack demo``) and stops when the
+        dashboard quits; the help says so.
+
+    Attributes
+    ----------
+    heard : threading.Event
+        Set when the first event has come from the daemon's socket: a program running its daemon in
+        process can wait on it before producing events the dashboard must not miss (a subscriber only
+        receives what is published after it has connected).
 
     Raises
     ------
@@ -226,6 +274,7 @@ class LivestackApp(App[None]):
         clock: Callable[[], float] = time.time,
         tz: tzinfo | None = None,
         control_timeout: float = 2.0,
+        attached: bool = False,
     ) -> None:
         super().__init__()
         if stale_after <= 0:
@@ -234,6 +283,8 @@ class LivestackApp(App[None]):
         self.control = control
         self.stale_after = stale_after
         self.control_timeout = control_timeout
+        self.attached = attached
+        self.heard = threading.Event()
         self._keys = None if keys is None else ClientKeys.load(keys)
         self._clock = clock
         self.model = Dashboard(tz)
@@ -313,6 +364,25 @@ class LivestackApp(App[None]):
             self._write_log(LogLine(format_clock(self._clock(), self.model.tz), "error", message.detail))
         self._refresh_header()
 
+    def on_noted(self, message: Noted) -> None:
+        """Write a line from the hosting program to the log."""
+        self._write_log(LogLine(format_clock(self._clock(), self.model.tz), message.level, message.text))
+
+    def on_exit_requested(self, message: ExitRequested) -> None:
+        """The attached daemon is stopping: leave, so that the program can finish the stop."""
+        self.exit()
+
+    def note(self, text: str, level: str = "info") -> None:
+        """Add a line to the log; safe from any thread.
+
+        Parameters
+        ----------
+        text : str
+        level : str
+            ``info``, ``warning`` or ``error``.
+        """
+        self.post_message(Noted(text, level))
+
     def on_control_replied(self, message: ControlReplied) -> None:
         """Report a control reply (or its absence) in the log and a notification."""
         now = format_clock(self._clock(), self.model.tz)
@@ -358,7 +428,7 @@ class LivestackApp(App[None]):
 
     def action_help(self) -> None:
         """Show the keys and what the panels mean."""
-        self.push_screen(HelpScreen())
+        self.push_screen(HelpScreen(self.attached))
 
     def send_command(self, cmd: str) -> None:
         """Send a control command from a worker thread; the reply comes back as ``ControlReplied``.
@@ -391,6 +461,7 @@ class LivestackApp(App[None]):
                 event = subscriber.recv(_RECV_TIMEOUT_S)
                 now = self._clock()
                 if event is not None:
+                    self.heard.set()
                     if last is None or stale:
                         self.post_message(ConnectionChanged("connected"))
                     last, stale = now, False
@@ -505,7 +576,59 @@ def run_tui(connect: str, control: str, keys: str | Path | None = None) -> None:
     NetworkError
         When the key folder is unusable (before the terminal is taken over).
     """
-    LivestackApp(connect, control, keys).run()
+    run_app(LivestackApp(connect, control, keys))
+
+
+def run_app(
+    app: LivestackApp, stop_requested: Callable[[float], bool] | None = None, *, headless: bool = False
+) -> None:
+    """Run a dashboard in this terminal until the user quits, or until the attached daemon stops.
+
+    While the dashboard owns the terminal, the root logger's handlers are set aside (a line written to the
+    terminal would land in the middle of the screen) and put back afterwards; the daemon's warnings and
+    errors reach the dashboard as ``log`` events anyway.
+
+    Parameters
+    ----------
+    app : LivestackApp
+    stop_requested : callable, optional
+        For a daemon in this process, its ``wait``: called with a timeout in seconds, True once a stop has
+        been requested (a signal, a ``shutdown`` request); the dashboard then closes so that the caller
+        can stop the daemon and report.
+    headless : bool
+        Run without drawing to a terminal (for tests).
+    """
+    with _terminal_logging_set_aside():
+        if stop_requested is None:
+            app.run(headless=headless)
+            return
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                if stop_requested(_RECV_TIMEOUT_S):
+                    app.post_message(ExitRequested())
+                    return
+
+        watcher = threading.Thread(target=watch, name="livestack-tui-stop-watch", daemon=True)
+        watcher.start()
+        try:
+            app.run(headless=headless)
+        finally:
+            done.set()
+            watcher.join()
+
+
+@contextmanager
+def _terminal_logging_set_aside() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    # A NullHandler rather than none: with no handler at all, logging's last resort writes to stderr.
+    root.handlers[:] = [logging.NullHandler()]
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
 
 
 #: The frame table: a verdict mark first (it must show even at 80 columns), the reason last (it is long).
