@@ -202,6 +202,7 @@ class Daemon:
         self._known: dict[tuple[str, int, int], str] = {}
         self._hashes: set[str] = set()
         self._session = 1
+        self._checkpointed_session = 1  # session 1, empty, is where a fresh state folder starts anyway
         self._seq = 0
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -237,6 +238,7 @@ class Daemon:
             raise LivestackError(f"the watched folder {self.watch_dir} does not exist")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
         n = self.config.network
         secret = self.config.path(n.server_secret_key) if n.server_secret_key else None
         authorized = self.config.path(n.authorized_keys) if n.authorized_keys else None
@@ -270,6 +272,16 @@ class Daemon:
         self.notifier.ready()
         log.info("watching %s; snapshots in %s; events on %s, control on %s", self.watch_dir,
                  self.output_dir, self.publish_endpoint, self.control_endpoint)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Snapshot files half-written when the last run was killed (``.stack*.tmp``, ours only)."""
+        for stale in self.output_dir.rglob(".stack*.tmp"):
+            try:
+                stale.unlink()
+            except OSError as exc:
+                log.warning("cannot remove %s, left by an interrupted snapshot: %s", stale, exc)
+            else:
+                log.info("removed %s, left by an interrupted snapshot", stale)
 
     def request_stop(self) -> None:
         """Ask for a clean stop: finish the frame in hand, checkpoint, snapshot, exit (signal-safe)."""
@@ -523,11 +535,15 @@ class Daemon:
                 raise LivestackError(f"{reference} cannot be the reference: {problem}")
         if self.stacker.count > 0:
             self._queue_snapshot("session end")
+        old = self.stacker
         with self._stack_lock:
             self.stacker = fresh
             self._session += 1
         self._since_snapshot = 0
         self._checkpoint()
+        # After the old stack's last snapshot and the new session's checkpoint (the writer runs jobs in
+        # order): the old median cube is no longer needed by anything.
+        self._writer_jobs.put(old.discard)
         self._emit_stack_event()
         log.info("session %d started%s", self._session, f" with reference {reference}" if reference else "")
 
@@ -623,7 +639,11 @@ class Daemon:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         if not arrays:
-            return  # an empty stack (a new session, a stop before any frame): nothing the journal lacks
+            if session == self._checkpointed_session:
+                return  # an empty stack, and its session is on disk already: nothing the journal lacks
+            # A new, still empty session (a reset): record it, or a restart would resume the old stack.
+            arrays = _EMPTY_STACK
+        self._checkpointed_session = session
         self._writer_jobs.put(lambda: store.save(seq, session, arrays, meta))
 
     def _writer_loop(self) -> None:
@@ -705,7 +725,8 @@ class Daemon:
     def _checkpoint_now(self) -> None:
         assert self._store is not None
         arrays, meta = self.stacker.checkpoint()
-        self._store.save(self._seq, self._session, arrays, {**meta, "session": self._session})
+        self._store.save(self._seq, self._session, arrays or _EMPTY_STACK, {**meta, "session": self._session})
+        self._checkpointed_session = self._session
 
     def _new_stacker(self, session: int = 1) -> Stacker:
         workdir = self.state_dir / "work" / f"session-{session}"
@@ -813,6 +834,10 @@ class Daemon:
         if self._hub is not None:
             self._hub.close()
             self._hub = None
+
+
+#: What a checkpoint of an empty stack holds (the store wants at least one array; ``meta`` says empty).
+_EMPTY_STACK = {"empty": np.zeros(1, dtype=np.uint8)}
 
 
 def _status_line(status: dict[str, Any]) -> str:

@@ -60,6 +60,7 @@ from typing import Any
 import cv2
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS
 
@@ -263,7 +264,7 @@ def debayer(mosaic: np.ndarray, pattern: str) -> np.ndarray:
 
 #: Errors astropy, numpy and the decompressors raise on a malformed file (never a catch-all).
 _READ_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, EOFError, ValueError, TypeError, KeyError, IndexError, zlib.error,
+    OSError, EOFError, ValueError, TypeError, KeyError, IndexError, zlib.error, VerifyError,
 )
 
 #: FITS files come in blocks of this many bytes.

@@ -315,6 +315,12 @@ class Stacker:
             return None
         return float((np.percentile(sample, 99.5) - med) / noise)
 
+    def discard(self) -> None:
+        """Release what the stack keeps on disk (the median's cube); the stack is unusable afterwards."""
+        release = getattr(self._acc, "discard", None)
+        if release is not None:
+            release()
+
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -19,7 +19,7 @@ A file is handed to ``on_frame`` when ``check_fits`` says ``COMPLETE`` and eithe
 (inotify's close-after-write, seen as watchdog's ``FileClosedEvent``), it was renamed into its name (the
 temp-then-rename pattern), or its size and mtime stayed unchanged for ``settle`` seconds (polling mode,
 and the fallback for files that never get a close event, e.g. written over a share). A file that is not
-FITS at all (``INVALID``: text, empty, garbage) is delivered too once its size and mtime have been
+FITS at all (``INVALID``: text, garbage) is delivered too once its size and mtime have been
 unchanged for ``settle`` seconds, so the daemon's reader rejects it with a reason that gets journaled.
 A file that stays ``INCOMPLETE`` and unchanged for ``stale_after`` seconds is reported once to
 ``on_problem`` and then left alone until it changes.
@@ -123,7 +123,7 @@ class FitsState(enum.Enum):
     COMPLETE = "complete"
     #: Looks like FITS but is shorter than its headers announce: wait for the writer.
     INCOMPLETE = "incomplete"
-    #: Not a FITS file at all (empty, text, garbage, a broken header or gzip stream).
+    #: Not a FITS file at all (text, garbage, a broken header or gzip stream). An empty file is INCOMPLETE.
     INVALID = "invalid"
 
 
@@ -183,7 +183,9 @@ def check_fits(path: str | Path) -> FitsCheck:
         magic = handle.read(len(_GZIP_MAGIC))
         handle.seek(0)
         if not magic:
-            return FitsCheck(FitsState.INVALID, "not a FITS file: the file is empty")
+            # Capture programs create the file before writing it: empty means "not yet", and a file that
+            # stays empty is reported as stalled like any other incomplete one.
+            return FitsCheck(FitsState.INCOMPLETE, "empty: nothing written yet")
         if magic == _GZIP_MAGIC:
             return _check_gzip(handle)
         if _GZIP_MAGIC.startswith(magic):

@@ -624,3 +624,29 @@ def test_a_new_object_starts_a_new_session_in_its_own_folder(tmp_path: Path) -> 
         assert_whole_fits(out / folder / "stack.fits", 3)
         assert fits.getheader(out / folder / "stack.fits")["OBJECT"] == name
     assert_no_error_logged(recorder)
+
+
+# -- 8. a reset survives a restart; leftovers of interrupted runs are cleared --------------------------------
+
+def test_a_reset_survives_a_restart_and_the_old_median_cube_goes(tmp_path: Path, staged: list[Path]) -> None:
+    config = make_config(tmp_path, **{"stack.method": "median", "state.folder": str(tmp_path / "state")})
+    watch = config.path(config.watch.folder)
+    recorder = Recorder()
+    with running(config, (recorder,)) as daemon:
+        for path in staged[:3]:
+            shutil.copy(path, watch / path.name)
+        recorder.wait_for(decided(3), "3 frames")
+        cubes = sorted((tmp_path / "state" / "work").rglob("median-*.cube"))
+        assert len(cubes) == 1
+        with ControlClient(daemon.control_endpoint, timeout=10.0) as control:
+            assert control.request("reset")["ok"]
+        recorder.wait_for(lambda evs: any(e.topic == "snapshot" and e["reason"] == "session end"
+                                          for e in evs), "the old session's last snapshot")
+    # The writer ran the old stack's last snapshot, the new session's checkpoint, then dropped the cube.
+    assert not cubes[0].exists()
+    stale = tmp_path / "out" / "SIM-FIELD" / ".stack.fits.x1y2.tmp"
+    stale.write_bytes(b"half a snapshot")
+    with running(config) as daemon:
+        status = daemon.status()
+        assert status["session"] == 2 and status["frames"] == 0
+        assert not stale.exists()

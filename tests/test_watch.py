@@ -235,15 +235,16 @@ def test_partial_extension_header_is_incomplete(tmp_path: Path) -> None:
     assert check_fits(path).state is FitsState.INCOMPLETE
 
 
-def test_text_and_empty_are_invalid(tmp_path: Path) -> None:
+def test_text_is_invalid_and_empty_is_incomplete(tmp_path: Path) -> None:
     text = tmp_path / "notes.fits"
     text.write_text("observing log: clouds at 23:10\n")
     empty = tmp_path / "empty.fits"
     empty.write_bytes(b"")
     assert check_fits(text).state is FitsState.INVALID
     assert check_fits(text).reason.startswith("not a FITS file")
-    assert check_fits(empty).state is FitsState.INVALID
-    assert check_fits(empty).reason == "not a FITS file: the file is empty"
+    # Empty is "not written yet": capture programs create the file first.
+    assert check_fits(empty).state is FitsState.INCOMPLETE
+    assert check_fits(empty).reason == "empty: nothing written yet"
 
 
 def test_broken_headers_are_invalid(tmp_path: Path) -> None:
