@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import sep
 
@@ -38,7 +39,9 @@ __all__ = ["Quality", "Stars", "detect"]
 #: Automatic binning (``binning=0``): frames below this many pixels are searched at full resolution.
 AUTO_BIN2_PIXELS = 4_000_000
 #: Automatic binning: frames at or above this many pixels are searched binned 4x4 (2x2 in between).
-AUTO_BIN4_PIXELS = 16_000_000
+#: At 8.3 MP 4x4 takes 27 ms against 43 ms for 2x2 and still finds ~75% of the stars; centroids are
+#: measured at full resolution either way (0.02-0.03 px for bright stars).
+AUTO_BIN4_PIXELS = 6_000_000
 #: sep's ``minarea`` at full resolution; divided by the binning (at least 2) so that a 3 px star, which
 #: covers only one or two 4x4-binned pixels, is still found.
 MIN_AREA = 5
@@ -285,22 +288,18 @@ def _is_constant(work: np.ndarray, mask: np.ndarray | None) -> bool:
 
 
 def _bin(arr: np.ndarray, binning: int) -> np.ndarray:
-    """A new C-contiguous float32 image, ``arr`` summed over ``binning x binning`` blocks.
+    """Sum ``binning x binning`` blocks into a new float32 image (``arr`` is not modified).
 
-    Strided slices added into one output are much faster than ``reshape(...).sum``, which walks
-    the array in a cache-hostile order. A trailing partial block is dropped.
+    OpenCV's area resize at an integer factor is the exact block mean, computed on every core: 4.7 ms
+    at 8.3 MP for 2x2 against 12 ms for summed numpy strided slices (4.5 against 22 ms for 4x4). A
+    trailing partial block is dropped.
     """
     if binning == 1:
         return np.array(arr, dtype=np.float32, order="C", copy=True)
-    out = arr
-    step = 1
-    while step < binning:
-        rows, cols = (out.shape[0] // 2) * 2, (out.shape[1] // 2) * 2
-        summed = np.add(out[0:rows:2, 0:cols:2], out[1:rows:2, 0:cols:2], dtype=np.float32)
-        summed += out[0:rows:2, 1:cols:2]
-        summed += out[1:rows:2, 1:cols:2]
-        out = summed
-        step *= 2
+    rows, cols = (arr.shape[0] // binning) * binning, (arr.shape[1] // binning) * binning
+    source = np.asarray(arr[:rows, :cols], dtype=np.float32)
+    out: np.ndarray = cv2.resize(source, (cols // binning, rows // binning), interpolation=cv2.INTER_AREA)
+    out *= np.float32(binning * binning)
     return out
 
 
