@@ -1,4 +1,4 @@
-"""Shared fixtures: every test must leave no livestack, watchdog or ZeroMQ-authenticator thread behind."""
+"""Shared fixtures: every test must leave no thread behind that it started."""
 
 from __future__ import annotations
 
@@ -7,21 +7,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from watchdog.utils import BaseThread
-from zmq.auth.thread import AuthenticationThread
 
 #: Seconds a test's threads get to finish after it returns (a stop that is under way, a joined observer
 #: whose emitter is winding down) before they count as leaked.
 THREAD_GRACE = 2.0
 
 
-def _ours(thread: threading.Thread) -> bool:
-    """Threads that livestack starts, directly or through watchdog and pyzmq's authenticator."""
-    return thread.name.startswith("livestack") or isinstance(thread, BaseThread | AuthenticationThread)
-
-
 def _alive(before: set[threading.Thread]) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.is_alive() and t not in before and _ours(t)]
+    """Threads started during the test (livestack's, watchdog's, pyzmq's authenticator, a test's own)."""
+    return [t for t in threading.enumerate() if t.is_alive() and t not in before]
 
 
 @pytest.fixture(autouse=True)

@@ -19,16 +19,6 @@ from livestack.client import ClientKeys, ControlClient, Subscriber
 from livestack.errors import LivestackError, NetworkError
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 2.0
-    while (extra := set(threading.enumerate()) - before) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not extra, f"threads left running: {extra}"
-
-
 @pytest.fixture
 def context() -> Iterator[zmq.Context[Any]]:
     ctx: zmq.Context[Any] = zmq.Context()

@@ -38,16 +38,6 @@ REFUSAL = ("refusing to bind tcp://0.0.0.0:{port} beyond loopback without CURVE 
            "set server_secret_key and authorized_keys, or insecure_remote = true")
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 5
-    while (leaked := set(threading.enumerate()) - before) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not leaked, f"threads left running: {leaked}"
-
-
 class Clients:
     """Client sockets in their own context, separate from the daemon's, all closed at teardown."""
 

@@ -28,16 +28,6 @@ from livestack.tui.model import Dashboard, format_duration
 from livestack.tui.widgets import HALF_BLOCK, Plot, PreviewView, fit_preview
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 3.0
-    while (extra := set(threading.enumerate()) - before) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not extra, f"threads left running: {extra}"
-
-
 class FakeDaemon:
     """A PUB and a REP socket on loopback ephemeral ports, served by one thread.
 

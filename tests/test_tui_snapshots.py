@@ -7,29 +7,16 @@ layout with ``pytest tests/test_tui_snapshots.py --snapshot-update`` and look at
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, timedelta
 from typing import Any
 
-import pytest
 from textual.pilot import Pilot
 
 from livestack.tui.app import ConnectionChanged, LivestackApp
 from livestack.tui.demo import DEMO_START, demo_events
 
 SnapCompare = Callable[..., bool]
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 3.0
-    while (extra := set(threading.enumerate()) - before) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not extra, f"threads left running: {extra}"
 
 
 def _app() -> LivestackApp:

@@ -45,7 +45,7 @@ MODES = pytest.param(False, id="inotify"), pytest.param(True, id="polling")
 
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
-    """Fail a test that leaves a thread running."""
+    """Stricter than conftest's check: no grace period, since ``Watcher.stop()`` must have joined."""
     before = set(threading.enumerate())
     yield
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
