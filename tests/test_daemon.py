@@ -650,3 +650,116 @@ def test_a_reset_survives_a_restart_and_the_old_median_cube_goes(tmp_path: Path,
         status = daemon.status()
         assert status["session"] == 2 and status["frames"] == 0
         assert not stale.exists()
+
+
+# -- 9. a backlog: the next frame is read while this one is stacked -----------------------------------------
+
+def test_a_backlog_is_read_ahead_and_stacks_like_the_batch(tmp_path: Path, staged: list[Path]) -> None:
+    # Paused while the backlog is queued, so every frame is waiting, in order, when the worker starts on it:
+    # from the second frame on each is read on the read-ahead thread while the one before it is stacked.
+    # The copy of the fifth frame has its DATE-OBS, so it comes right next to it: read ahead while its twin
+    # is being stacked (before its hash is journaled), it must still be caught as a duplicate at its turn.
+    config = make_config(tmp_path)
+    watch = config.path(config.watch.folder)
+    recorder = Recorder()
+    with (running(config, (recorder,)) as daemon,
+          ControlClient(daemon.control_endpoint, timeout=WAIT) as control):
+        assert control.request("pause")["ok"]
+        for path in staged:
+            place(path, watch)
+        place(staged[4], watch, "copy-of-" + staged[4].name)
+        wait_until(lambda: daemon.status()["queue"] == len(staged) + 1, "the backlog queued")
+        assert daemon.stats.received == 0
+        assert control.request("resume")["ok"]
+        recorder.wait_for(decided(len(staged)), "the backlog decided")
+        wait_until(lambda: daemon.stats.duplicates == 1, "the copy counted once")
+        assert any(t.name == "livestack-readahead" for t in threading.enumerate())
+    assert not any(t.name == "livestack-readahead" for t in threading.enumerate())
+
+    stats = daemon.stats
+    assert (stats.received, stats.accepted, stats.rejected, stats.duplicates) == (10, 10, 0, 1)
+    # Frames 2-10 went through the read-ahead, except the one after the duplicate: the worker takes it
+    # itself (a duplicate is not stacked, so there is nothing to overlap its reading with).
+    assert stats.read_ahead == len(staged) - 2
+    entries = journal(config)
+    assert [e["verdict"] for e in entries] == ["accepted"] * 10
+    assert len({e["hash"] for e in entries}) == 10
+    frames = recorder.frames()
+    assert [p["seq"] for p in frames] == list(range(1, 11))
+    for frame in frames:
+        assert {"read", "detect", "warp"} <= set(frame["timings"])
+        assert all(v >= 0 for v in frame["timings"].values())
+        assert frame["latency"] > 0
+    assert frames[-1]["latency"] > frames[0]["latency"]  # all complete at once, stacked one after another
+
+    final = [s for s in recorder.topic("snapshot") if s["reason"] == "shutdown"]
+    assert len(final) == 1 and final[0]["frames"] == 10
+    live = assert_whole_fits(Path(final[0]["fits"]), 10)
+    batch = Stacker(config)
+    for path in staged:
+        assert batch.process(path).accepted
+    expected = batch.result()
+    assert expected is not None
+    np.testing.assert_array_equal(np.isnan(live), np.isnan(expected))
+    covered = ~np.isnan(expected)
+    np.testing.assert_allclose(live[covered], expected[covered], rtol=1e-6)
+    assert_no_error_logged(recorder)
+
+
+def test_a_frame_read_ahead_waits_for_commands_and_a_pause(tmp_path: Path, staged: list[Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first frame's stacking is held until the second one has been read ahead, a pause has come and a
+    # reset is waiting: the reset goes first, then the pause puts the second frame back (its read dropped);
+    # after the resume it is read again and stacked into the new session, in order.
+    gate = threading.Event()
+    commits: list[Any] = []
+    real_commit = Stacker.commit
+
+    def held_commit(self: Stacker, prepared: Any) -> Any:
+        commits.append(prepared)
+        if len(commits) == 1:
+            assert gate.wait(WAIT)
+        return real_commit(self, prepared)
+
+    monkeypatch.setattr(Stacker, "commit", held_commit)
+    config = make_config(tmp_path)
+    watch = config.path(config.watch.folder)
+    recorder = Recorder()
+    replies: list[dict[str, Any]] = []
+    with (running(config, (recorder,)) as daemon,
+          ControlClient(daemon.control_endpoint, timeout=WAIT) as control):
+        assert control.request("pause")["ok"]
+        for path in staged[:3]:
+            place(path, watch)
+        wait_until(lambda: daemon.status()["queue"] == 3, "three frames queued")
+        assert control.request("resume")["ok"]
+        wait_until(lambda: daemon._ahead is not None and daemon._ahead.front.done(),
+                   "the second frame read ahead while the first is held")
+        assert daemon._ahead is not None and daemon._ahead.item.path.name == staged[1].name
+        assert daemon.status()["queue"] == 2  # read, not stacked: still waiting
+        assert control.request("pause")["ok"]
+
+        def reset() -> None:
+            with ControlClient(daemon.control_endpoint, timeout=WAIT) as other:
+                replies.append(other.request("reset"))
+
+        resetter = threading.Thread(target=reset, name="test-reset")
+        resetter.start()
+        wait_until(lambda: bool(daemon._inbox._commands), "the reset queued")
+        gate.set()
+        resetter.join(WAIT)
+        assert replies == [{"ok": True, "result": {"session": 2}}]
+        wait_until(lambda: daemon._ahead is None and daemon.status()["queue"] == 2, "the frame put back")
+        assert daemon.stacker.count == 0 and daemon.stats.received == 1
+        assert control.request("resume")["ok"]
+        recorder.wait_for(decided(3), "all three frames")
+    stats = daemon.stats
+    assert (stats.received, stats.accepted, stats.duplicates) == (3, 3, 0)
+    # The second frame was read again by the worker itself after the resume; the third was read ahead.
+    assert stats.read_ahead == 1
+    entries = journal(config)
+    assert [(Path(e["path"]).name, e["session"]) for e in entries] == [
+        (staged[0].name, 1), (staged[1].name, 2), (staged[2].name, 2)]
+    assert [(p["name"], p["session"], p["seq"]) for p in recorder.frames()] == [
+        (staged[0].name, 1, 1), (staged[1].name, 2, 2), (staged[2].name, 2, 3)]
+    assert_no_error_logged(recorder)

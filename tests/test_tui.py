@@ -148,7 +148,9 @@ def test_counters_frame_table_plots_and_log_follow_events(daemon: FakeDaemon) ->
     async def scenario() -> None:
         app = _app(daemon)
         async with app.run_test(size=(120, 40)) as pilot:
-            await _wait_for(pilot, lambda: "connected" in _header(app), "the first status")
+            # "connected" shows on the first message of any topic; the header fills in with the first status.
+            await _wait_for(pilot, lambda: "connected" in _header(app) and "NGC 7000" in _header(app),
+                            "the first status")
             header = _header(app)
             assert "NGC 7000" in header and "Ha" in header and "kappa-sigma" in header
             assert "running" in header
@@ -193,7 +195,9 @@ def test_preview_event_draws_coloured_half_blocks(daemon: FakeDaemon) -> None:
     async def scenario() -> None:
         app = _app(daemon)
         async with app.run_test(size=(120, 40)) as pilot:
-            await _wait_for(pilot, lambda: "connected" in _header(app), "the first status")
+            # "connected" shows on the first message of any topic; the header fills in with the first status.
+            await _wait_for(pilot, lambda: "connected" in _header(app) and "NGC 7000" in _header(app),
+                            "the first status")
             preview = app.query_one("#preview", PreviewView)
             assert preview.image is None
             image = demo_preview(depth=10)
@@ -291,7 +295,9 @@ def test_header_shows_stale_then_connected_again(daemon: FakeDaemon) -> None:
     async def scenario() -> None:
         app = _app(daemon, stale_after=0.6)
         async with app.run_test(size=(120, 40)) as pilot:
-            await _wait_for(pilot, lambda: "connected" in _header(app), "the first status")
+            # "connected" shows on the first message of any topic; the header fills in with the first status.
+            await _wait_for(pilot, lambda: "connected" in _header(app) and "NGC 7000" in _header(app),
+                            "the first status")
             daemon.publishing.clear()
             await _wait_for(pilot, lambda: "stale since" in _header(app), "staleness")
             header = _header(app)
