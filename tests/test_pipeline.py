@@ -19,9 +19,9 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_SETS = {
     "seestar_m94_run2": (0.02, True),
     "donuts_nites_J1749": (0.02, False),
-    # transforms.csv's rotations for this set come from ~60 stars fitted to 0.1-0.44 px RMS (about
-    # +-0.011 deg, 1 sigma); our fits with 60 to 1000 stars agree with each other to 0.001 deg and with the
-    # CSV to 0.027 deg at worst (0.2 px at the frame's corner). See the README's accuracy notes.
+    # transforms.csv's rotations for this set differ from ours by -0.011 deg on average, 0.027 deg at worst
+    # (0.2 px at the frame's corner); stacked with each, ours give the sharper stack (1.865 against 1.885 px
+    # FWHM): benchmarks/bench_reference_transforms.py and benchmarks/RESULTS.md.
     "microobs_hatp32_first30": (0.03, False),
     "pocs_kic8462852_dslr_pair": (0.02, True),
 }
