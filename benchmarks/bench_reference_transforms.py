@@ -70,11 +70,9 @@ def main() -> None:
                 assert result.transform is not None and result.meta is not None, result.reason
                 ours[path.name] = result.transform.matrix
                 theirs[path.name] = csv_matrix(truth[path.name], result.meta.shape)
-                rows, cols = result.meta.shape
-                centre = np.array([[(cols - 1) / 2.0, (rows - 1) / 2.0]])
-                shift = result.transform.apply(centre)[0] - centre[0]
+                dx, dy = result.transform.centre_shift(result.meta.shape)
                 row = truth[path.name]
-                distance.append(float(np.hypot(shift[0] - float(row["dx"]), shift[1] - float(row["dy"]))))
+                distance.append(float(np.hypot(dx - float(row["dx"]), dy - float(row["dy"]))))
                 rotation.append(result.transform.rotation - float(row["rot_deg"]))
         rot = np.array(rotation[1:])
         sharp_ours = stack_fwhm(paths, ours, bayer or None)

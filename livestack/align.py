@@ -108,6 +108,15 @@ class Transform:
         """Map ``(N, 2)`` frame coordinates onto the reference."""
         return np.asarray(xy, dtype=np.float64) @ self.matrix[:, :2].T + self.matrix[:, 2]
 
+    def centre_shift(self, shape: tuple[int, int]) -> tuple[float, float]:
+        """Where the centre of a ``(rows, columns)`` frame lands on the reference, minus the centre.
+
+        The ``dx, dy`` of ``frame`` events and of the real data's ``transforms.csv``.
+        """
+        centre = np.array([[(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0]])
+        dx, dy = self.apply(centre)[0] - centre[0]
+        return float(dx), float(dy)
+
     @classmethod
     def identity(cls) -> Transform:
         """The reference frame's own transform."""

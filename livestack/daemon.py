@@ -936,10 +936,8 @@ class Daemon:
         t = result.transform if result else None
         transform = None
         if t is not None and meta is not None:
-            rows, cols = meta.shape
-            centre = np.array([[(cols - 1) / 2.0, (rows - 1) / 2.0]])
-            dx, dy = (t.apply(centre) - centre)[0]
-            transform = {"matrix": t.matrix.tolist(), "dx": float(dx), "dy": float(dy),
+            dx, dy = t.centre_shift(meta.shape)
+            transform = {"matrix": t.matrix.tolist(), "dx": dx, "dy": dy,
                          "rotation": t.rotation, "scale": t.scale, "inliers": t.inliers, "rms": t.rms,
                          "method": t.method}
         return events.make_event(

@@ -244,12 +244,19 @@ def test_real_sequences_agree_with_transforms_csv(folder: str) -> None:
         stars = _luminance_stars(file, mosaic)
         transform = accepted(align(reference, stars, guess=guess))
         guess = transform  # as the live pipeline chains them
-        rows_, cols = stars.shape
-        centre = np.array([[(cols - 1) / 2.0, (rows_ - 1) / 2.0]])
         # transforms.csv: dx, dy = where the frame's centre lands in the reference, minus the centre.
-        dx, dy = transform.apply(centre)[0] - centre[0]
+        dx, dy = transform.centre_shift(stars.shape)
         row = rows[file.name]
         assert dx == pytest.approx(float(row["dx"]), abs=0.3), file.name
         assert dy == pytest.approx(float(row["dy"]), abs=0.3), file.name
         assert angle_difference(transform.rotation, float(row["rot_deg"])) <= rotation_tolerance, file.name
         assert transform.scale == pytest.approx(float(row["scale"]), abs=5e-4), file.name
+
+
+def test_centre_shift_is_where_the_frame_centre_lands_minus_the_centre() -> None:
+    shape = (300, 401)
+    matrix = similarity(37.0, (12.5, -4.25), shape=shape)  # rotates about the centre, then shifts it
+    transform = Transform(matrix=matrix, rotation=37.0, scale=1.0, inliers=10, rms=0.0, matched_fraction=1.0,
+                          method="fast")
+    assert transform.centre_shift(shape) == pytest.approx((12.5, -4.25), abs=1e-9)
+    assert Transform.identity().centre_shift(shape) == (0.0, 0.0)

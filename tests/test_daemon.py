@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,18 @@ class Recorder:
     def _frames_text(self) -> str:
         return "; ".join(f"{e['name']} {e['verdict']} {e['reason'] or ''}" for e in self.events
                          if e.topic == "frame" and e["verdict"] != "received")
+
+
+def assert_equals_batch(live: np.ndarray, config: Config, paths: Sequence[Path]) -> None:
+    """The daemon's stack equals ``Stacker`` over the same files in this order: NaN mask, 1e-6 relative."""
+    batch = Stacker(config)
+    for path in paths:
+        assert batch.process(path).accepted
+    expected = batch.result()
+    assert expected is not None
+    np.testing.assert_array_equal(np.isnan(live), np.isnan(expected))
+    covered = ~np.isnan(expected)
+    np.testing.assert_allclose(live[covered], expected[covered], rtol=1e-6)
 
 
 def assert_no_error_logged(recorder: Recorder) -> None:
@@ -262,14 +274,7 @@ def test_live_stack_of_a_simulated_night_equals_the_batch_stack(tmp_path: Path, 
     live = assert_whole_fits(Path(final[0]["fits"]), 30)
     assert Path(final[0]["fits"]) == config.path(config.output.folder) / "SIM-FIELD" / "stack.fits"
 
-    batch = Stacker(config)
-    for path in batch_order:
-        assert batch.process(path).accepted
-    expected = batch.result()
-    assert expected is not None
-    np.testing.assert_array_equal(np.isnan(live), np.isnan(expected))
-    covered = ~np.isnan(expected)
-    np.testing.assert_allclose(live[covered], expected[covered], rtol=1e-6)
+    assert_equals_batch(live, config, batch_order)
 
 
 # -- 2. events and control --------------------------------------------------------------------------------
@@ -695,14 +700,7 @@ def test_a_backlog_is_read_ahead_and_stacks_like_the_batch(tmp_path: Path, stage
     final = [s for s in recorder.topic("snapshot") if s["reason"] == "shutdown"]
     assert len(final) == 1 and final[0]["frames"] == 10
     live = assert_whole_fits(Path(final[0]["fits"]), 10)
-    batch = Stacker(config)
-    for path in staged:
-        assert batch.process(path).accepted
-    expected = batch.result()
-    assert expected is not None
-    np.testing.assert_array_equal(np.isnan(live), np.isnan(expected))
-    covered = ~np.isnan(expected)
-    np.testing.assert_allclose(live[covered], expected[covered], rtol=1e-6)
+    assert_equals_batch(live, config, staged)
     assert_no_error_logged(recorder)
 
 
