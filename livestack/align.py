@@ -118,6 +118,32 @@ class Transform:
         return float(dx), float(dy)
 
     @classmethod
+    def from_matrix(cls, matrix: np.ndarray, method: str, inliers: int = 0, rms: float = 0.0,
+                    matched_fraction: float = 0.0) -> Transform:
+        """A transform from its matrix, with rotation and scale derived from it.
+
+        Parameters
+        ----------
+        matrix : ndarray
+            ``(2, 3)``, frame -> reference; copied.
+        method : str
+        inliers, rms, matched_fraction
+            The fit's figures, when there was a fit.
+
+        Returns
+        -------
+        Transform
+            Rotation is the angle of the matrix's rotation part (exact for a similarity, the mean of the
+            axes' rotations for an affine fit); scale the square root of its determinant's magnitude.
+        """
+        m = np.array(matrix, dtype=np.float64)
+        rotation = math.degrees(math.atan2(m[1, 0] - m[0, 1], m[0, 0] + m[1, 1]))
+        if rotation <= -180.0:
+            rotation += 360.0
+        return cls(matrix=_frozen(m), rotation=rotation, scale=math.sqrt(abs(float(np.linalg.det(m[:, :2])))),
+                   inliers=inliers, rms=rms, matched_fraction=matched_fraction, method=method)
+
+    @classmethod
     def identity(cls) -> Transform:
         """The reference frame's own transform."""
         return cls(matrix=_frozen(np.eye(2, 3)), rotation=0.0, scale=1.0, inliers=0, rms=0.0,
@@ -419,13 +445,8 @@ def _invalid(problem: _Problem, fit: _Fit) -> str | None:
 
 
 def _transform(problem: _Problem, fit: _Fit, method: str) -> Transform:
-    m = fit.matrix
-    rotation = math.degrees(math.atan2(m[1, 0] - m[0, 1], m[0, 0] + m[1, 1]))
-    if rotation <= -180.0:
-        rotation += 360.0
-    return Transform(matrix=_frozen(m.copy()), rotation=rotation,
-                     scale=math.sqrt(abs(float(np.linalg.det(m[:, :2])))), inliers=int(fit.frm_index.size),
-                     rms=fit.rms, matched_fraction=_matched_fraction(problem, fit), method=method)
+    return Transform.from_matrix(fit.matrix, method, inliers=int(fit.frm_index.size), rms=fit.rms,
+                                 matched_fraction=_matched_fraction(problem, fit))
 
 
 def _frozen(values: np.ndarray) -> np.ndarray:

@@ -389,7 +389,7 @@ class Stacker:
         self._acc.restore(state)
         self._acc_channels = shape[2] if len(shape) == 3 else None
         if "last_matrix" in arrays:
-            self._last = _matrix_transform(np.asarray(arrays["last_matrix"]))
+            self._last = Transform.from_matrix(arrays["last_matrix"], "restored")
         self.exptime = float(meta["exptime"])
         self.date_obs = _parse_iso(meta["date_obs"])
         self.date_end = _parse_iso(meta["date_end"])
@@ -551,11 +551,3 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     a = np.array(a)
     a.flags.writeable = False
     return a
-
-
-def _matrix_transform(matrix: np.ndarray) -> Transform:
-    m = _readonly(matrix.astype(np.float64))
-    scale = float(np.hypot(m[0, 0], m[1, 0]))
-    rotation = float(np.degrees(np.arctan2(m[1, 0], m[0, 0])))
-    return Transform(matrix=m, rotation=rotation, scale=scale, inliers=0, rms=0.0, matched_fraction=0.0,
-                     method="restored")
