@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from livestack.config import Config
-from livestack.detect import detect
 from livestack.pipeline import Stacker, expand_paths, order_by_time
+from livestack.stages.detect import detect
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = ("microobs_hatp32_first30", "donuts_nites_J1749", "seestar_m94_run2")

@@ -22,9 +22,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from livestack.client import Subscriber
+from livestack.clients.bus import Subscriber
 from livestack.config import Config
-from livestack.daemon import Daemon
+from livestack.live.daemon import Daemon
 from livestack.simulate import SimConfig, simulate
 
 SIZES = {"2": ((1920, 1080), 1.5), "8.3": ((3840, 2160), 2.5), "26": ((6240, 4160), 5.0)}

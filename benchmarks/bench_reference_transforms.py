@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from livestack.config import Config
-from livestack.detect import detect
-from livestack.frames import read_frame
 from livestack.pipeline import Stacker, expand_paths, order_by_time
-from livestack.stack import MeanStack
-from livestack.warp import warp
+from livestack.stages.detect import detect
+from livestack.stages.frames import read_frame
+from livestack.stages.stack import MeanStack
+from livestack.stages.warp import warp
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = {"microobs_hatp32_first30": "", "seestar_m94_run2": "", "donuts_nites_J1749": "",

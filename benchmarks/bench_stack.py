@@ -17,8 +17,8 @@ import cv2
 import numba
 import numpy as np
 
-from livestack.stack import MIN_TEST_SAMPLES, KappaSigmaStack, MeanStack, MedianStack
-from livestack.warp import INTERPOLATIONS, warp
+from livestack.stages.stack import MIN_TEST_SAMPLES, KappaSigmaStack, MeanStack, MedianStack
+from livestack.stages.warp import INTERPOLATIONS, warp
 
 SIZES = {"2": (1200, 1680), "8.3": (2160, 3840), "26": (4160, 6240)}
 THREADS = 2

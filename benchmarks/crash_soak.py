@@ -41,15 +41,15 @@ import numpy as np
 from astropy.io import fits
 
 from livestack.config import load_config
+from livestack.live.state import Journal, JournalEntry
 from livestack.pipeline import Stacker, order_by_time
 from livestack.simulate import SimConfig, simulate
-from livestack.state import Journal, JournalEntry
 
 #: Seconds a run may take to log that it is watching, or to finish, before the soak gives up on it.
 START_TIMEOUT = 60.0
 FINISH_TIMEOUT = 120.0
 #: The line ``livestack run`` logs once it has recovered and watches the folder.
-READY_MARK = "livestack.daemon: watching "
+READY_MARK = "livestack.live.daemon: watching "
 _RESUMED = re.compile(r"resumed session \d+: (\d+) frames from the checkpoint, (\d+) stacked again")
 
 

@@ -56,7 +56,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from livestack.pipeline import FrameResult, Stacker, expand_paths, order_by_time
-    from livestack.snapshot import write_fits, write_preview
+    from livestack.stages.snapshot import write_fits, write_preview
 
     config = _load(args, {"stack.method": args.method, "align.reference": args.reference,
                           "frames.bayer_pattern": args.bayer, "align.interpolation": args.interpolation,
@@ -156,7 +156,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 # -- livestack run -------------------------------------------------------------------------------------
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from livestack.daemon import Daemon
+    from livestack.live.daemon import Daemon
 
     config = _load(args, {"watch.folder": _abs(args.watch), "output.folder": _abs(args.output),
                           "watch.polling": True if args.polling else None,
@@ -164,7 +164,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(config)
     _install_signals(daemon.request_stop)
     if args.tui and sys.stdin.isatty() and sys.stdout.isatty():
-        from livestack.tui.app import LivestackApp, run_app
+        from livestack.clients.tui.app import LivestackApp, run_app
 
         daemon.start()
         try:
@@ -208,7 +208,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import threading
     import time
 
-    from livestack.daemon import Daemon
+    from livestack.live.daemon import Daemon
     from livestack.simulate import SimConfig, simulate
 
     output = Path(args.output).resolve()
@@ -243,7 +243,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         written: list[Path] = []
         app: LivestackApp | None = None
         if use_tui:
-            from livestack.tui.app import LivestackApp, run_app
+            from livestack.clients.tui.app import LivestackApp, run_app
 
             app = LivestackApp(daemon.publish_endpoint, daemon.control_endpoint, attached=True)
 
@@ -323,14 +323,14 @@ class _DemoPrinter:
 # -- livestack tui and keys ----------------------------------------------------------------------------
 
 def _cmd_tui(args: argparse.Namespace) -> int:
-    from livestack.tui.app import run_tui
+    from livestack.clients.tui.app import run_tui
 
     run_tui(args.connect, args.control, Path(args.keys) if args.keys else None)
     return 0
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from livestack.net import generate_keys
+    from livestack.live.net import generate_keys
 
     public, secret = generate_keys(args.directory, args.name)
     print(f"public key: {public}\nsecret key: {secret} (keep it private)")

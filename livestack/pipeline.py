@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from livestack.align import AlignParams, Transform, align
 from livestack.config import Config
-from livestack.detect import Quality, Stars, detect
 from livestack.errors import FrameError, StateError
-from livestack.frames import FITS_SUFFIXES, Frame, FrameMeta, read_frame, read_meta
-from livestack.snapshot import StackInfo
-from livestack.stack import Accumulator, make_accumulator
-from livestack.warp import warp
+from livestack.stages.align import AlignParams, Transform, align
+from livestack.stages.detect import Quality, Stars, detect
+from livestack.stages.frames import FITS_SUFFIXES, Frame, FrameMeta, read_frame, read_meta
+from livestack.stages.snapshot import StackInfo
+from livestack.stages.stack import Accumulator, make_accumulator
+from livestack.stages.warp import warp
 
 __all__ = ["FrameResult", "Prepared", "Stacker", "expand_paths", "order_by_time"]
 

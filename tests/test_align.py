@@ -1,4 +1,4 @@
-"""Tests of livestack.align: seeded synthetic skies seen through known transforms, and real sequences."""
+"""Tests of livestack.stages.align: seeded synthetic skies through known transforms, and real sequences."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from livestack.align import Alignment, AlignParams, Transform, align
-from livestack.detect import Stars, detect
 from livestack.simulate import render_stars
+from livestack.stages.align import Alignment, AlignParams, Transform, align
+from livestack.stages.detect import Stars, detect
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAPE = (480, 640)  # rows, columns

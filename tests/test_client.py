@@ -15,7 +15,7 @@ import zmq
 import zmq.auth
 
 from livestack import events
-from livestack.client import ClientKeys, ControlClient, Subscriber
+from livestack.clients.bus import ClientKeys, ControlClient, Subscriber
 from livestack.errors import LivestackError, NetworkError
 
 

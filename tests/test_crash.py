@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 
 from livestack.config import Config, load_config
-from livestack.daemon import Daemon
+from livestack.live.daemon import Daemon
+from livestack.live.state import CheckpointStore, Journal, JournalEntry, content_hash
 from livestack.pipeline import FrameResult, Prepared, Stacker
 from livestack.simulate import SimConfig, simulate
-from livestack.state import CheckpointStore, Journal, JournalEntry, content_hash
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,14 +27,14 @@ import pytest
 import zmq
 from astropy.io import fits
 
-from livestack import daemon as daemon_module
 from livestack import events
-from livestack.client import ClientKeys, ControlClient, Subscriber
+from livestack.clients.bus import ClientKeys, ControlClient, Subscriber
 from livestack.config import Config
-from livestack.daemon import Daemon
 from livestack.errors import NetworkError
-from livestack.net import generate_keys
-from livestack.notify import Notifier
+from livestack.live import daemon as daemon_module
+from livestack.live.daemon import Daemon
+from livestack.live.net import generate_keys
+from livestack.live.notify import Notifier
 from livestack.pipeline import Stacker, expand_paths, order_by_time
 from livestack.simulate import SUBDIR_NAME, SimConfig, render_frame, simulate
 

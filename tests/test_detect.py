@@ -1,4 +1,4 @@
-"""Tests of livestack.detect: seeded synthetic star fields with known positions, and real frames."""
+"""Tests of livestack.stages.detect: seeded synthetic star fields with known positions, and real frames."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from livestack.detect import Quality, Stars, detect
 from livestack.simulate import render_stars
+from livestack.stages.detect import Quality, Stars, detect
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

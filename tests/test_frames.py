@@ -1,4 +1,4 @@
-"""Tests of livestack.frames: FITS reading, metadata, Bayer patterns, debayering, rejections, real frames."""
+"""Tests of livestack.stages.frames: FITS reading, metadata, Bayer patterns, debayering, rejections."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from livestack.errors import FrameError
-from livestack.frames import BAYER_PATTERNS, FITS_SUFFIXES, debayer, read_frame, read_meta
+from livestack.stages.frames import BAYER_PATTERNS, FITS_SUFFIXES, debayer, read_frame, read_meta
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real frames not found at {DATA}")

@@ -1,7 +1,7 @@
 """The daemon's sockets: security policy, keys, publishing that never blocks, and a control server that
 always answers, checked with real ZeroMQ sockets on loopback.
 
-Client sockets are written here directly with pyzmq so that these tests do not depend on livestack.client.
+Client sockets are written here directly with pyzmq so these tests do not depend on livestack.clients.bus.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import zmq.auth
 
 from livestack import events
 from livestack.errors import LivestackError, NetworkError
-from livestack.net import (
+from livestack.live.net import (
     CONTROL_MAX_REQUEST,
     PUBLISH_HWM,
     Security,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from livestack.notify import Notifier, watchdog_interval
+from livestack.live.notify import Notifier, watchdog_interval
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_nothing_happens_off_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_failed_send_is_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone")})
     assert notifier.enabled
-    with caplog.at_level("DEBUG", logger="livestack.notify"):
+    with caplog.at_level("DEBUG", logger="livestack.live.notify"):
         assert notifier.ready() is False
     assert "could not notify systemd" in caplog.text
 

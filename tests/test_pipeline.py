@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from livestack.config import Config
-from livestack.detect import detect
 from livestack.pipeline import Stacker, expand_paths, order_by_time
 from livestack.simulate import SimConfig, render_frame, simulate
+from livestack.stages.detect import detect
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

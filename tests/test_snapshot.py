@@ -1,4 +1,4 @@
-"""Tests of livestack.snapshot: atomic writes, FITS output, the auto-stretch and the picture encoders."""
+"""Tests of livestack.stages.snapshot: atomic writes, FITS output, the auto-stretch, the encoders."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from livestack.simulate import render_stars
-from livestack.snapshot import (
+from livestack.stages.snapshot import (
     TARGET_BACKGROUND,
     StackInfo,
     atomic_write,
@@ -275,7 +275,7 @@ def test_preview_bytes_is_a_small_jpeg() -> None:
 
 def test_flatten_background_removes_a_gradient_but_keeps_stars() -> None:
     from livestack.simulate import render_stars
-    from livestack.snapshot import flatten_background
+    from livestack.stages.snapshot import flatten_background
 
     rng = np.random.default_rng(4)
     rows, cols = 600, 800

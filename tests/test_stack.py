@@ -11,7 +11,7 @@ import pytest
 from astropy.stats import sigma_clip
 
 from livestack.errors import StateError
-from livestack.stack import (
+from livestack.stages.stack import (
     MAD_TO_SIGMA,
     METHODS,
     MIN_TEST_SAMPLES,

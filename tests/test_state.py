@@ -1,4 +1,4 @@
-"""Tests of livestack.state: journal, checkpoints, recovery, and exactly-once stacking across SIGKILL."""
+"""Tests of livestack.live.state: journal, checkpoints, recovery, and exactly-once stacking across SIGKILL."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from livestack.errors import StateError
-from livestack.state import (
+from livestack.live.state import (
     CHECKPOINTS_KEPT,
     CheckpointStore,
     Journal,
@@ -457,7 +457,7 @@ _WORKER = r'''
 import os, signal, sys
 from pathlib import Path
 import numpy as np
-from livestack import state
+from livestack.live import state
 
 state_dir, frames_dir = Path(sys.argv[1]), Path(sys.argv[2])
 every, death, allowed = int(sys.argv[3]), sys.argv[4], int(sys.argv[5])

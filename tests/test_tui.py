@@ -21,11 +21,11 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable, RichLog, Static
 
 from livestack import events
+from livestack.clients.tui.app import ConfirmScreen, HelpScreen, LivestackApp
+from livestack.clients.tui.demo import demo_events, demo_preview
+from livestack.clients.tui.model import Dashboard, format_duration
+from livestack.clients.tui.widgets import HALF_BLOCK, Plot, PreviewView, fit_preview
 from livestack.errors import NetworkError
-from livestack.tui.app import ConfirmScreen, HelpScreen, LivestackApp
-from livestack.tui.demo import demo_events, demo_preview
-from livestack.tui.model import Dashboard, format_duration
-from livestack.tui.widgets import HALF_BLOCK, Plot, PreviewView, fit_preview
 
 
 class FakeDaemon:

@@ -20,12 +20,12 @@ from rich.console import Console
 from textual.pilot import Pilot
 from textual.widgets import DataTable, RichLog, Static
 
+from livestack.clients.tui.app import LivestackApp, run_app
+from livestack.clients.tui.widgets import PreviewView
 from livestack.config import Config
-from livestack.daemon import Daemon
-from livestack.notify import Notifier
+from livestack.live.daemon import Daemon
+from livestack.live.notify import Notifier
 from livestack.simulate import SimConfig, simulate
-from livestack.tui.app import LivestackApp, run_app
-from livestack.tui.widgets import PreviewView
 
 LOOPBACK = "tcp://127.0.0.1:*"
 #: Seconds any one wait may take (two cores shared with other suites).

@@ -13,8 +13,8 @@ from typing import Any
 
 from textual.pilot import Pilot
 
-from livestack.tui.app import ConnectionChanged, LivestackApp
-from livestack.tui.demo import DEMO_START, demo_events
+from livestack.clients.tui.app import ConnectionChanged, LivestackApp
+from livestack.clients.tui.demo import DEMO_START, demo_events
 
 SnapCompare = Callable[..., bool]
 

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from livestack.warp import INTERPOLATIONS, warp
+from livestack.stages.warp import INTERPOLATIONS, warp
 
 _SUPPORT = {"bilinear": (0, 1), "bicubic": (1, 2), "lanczos": (3, 4)}
 # Centroid accuracy per kernel. Bilinear reproduces a linear ramp exactly (measured error < 0.001 px).

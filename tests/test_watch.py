@@ -1,4 +1,4 @@
-"""Tests of livestack.watch: completeness of real FITS files, and delivery by real watchdog observers."""
+"""Tests of livestack.live.watch: completeness of real FITS files, and delivery by real watchdog observers."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import pytest
 from astropy.io import fits
 
 from livestack.errors import ConfigError
-from livestack.frames import FITS_SUFFIXES
-from livestack.watch import (
+from livestack.live.watch import (
     BLOCK_SIZE,
     DEFAULT_PATTERNS,
     FitsState,
@@ -28,6 +27,7 @@ from livestack.watch import (
     check_fits,
     fits_complete,
 )
+from livestack.stages.frames import FITS_SUFFIXES
 
 #: Short timings keep the suite fast; every wait below is a blocking get with a deadline.
 SETTLE = 0.2

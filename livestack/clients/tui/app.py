@@ -28,10 +28,10 @@ from textual.widgets import Button, DataTable, Footer, RichLog, Static
 from textual.worker import get_current_worker
 
 from livestack import events
-from livestack.client import ClientKeys, ControlClient, Subscriber
+from livestack.clients.bus import ClientKeys, ControlClient, Subscriber
+from livestack.clients.tui.model import SERIES, Dashboard, FrameRow, LogLine, format_clock
+from livestack.clients.tui.widgets import Plot, PreviewView
 from livestack.errors import LivestackError
-from livestack.tui.model import SERIES, Dashboard, FrameRow, LogLine, format_clock
-from livestack.tui.widgets import Plot, PreviewView
 
 __all__ = [
     "ConfirmScreen",

@@ -52,7 +52,7 @@ import astroalign
 import numpy as np
 from scipy.spatial import cKDTree
 
-from livestack.detect import Stars
+from livestack.stages.detect import Stars
 
 __all__ = ["AlignParams", "Alignment", "Transform", "align"]
 

@@ -75,7 +75,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from livestack.errors import ConfigError
-from livestack.frames import FITS_SUFFIXES
+from livestack.stages.frames import FITS_SUFFIXES
 
 __all__ = [
     "DEFAULT_IGNORE",

@@ -39,19 +39,20 @@ from typing import Any
 
 import numpy as np
 
-from livestack import events, watch
+from livestack import events
 from livestack.config import Config
 from livestack.errors import LivestackError
-from livestack.frames import read_meta
-from livestack.net import Security, SocketHub
-from livestack.notify import Notifier, watchdog_interval
+from livestack.live import watch
+from livestack.live.net import Security, SocketHub
+from livestack.live.notify import Notifier, watchdog_interval
+from livestack.live.state import CheckpointStore, Journal, JournalEntry, content_hash, recover
 from livestack.pipeline import REJECTED, FrameResult, Prepared, Stacker
-from livestack.snapshot import preview_array, write_fits, write_preview
-from livestack.state import CheckpointStore, Journal, JournalEntry, content_hash, recover
+from livestack.stages.frames import read_meta
+from livestack.stages.snapshot import preview_array, write_fits, write_preview
 
 __all__ = ["Daemon", "DaemonStats"]
 
-log = logging.getLogger("livestack.daemon")
+log = logging.getLogger("livestack.live.daemon")
 
 #: Seconds between ``status`` events.
 STATUS_PERIOD = 1.0

@@ -173,7 +173,7 @@ def save_demo_screenshot(path: str, size: tuple[int, int] = (120, 40)) -> None:
     # Imported here: the event builders above need no Textual, and app imports nothing of this module.
     import asyncio
 
-    from livestack.tui.app import ConnectionChanged, LivestackApp
+    from livestack.clients.tui.app import ConnectionChanged, LivestackApp
 
     async def shoot() -> None:
         app = LivestackApp(None, None, tz=UTC, clock=DEMO_START.timestamp)
