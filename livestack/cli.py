@@ -1,4 +1,4 @@
-"""The ``livestack`` command: stack, simulate, run, demo, tui, keys, config."""
+"""The ``livestack`` command: stack, restack, simulate, run, demo, tui, keys, config."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -89,8 +90,11 @@ def _cmd_stack(args: argparse.Namespace) -> int:
                     progress.update(task, name=name, advance=1)
         image = stacker.result()
         if image is not None and stacker.count > 0:
-            write_fits(fits_path, image, stacker.info())
+            rows = _result_rows(results)
+            write_fits(fits_path, image, replace(stacker.info(), frames=rows))
             write_preview(image_path, image, flatten=config.output.flatten_background)
+            if args.frames_csv or config.output.frames_csv:
+                _write_frames_csv(fits_path, rows)
     if args.report:
         _write_report(Path(args.report), results)
     accepted = [r for r in results if r.accepted]
@@ -104,6 +108,32 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         return 1
     console.print(f"wrote {fits_path} and {image_path}")
     return 0
+
+
+def _result_rows(results: Sequence[Any]) -> tuple[Any, ...]:
+    """The ``FRAMES`` table of a run: one row per file, numbered from 1 in the order stacked."""
+    from livestack.live.state import content_hash
+    from livestack.pipeline import frame_facts
+    from livestack.stages.provenance import FrameRow
+
+    rows = []
+    for seq, r in enumerate(results, start=1):
+        try:
+            digest = content_hash(r.path)
+        except OSError:
+            digest = ""
+        rows.append(FrameRow.from_facts(seq, digest, r.verdict, r.reason, frame_facts(r)))
+    return tuple(rows)
+
+
+def _write_frames_csv(fits_path: Path, rows: Sequence[Any]) -> Path:
+    """The ``FRAMES`` rows as CSV beside the snapshot: ``stack.fits`` -> ``stack.frames.csv``."""
+    from livestack.stages.provenance import frames_csv
+    from livestack.stages.snapshot import atomic_write
+
+    path = fits_path.with_suffix(".frames.csv")
+    atomic_write(path, frames_csv(rows))
+    return path
 
 
 def _stack_outputs(out: Path, image_format: str) -> tuple[Path, Path]:
@@ -134,6 +164,77 @@ def _write_report(path: Path, results: Sequence[Any]) -> None:
                    _fmt(q.background if q else None), _fmt(q.noise if q else None)]
             row += [_fmt(r.timings.get(stage), 4) for stage in ("read", "detect", "align", "warp", "stack")]
             writer.writerow(row)
+
+
+# -- livestack restack ---------------------------------------------------------------------------------
+
+def _cmd_restack(args: argparse.Namespace) -> int:
+    from livestack.live import ledger
+    from livestack.live.state import content_hash, read_journal, removed_seqs
+    from livestack.pipeline import Stacker
+    from livestack.stages.snapshot import write_fits, write_preview
+
+    state = Path(args.state_dir)
+    journal = state / "journal.jsonl"
+    if not journal.is_file():
+        raise LivestackError(f"{state} holds no journal.jsonl: is it a livestack state folder?")
+    entries, removals = read_journal(journal)
+    sessions = sorted({e.session for e in entries if e.verdict == "accepted"})
+    if not sessions:
+        raise LivestackError(f"the journal {journal} has no stacked frame")
+    session = sessions[-1] if args.session is None else args.session
+    if session not in sessions:
+        raise LivestackError(f"session {session} has no stacked frame; sessions: "
+                             f"{', '.join(map(str, sessions))}")
+    accepted = [e for e in entries if e.session == session and e.verdict == "accepted"]
+    seqs, names = ledger.parse_exclusions(args.exclude or [])
+    unknown = sorted(seqs - {e.seq for e in entries if e.session == session})
+    if unknown:
+        raise LivestackError(f"--exclude names frame {unknown[0]}, which session {session} does not have")
+    excluded = {e.seq for e in ledger.select(accepted, names=names)} | seqs
+    removed = removed_seqs(removals, session)
+    kept = [e for e in accepted if e.seq not in excluded and e.seq not in removed]
+    references = [e for e in accepted if e.reference]
+    if not kept:
+        raise LivestackError("every frame is excluded or removed: nothing to stack")
+    if not references:
+        raise LivestackError(f"the journal does not say which frame session {session} was aligned to")
+    config = _load(args, {"stack.method": args.method, "align.interpolation": args.interpolation,
+                          "output.image_format": args.image_format})
+    fits_path, image_path = _stack_outputs(Path(args.output), config.output.image_format)
+    fits_path.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    missing = 0
+    with tempfile.TemporaryDirectory(prefix=".livestack-", dir=fits_path.parent) as workdir:
+        stacker = Stacker(config, workdir=Path(workdir))
+        problem = stacker.use_reference(references[-1].path)
+        if problem:
+            raise LivestackError(f"the reference {references[-1].path} cannot be read again: {problem}")
+        for e in kept:
+            assert e.transform is not None
+            try:
+                if content_hash(e.path) != e.hash:
+                    raise OSError("its content changed since it was stacked")
+                stacker.add_known(e.path, e.transform, ledger.weight(e))
+            except (OSError, LivestackError) as exc:
+                missing += 1
+                print(f"livestack: left out {e.path}: {exc}", file=sys.stderr)
+        rows = ledger.frame_rows(entries, removals, session, excluded=excluded,
+                                 excluded_reason="excluded from this restack")
+        image = stacker.result()
+        if image is None or stacker.count == 0:
+            print("livestack: no frame could be stacked; nothing written", file=sys.stderr)
+            return 1
+        write_fits(fits_path, image, replace(stacker.info(), frames=rows))
+        write_preview(image_path, image, flatten=config.output.flatten_background)
+        if args.frames_csv or config.output.frames_csv:
+            _write_frames_csv(fits_path, rows)
+    print(f"{stacker.count} of {len(accepted)} frames of session {session} stacked again "
+          f"({config.stack.method}, no re-alignment); {len(accepted) - len(kept)} excluded or removed"
+          + (f", {missing} unreadable" if missing else ""), file=sys.stderr)
+    print(f"wrote {fits_path} and {image_path}", file=sys.stderr)
+    return 0 if not missing else 1
 
 
 # -- livestack simulate --------------------------------------------------------------------------------
@@ -395,7 +496,8 @@ def _setup_logging(verbose: int, command: str = "") -> None:
     """Log to stderr; under systemd (JOURNAL_STREAM set) prefix syslog priorities for journald."""
     import os
 
-    quiet = logging.WARNING if command in ("stack", "simulate", "config", "keys", "tui") else logging.INFO
+    quiet = (logging.WARNING if command in ("stack", "restack", "simulate", "config", "keys", "tui")
+             else logging.INFO)
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else quiet
     handler = logging.StreamHandler(sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):
@@ -435,8 +537,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--interpolation", choices=("bilinear", "bicubic", "lanczos"))
     s.add_argument("--image-format", choices=("jpeg", "png"), help="format of the picture")
     s.add_argument("--report", metavar="FILE.csv", help="write one CSV row per frame")
+    s.add_argument("--frames-csv", action="store_true",
+                   help="also write the FRAMES table as CSV beside the FITS (stack.frames.csv)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_stack)
+
+    rs = sub.add_parser("restack", help="stack a session again from its journal, without re-aligning")
+    rs.add_argument("state_dir", metavar="STATE_DIR", help="the daemon's state folder (holds journal.jsonl)")
+    rs.add_argument("-o", "--output", default="restack.fits", metavar="OUT",
+                    help="output FITS file (picture beside it) or a folder (default: restack.fits)")
+    rs.add_argument("--method", choices=("mean", "kappa-sigma", "median"), help="stacking method")
+    rs.add_argument("--exclude", nargs="+", metavar="ITEM",
+                    help="frames to leave out: journal numbers (12), ranges (12-15), file names or globs")
+    rs.add_argument("--session", type=int, metavar="N", help="session to stack (default: the last)")
+    rs.add_argument("--config", metavar="FILE", help="configuration file (default: built-in defaults)")
+    rs.add_argument("--interpolation", choices=("bilinear", "bicubic", "lanczos"))
+    rs.add_argument("--image-format", choices=("jpeg", "png"), help="format of the picture")
+    rs.add_argument("--frames-csv", action="store_true",
+                    help="also write the FRAMES table as CSV beside the FITS")
+    rs.set_defaults(func=_cmd_restack)
 
     m = sub.add_parser("simulate", help="write simulated camera frames at a cadence")
     m.add_argument("outdir", metavar="OUTDIR")

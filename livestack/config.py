@@ -127,6 +127,8 @@ class OutputConfig:
     image_format: str = _key("jpeg", "format of the picture for people", choices=("jpeg", "png"))
     history: bool = _key(False, "also keep numbered copies of each snapshot")
     flatten_background: bool = _key(True, "remove sky gradients from pictures and previews (not from FITS)")
+    frames_csv: bool = _key(False, "also write the FRAMES provenance table as CSV beside each snapshot "
+                            "(stack.frames.csv)")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,7 +29,7 @@ from livestack.stages.snapshot import StackInfo
 from livestack.stages.stack import Accumulator, make_accumulator
 from livestack.stages.warp import warp
 
-__all__ = ["FrameResult", "Prepared", "Stacker", "expand_paths", "order_by_time"]
+__all__ = ["FrameResult", "Prepared", "Stacker", "expand_paths", "frame_facts", "order_by_time"]
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -82,6 +82,55 @@ class FrameResult:
     @property
     def accepted(self) -> bool:
         return self.verdict == ACCEPTED
+
+
+def frame_facts(result: FrameResult) -> dict[str, Any]:
+    """What the ``FRAMES`` table records of a frame, as a JSON-able dictionary (journaled with the frame).
+
+    Parameters
+    ----------
+    result : FrameResult
+
+    Returns
+    -------
+    dict
+        ``path``, ``date_obs`` (ISO UTC), ``exptime``, ``filter``, ``object``, ``matrix`` (6 floats, frame ->
+        reference), ``dx``, ``dy``, ``rotation``, ``scale``, ``inliers``, ``residual``, ``method``, ``stars``,
+        ``fwhm``, ``ellipticity``, ``background``, ``noise``, ``reference``, ``weight``; ``masters`` when the
+        result carries calibration. A value not measured is None (JSON has no NaN).
+    """
+    meta, q, t = result.meta, result.quality, result.transform
+    facts: dict[str, Any] = {
+        "path": result.path,
+        "date_obs": meta.time_utc.isoformat() if meta is not None and meta.time_utc is not None else None,
+        "exptime": meta.exptime if meta is not None else None,
+        "filter": meta.filter if meta is not None else None,
+        "object": meta.object if meta is not None else None,
+        "stars": q.stars if q is not None else None,
+        "fwhm": _finite_or_none(q.fwhm) if q is not None else None,
+        "ellipticity": _finite_or_none(q.ellipticity) if q is not None else None,
+        "background": _finite_or_none(q.background) if q is not None else None,
+        "noise": _finite_or_none(q.noise) if q is not None else None,
+        "matrix": None, "dx": None, "dy": None, "rotation": None, "scale": None, "inliers": None,
+        "residual": None, "method": None, "reference": result.reference,
+    }
+    if t is not None:
+        facts["matrix"] = [float(v) for v in t.matrix.ravel()]
+        if meta is not None:
+            facts["dx"], facts["dy"] = t.centre_shift(meta.shape)
+        facts.update(rotation=t.rotation, scale=t.scale, inliers=int(t.inliers),
+                     residual=_finite_or_none(t.rms), method=t.method)
+    # Calibration and weighting add these to the result when they run; a table without them keeps its
+    # columns, empty.
+    masters = getattr(result, "masters", None) or getattr(result, "calibration", None)
+    if masters is not None:
+        facts["masters"] = masters if isinstance(masters, str) else _masters_text(masters)
+    weight = getattr(result, "weight", None)
+    if weight is not None:
+        facts["weight"] = _finite_or_none(float(weight))
+    elif result.accepted:
+        facts["weight"] = 1.0
+    return facts
 
 
 class Stacker:
@@ -222,6 +271,122 @@ class Stacker:
             ahead = upcoming
         if ahead is not None:
             yield self.commit(ahead.result())
+
+    # -- frames whose transform is known (replay, removal, re-integration, restack) -----------------------
+
+    def warp_known(self, path: str | Path,
+                   matrix: np.ndarray | Sequence[float]) -> tuple[Frame, np.ndarray, np.ndarray]:
+        """Read a frame as ``prepare`` does and warp it onto the reference with a known transform.
+
+        Parameters
+        ----------
+        path : str or Path
+        matrix : array-like
+            The frame's 2x3 transform (or its 6 numbers, row-major), as journaled when it was stacked.
+
+        Returns
+        -------
+        frame : Frame
+        aligned : ndarray
+        footprint : ndarray
+
+        Raises
+        ------
+        FrameError
+            When the file cannot be read, or does not fit the stack's grid.
+        StateError
+            Before the stack has a reference.
+        """
+        if self._ref_meta is None or self._acc is None:
+            raise StateError("the stack has no reference yet: a known transform has nothing to map onto")
+        frame = read_frame(path, bayer_pattern=self._bayer)
+        channels = frame.data.shape[2] if frame.is_color else None
+        if frame.meta.shape != self._ref_meta.shape or channels != self._acc_channels:
+            raise FrameError(f"{path} no longer fits the stack: it is {frame.data.shape}, the stack "
+                             f"{self._ref_meta.shape} with {self._acc_channels or 1} channel(s)")
+        m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
+        aligned, footprint = warp(frame.data, m, self._ref_meta.shape, self.config.align.interpolation)
+        return frame, aligned, footprint
+
+    def add_known(self, path: str | Path, matrix: np.ndarray | Sequence[float],
+                  weight: float = 1.0) -> FrameMeta:
+        """Stack a frame with a known transform, without aligning it again.
+
+        Parameters
+        ----------
+        path : str or Path
+        matrix : array-like
+            2x3 or 6 numbers, frame -> reference.
+        weight : float
+
+        Returns
+        -------
+        FrameMeta
+
+        Raises
+        ------
+        FrameError, StateError
+            As ``warp_known``.
+        """
+        frame, aligned, footprint = self.warp_known(path, matrix)
+        assert self._acc is not None
+        self._acc.add(aligned, footprint, weight)
+        self._account(frame.meta)
+        return frame.meta
+
+    def subtract_known(self, path: str | Path, matrix: np.ndarray | Sequence[float],
+                       weight: float = 1.0) -> FrameMeta:
+        """Take a frame back out of a mean stack: the exact inverse of ``add_known``/``commit``.
+
+        The caller checks first that the file is the one stacked (its content hash).
+
+        Raises
+        ------
+        StateError
+            When the method has no exact inverse (kappa-sigma, median: re-integrate instead).
+        FrameError
+            As ``warp_known``.
+        """
+        subtract = getattr(self._acc, "subtract", None)
+        if subtract is None:
+            raise StateError(f"a {self.method} stack cannot take a frame back out; it is re-integrated")
+        frame, aligned, footprint = self.warp_known(path, matrix)
+        subtract(aligned, footprint, weight)
+        self.exptime = max(0.0, self.exptime - (frame.meta.exptime or 0.0))
+        return frame.meta
+
+    def recount(self, frames: Iterable[tuple[datetime | None, float | None]]) -> None:
+        """Total exposure and time span again from the frames in the stack (after a removal).
+
+        Parameters
+        ----------
+        frames : iterable of (datetime or None, float or None)
+            Start (UTC) and exposure of every frame in the stack.
+        """
+        self._reset_counters()
+        for start, exptime in frames:
+            self._account_time(start, exptime)
+
+    def fork(self, workdir: Path | None = None) -> Stacker:
+        """An empty stack on the same reference and grid (for a re-integration beside this one).
+
+        Parameters
+        ----------
+        workdir : Path, optional
+            The new stack's folder for a median cube (default: this one's).
+
+        Returns
+        -------
+        Stacker
+        """
+        twin = Stacker(self.config, workdir=workdir if workdir is not None else self.workdir)
+        twin._ref_stars, twin._ref_meta, twin._ref_fwhm = self._ref_stars, self._ref_meta, self._ref_fwhm
+        twin._last = self._last
+        if self._acc is not None:
+            twin._acc_channels = self._acc_channels
+            shape = self._acc.coverage.shape + (() if self._acc_channels is None else (self._acc_channels,))
+            twin._acc = twin._new_accumulator(shape)
+        return twin
 
     def use_reference(self, path: str | Path) -> str | None:
         """Start a new, empty stack aligned onto the given frame.
@@ -464,12 +629,15 @@ class Stacker:
         timings["stack"] = t2 - t1
 
     def _account(self, meta: FrameMeta) -> None:
-        exptime = meta.exptime or 0.0
+        self._account_time(meta.time_utc, meta.exptime)
+
+    def _account_time(self, start: datetime | None, exptime: float | None) -> None:
+        exptime = exptime or 0.0
         self.exptime += exptime
-        if meta.time_utc is not None:
-            end = meta.time_utc + timedelta(seconds=exptime)
-            if self.date_obs is None or meta.time_utc < self.date_obs:
-                self.date_obs = meta.time_utc
+        if start is not None:
+            end = start + timedelta(seconds=exptime)
+            if self.date_obs is None or start < self.date_obs:
+                self.date_obs = start
             if self.date_end is None or end > self.date_end:
                 self.date_end = end
 
@@ -531,6 +699,16 @@ def order_by_time(paths: Iterable[Path], bayer_pattern: str | None = None) -> li
 def _is_frame_name(name: str) -> bool:
     lower = name.lower()
     return lower.endswith(FITS_SUFFIXES) and not lower.startswith((".", "~"))
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _masters_text(masters: object) -> str:
+    """``kind=file`` pairs of whatever calibration record the result carries (a mapping or an object)."""
+    items = masters.items() if isinstance(masters, Mapping) else vars(masters).items()
+    return "; ".join(f"{k}={Path(str(v)).name}" for k, v in items if v)
 
 
 def _too_few_stars(found: int, needed: int, purpose: str) -> str:

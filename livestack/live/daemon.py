@@ -46,7 +46,7 @@ from livestack.live import watch
 from livestack.live.net import Security, SocketHub
 from livestack.live.notify import Notifier, watchdog_interval
 from livestack.live.state import CheckpointStore, Journal, JournalEntry, content_hash, recover
-from livestack.pipeline import REJECTED, FrameResult, Prepared, Stacker
+from livestack.pipeline import REJECTED, FrameResult, Prepared, Stacker, frame_facts
 from livestack.stages.frames import read_meta
 from livestack.stages.snapshot import preview_array, write_fits, write_preview
 
@@ -631,7 +631,7 @@ class Daemon:
             session=self._session,
             transform=[float(v) for v in result.transform.matrix.ravel()] if result.transform else None,
             quality=quality, timings=dict(result.timings), latency=time.time() - completed,
-            time=events.utc_now_iso(), reference=result.reference))
+            time=events.utc_now_iso(), reference=result.reference, facts=frame_facts(result)))
 
     def _maybe_new_session(self, prepared: Prepared) -> None:
         ref = self.stacker.reference_meta

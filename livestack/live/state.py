@@ -4,14 +4,19 @@ Public API:
 
 - ``content_hash(path) -> str``: BLAKE2b of a file's bytes; the identity of a frame, whatever its name.
 - ``JournalEntry``: frozen record of one frame's fate (one JSON line of the journal).
-- ``Journal(path)``: the append-only journal; ``append``, ``entries``, ``seen``, ``next_seq``, ``close``.
+- ``Journal(path)``: the append-only journal; ``append``, ``entries``, ``seen``, ``next_seq``, ``close``;
+  ``append_removal``, ``removals``, ``next_removal``.
+- ``RemovalRecord``: frozen record of frames taken out of (or put back into) a stack after the fact.
+- ``read_journal(path)``: the entries and removals of a journal, read-only and without its lock.
+- ``removed_seqs(removals, session)``: the frames a session's removals leave out, in effect.
 - ``Checkpoint``: frozen description of one complete checkpoint on disk.
 - ``CheckpointStore(directory)``: ``save``, ``latest``, ``load``; keeps the newest ``CHECKPOINTS_KEPT``.
 - ``Recovery`` and ``recover(journal, store)``: what to load and what to re-process after any stop.
 
 The state folder holds two things::
 
-    journal.jsonl                     one JSON line per frame, fsync'd before the frame counts as done
+    journal.jsonl                     one JSON line per frame, fsync'd before the frame counts as done,
+                                      and one per removal (``"kind": "removal"``), fsync'd before it starts
     checkpoints/ckpt-<seq>.npz        the accumulators' arrays (uncompressed .npz, readable by np.load)
     checkpoints/ckpt-<seq>.json       the manifest, written last and atomically: without it there is
                                       no checkpoint, whatever .npz may lie beside it
@@ -39,6 +44,12 @@ Recovery, after a clean stop, a crash or ``kill -9`` (``recover``):
   and, its hash being unknown, processes it as new.
 - So each accepted frame is counted once: in the checkpoint if its seq is at or below the base's, in the
   replay otherwise, and never again afterwards because its hash is journaled.
+
+Removals (``RemovalRecord``): a request to take frames out of the stack (or put them back) is journaled
+before the stack changes. Records are numbered ``id`` 1, 2, ... on their own (frame seqs keep no gaps) and
+say after which frame seq (``at``) they were made. A checkpoint's meta says up to which removal id its stack
+includes (``"removals"``); recovery re-applies the later ones, so a removal a crash interrupted finishes on
+restart.
 
 Durability relies on ``os.fsync`` of files and of the folder (POSIX). One process at a time owns a journal:
 it is locked with ``fcntl.flock`` while open, and the lock dies with the process, ``kill -9`` included.
@@ -75,9 +86,12 @@ __all__ = [
     "Journal",
     "JournalEntry",
     "Recovery",
+    "RemovalRecord",
     "Verdict",
     "content_hash",
+    "read_journal",
     "recover",
+    "removed_seqs",
 ]
 
 #: Bytes read per step by ``content_hash``: large enough that Python overhead vanishes, small enough to
@@ -166,6 +180,9 @@ class JournalEntry:
         When the entry was made, ISO 8601 with a UTC offset (now, by default).
     reference : bool
         True for the frame that is its session's alignment reference.
+    facts : mapping of str to JSON values
+        What the ``FRAMES`` table records of the frame beyond the above (``pipeline.frame_facts``: DATE-OBS,
+        EXPTIME, FILTER, calibration, fit figures, weight ...); empty in journals written before it existed.
     """
 
     seq: int
@@ -182,6 +199,7 @@ class JournalEntry:
     latency: float | None = None
     time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
     reference: bool = False
+    facts: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_int("seq", self.seq, minimum=1)
@@ -213,6 +231,13 @@ class JournalEntry:
             raise ValueError(f"time must be an ISO 8601 string, not {self.time!r}.") from exc
         if stamp.utcoffset() != timedelta(0):
             raise ValueError(f"time must be in UTC with an explicit offset, not {self.time!r}.")
+        if not isinstance(self.facts, Mapping):
+            raise ValueError("facts must be a mapping of names to JSON values.")
+        try:
+            facts = json.loads(json.dumps(dict(self.facts), allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"facts must be JSON values without NaN: {exc}") from exc
+        object.__setattr__(self, "facts", facts)
 
     def to_json(self) -> str:
         """The entry as one line of compact JSON (no newline).
@@ -238,6 +263,8 @@ class JournalEntry:
             "time": self.time,
             "reference": self.reference,
         }
+        if self.facts:
+            record["facts"] = dict(self.facts)
         return json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
     @classmethod
@@ -272,9 +299,153 @@ class JournalEntry:
         if missing:
             raise StateError(f"The line lacks {', '.join(missing)}.")
         try:
-            return cls(**{name: record[name] for name in names})
+            return cls(**{name: record[name] for name in names}, facts=record.get("facts") or {})
         except (TypeError, ValueError) as exc:
             raise StateError(f"The line is not a valid journal entry: {exc}") from exc
+
+
+REMOVAL_ACTIONS: tuple[str, ...] = ("remove", "reinclude")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemovalRecord:
+    """Frames taken out of a session's stack, or put back, after they were stacked: one journal line.
+
+    Attributes
+    ----------
+    id : int
+        1, 2, ... along the journal (removals are numbered apart from frames, whose seqs stay gapless).
+    at : int
+        The last frame seq journaled before this record: the removal applies to the stack as of that frame.
+    session : int
+        The stack it changes.
+    action : {"remove", "reinclude"}
+    targets : tuple of int
+        The frames' seqs.
+    reason : str or None
+        What the request said, for the table and the events.
+    time : str
+        ISO 8601 UTC.
+    """
+
+    id: int
+    at: int
+    session: int
+    action: str
+    targets: tuple[int, ...]
+    reason: str | None = None
+    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
+
+    def __post_init__(self) -> None:
+        _check_int("id", self.id, minimum=1)
+        _check_int("at", self.at, minimum=0)
+        _check_int("session", self.session, minimum=0)
+        if self.action not in REMOVAL_ACTIONS:
+            raise ValueError(f"action must be 'remove' or 'reinclude', not {self.action!r}.")
+        targets = tuple(self.targets)
+        for seq in targets:
+            _check_int("target", seq, minimum=1)
+        if not targets:
+            raise ValueError("a removal names at least one frame.")
+        object.__setattr__(self, "targets", targets)
+        if self.reason is not None and not isinstance(self.reason, str):
+            raise ValueError("reason must be a string or None.")
+
+    def to_json(self) -> str:
+        """The record as one line of compact JSON (no newline)."""
+        record = {"v": _FORMAT, "kind": "removal", "id": self.id, "at": self.at, "session": self.session,
+                  "action": self.action, "targets": list(self.targets), "reason": self.reason,
+                  "time": self.time}
+        return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RemovalRecord:
+        """From a decoded journal line whose ``kind`` is ``removal``.
+
+        Raises
+        ------
+        StateError
+            The record lacks a field or holds an invalid value.
+        """
+        try:
+            return cls(id=record["id"], at=record["at"], session=record["session"], action=record["action"],
+                       targets=tuple(record["targets"]), reason=record.get("reason"), time=record["time"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"The line is not a valid removal record: {exc}") from exc
+
+
+def removed_seqs(removals: Sequence[RemovalRecord], session: int | None = None) -> frozenset[int]:
+    """The frames that a journal's removals leave out of the stack, all records applied in order.
+
+    Parameters
+    ----------
+    removals : sequence of RemovalRecord
+        In journal order.
+    session : int, optional
+        Only this session's records.
+
+    Returns
+    -------
+    frozenset of int
+        Frame seqs removed and not re-included since.
+    """
+    out: set[int] = set()
+    for record in removals:
+        if session is not None and record.session != session:
+            continue
+        if record.action == "remove":
+            out.update(record.targets)
+        else:
+            out.difference_update(record.targets)
+    return frozenset(out)
+
+
+def read_journal(path: str | os.PathLike[str]) -> tuple[tuple[JournalEntry, ...], tuple[RemovalRecord, ...]]:
+    """Read a journal without locking or repairing it (a daemon may be writing it).
+
+    A torn last line (no newline yet) is ignored.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    entries : tuple of JournalEntry
+    removals : tuple of RemovalRecord
+
+    Raises
+    ------
+    StateError
+        The file cannot be read or holds a line that is not a journal record.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise StateError(f"Cannot read the journal {path}: {exc.strerror or exc}.") from exc
+    entries: list[JournalEntry] = []
+    removals: list[RemovalRecord] = []
+    for number, raw in enumerate(data[:data.rfind(b"\n") + 1].split(b"\n")[:-1], start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = _parse_line(raw.decode("utf-8"))
+        except (StateError, UnicodeDecodeError) as exc:
+            raise StateError(f"The journal {path} is damaged at line {number}: {exc}") from exc
+        (removals if isinstance(record, RemovalRecord) else entries).append(record)  # type: ignore[arg-type]
+    return tuple(entries), tuple(removals)
+
+
+def _parse_line(line: str) -> JournalEntry | RemovalRecord:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise StateError(f"The line is not JSON: {exc.msg}.") from exc
+    if isinstance(record, dict) and record.get("kind") == "removal":
+        if record.get("v") != _FORMAT:
+            raise StateError(f"The line has version {record.get('v')!r}; this livestack reads {_FORMAT}.")
+        return RemovalRecord.from_record(record)
+    return JournalEntry.from_json(line)
 
 
 class Journal:
@@ -305,6 +476,7 @@ class Journal:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._entries: list[JournalEntry] = []
+        self._removals: list[RemovalRecord] = []
         self._by_hash: dict[str, JournalEntry] = {}
         self._size = 0
         self._fd: int | None = None
@@ -342,7 +514,11 @@ class Journal:
         if self._fd is None:
             raise StateError(f"The journal {self.path} is closed.")
         self._check_next(entry, where="")
-        line = (entry.to_json() + "\n").encode("utf-8")
+        self._write((entry.to_json() + "\n").encode("utf-8"))
+        self._index(entry)
+
+    def _write(self, line: bytes) -> None:
+        assert self._fd is not None
         try:
             written = 0
             while written < len(line):
@@ -352,7 +528,34 @@ class Journal:
             self._roll_back()
             raise StateError(f"Cannot write to the journal {self.path}: {exc.strerror or exc}.") from exc
         self._size += len(line)
-        self._index(entry)
+
+    def append_removal(self, record: RemovalRecord) -> None:
+        """Write a removal record as a line, then ``os.fsync``: when this returns, it survives a crash.
+
+        Parameters
+        ----------
+        record : RemovalRecord
+            Its ``id`` must be ``next_removal``, ``at`` the last frame seq, its targets journaled frames.
+
+        Raises
+        ------
+        StateError
+            The journal is closed, the record is out of order or names unknown frames, or the write failed.
+        """
+        if self._fd is None:
+            raise StateError(f"The journal {self.path} is closed.")
+        self._check_removal(record, where="")
+        self._write((record.to_json() + "\n").encode("utf-8"))
+        self._removals.append(record)
+
+    def removals(self) -> tuple[RemovalRecord, ...]:
+        """Every removal record, in journal order."""
+        return tuple(self._removals)
+
+    @property
+    def next_removal(self) -> int:
+        """The id the next removal record must carry."""
+        return self._removals[-1].id + 1 if self._removals else 1
 
     def entries(self) -> tuple[JournalEntry, ...]:
         """Every entry, in seq order.
@@ -438,9 +641,13 @@ class Journal:
             if not raw.strip():
                 continue
             try:
-                entry = JournalEntry.from_json(raw.decode("utf-8"))
+                entry = _parse_line(raw.decode("utf-8"))
             except (StateError, UnicodeDecodeError) as exc:
                 raise StateError(f"The journal {self.path} is damaged at line {number}: {exc}") from exc
+            if isinstance(entry, RemovalRecord):
+                self._check_removal(entry, where=f" at line {number}")
+                self._removals.append(entry)
+                continue
             self._check_next(entry, where=f" at line {number}")
             self._index(entry)
         self._size = end
@@ -456,6 +663,19 @@ class Journal:
         if entry.verdict == "accepted" and known is not None and known.verdict == "accepted":
             raise StateError(f"The journal {self.path}{where} would accept {entry.path} although the same "
                              f"content was accepted as seq {known.seq} ({known.path}).")
+
+    def _check_removal(self, record: RemovalRecord, where: str) -> None:
+        if record.id != self.next_removal:
+            raise StateError(f"The journal {self.path}{where} has removal {record.id}, "
+                             f"not {self.next_removal}.")
+        if record.at != self.next_seq - 1:
+            raise StateError(f"The journal {self.path}{where} has a removal made after frame {record.at}, "
+                             f"but its last frame is {self.next_seq - 1}.")
+        if record.session < self.session:
+            raise StateError(f"The journal {self.path}{where} has a removal of session {record.session}, "
+                             f"older than the session {self.session} before it.")
+        if any(seq > record.at for seq in record.targets):
+            raise StateError(f"The journal {self.path}{where} has a removal of frames not journaled yet.")
 
     def _index(self, entry: JournalEntry) -> None:
         self._entries.append(entry)

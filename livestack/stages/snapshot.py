@@ -4,7 +4,8 @@ Public API:
 
 - ``StackInfo``: frozen facts about a stack that go into the FITS header.
 - ``atomic_write(path, data: bytes)``: temporary name in the same folder, fsync, ``os.replace``.
-- ``write_fits(path, image, info)``: float32; colour ``(H, W, 3)`` becomes a 3-plane cube ``(3, H, W)``.
+- ``write_fits(path, image, info)``: float32; colour ``(H, W, 3)`` becomes a 3-plane cube ``(3, H, W)``; the
+  ``FRAMES`` provenance table (``stages.provenance``) follows when ``info.frames`` is given.
 - ``stretch(image) -> ndarray``: auto-stretched uint8 ``(H, W)`` or ``(H, W, 3)`` (NaN -> black).
 - ``encode_image(image8, fmt) -> bytes``: PNG or JPEG bytes of a stretched image.
 - ``write_preview(path, image)``: stretch then write PNG or JPEG by the file's suffix.
@@ -35,6 +36,9 @@ import cv2
 import numpy as np
 import sep
 from astropy.io import fits
+
+from livestack import __version__
+from livestack.stages.provenance import FrameRow, frames_hdu
 
 __all__ = ["FLATTEN_MESH", "JPEG_QUALITY", "PNG_COMPRESSION", "SHADOWS_SIGMA", "STAT_SAMPLES",
            "TARGET_BACKGROUND", "StackInfo", "atomic_write", "encode_image", "flatten_background",
@@ -80,6 +84,8 @@ class StackInfo:
         The reference frame's WCS cards (``FrameMeta.wcs_header``).
     reference : str or None
         Path of the reference frame.
+    frames : tuple of FrameRow or None
+        Every frame received for the stack, for the ``FRAMES`` table; None writes no table.
     """
 
     ncombine: int
@@ -91,6 +97,7 @@ class StackInfo:
     filter: str | None = None
     wcs_header: str | None = None
     reference: str | None = None
+    frames: tuple[FrameRow, ...] | None = None
 
 
 def atomic_write(path: str | Path, data: bytes | bytearray | memoryview) -> None:
@@ -142,7 +149,8 @@ def write_fits(path: str | Path, image: np.ndarray, info: StackInfo) -> None:
         ``(H, W)`` mono or ``(H, W, 3)`` RGB; NaN marks pixels no frame covered and is kept.
     info : StackInfo
         Goes into the header: NCOMBINE, EXPTIME (total), DATE-OBS, DATE-END, STACKMET, OBJECT, FILTER,
-        the reference's WCS cards, CREATOR.
+        the reference's WCS cards, CREATOR and SWVERSN (livestack's version); ``info.frames``, when given,
+        becomes the ``FRAMES`` binary-table extension (``stages.provenance.frames_hdu``).
 
     Raises
     ------
@@ -190,9 +198,13 @@ def write_fits(path: str | Path, image: np.ndarray, info: StackInfo) -> None:
         # A long file name leaves no room for a comment (astropy would truncate it with a warning).
         header["REFFRAME"] = (name, "frame the stack is aligned to") if len(name) <= 35 else name
     header["CREATOR"] = ("livestack", "software that made this file")
+    header["SWVERSN"] = (__version__, "livestack version that made this file")
     header["DATE"] = (_fits_time(datetime.now(UTC)), "UTC time this file was written")
+    hdus: list[fits.PrimaryHDU | fits.BinTableHDU] = [hdu]
+    if info.frames is not None:
+        hdus.append(frames_hdu(info.frames))
     buffer = io.BytesIO()
-    fits.HDUList([hdu]).writeto(buffer)
+    fits.HDUList(hdus).writeto(buffer)
     atomic_write(path, buffer.getbuffer())
 
 

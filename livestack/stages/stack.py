@@ -9,6 +9,9 @@ Public API (one small interface, three methods):
 - ``MeanStack(shape)``, ``KappaSigmaStack(shape, kappa=3.0, warmup=5)``,
   ``MedianStack(shape, directory, max_frames=...)``.
 - ``make_accumulator(method, shape, *, kappa, warmup, directory) -> Accumulator``.
+- ``MeanStack.subtract(image, footprint, weight=1.0)``: takes back a frame that ``add`` added (the same
+  image, footprint and weight), exactly up to float64 rounding; the clipping methods have no such inverse
+  (a removed frame changed which samples were clipped, or the order statistics), so they are re-integrated.
 
 ``shape`` is ``(H, W)`` for mono or ``(H, W, C)`` for colour; footprints are always ``(H, W)`` bool.
 
@@ -148,6 +151,30 @@ class MeanStack:
         image3, mask, weight = _check_frame(self._shape, image, footprint, weight)
         _mean_add(image3, mask, weight, self._sum, self._weight, self._coverage)
         self._count += 1
+
+    def subtract(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
+        """Take back a frame added before, with the same image, footprint and weight.
+
+        The sums lose exactly what ``add`` gave them, up to float64 rounding (~1e-16 of the sum); where no
+        frame is left the sums are set to exactly zero, so rounding cannot leave a tiny weight that would
+        make the mean explode.
+
+        Parameters
+        ----------
+        image, footprint, weight
+            As given to ``add``.
+
+        Raises
+        ------
+        ValueError
+            If the shapes differ from the stack's, the weight is not positive and finite, or the stack is
+            empty.
+        """
+        image3, mask, weight = _check_frame(self._shape, image, footprint, weight)
+        if self._count == 0:
+            raise ValueError("The stack is empty: there is no frame to take back.")
+        _mean_subtract(image3, mask, weight, self._sum, self._weight, self._coverage)
+        self._count -= 1
 
     def result(self) -> np.ndarray:
         """The weighted mean, float32, NaN where never covered."""
@@ -752,6 +779,24 @@ def _mean_add(image: np.ndarray, footprint: np.ndarray, weight: float, total: np
                     total[y, x, c] += weight * np.float64(image[y, x, c])
                 weights[y, x] += weight
                 coverage[y, x] += 1
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def _mean_subtract(image: np.ndarray, footprint: np.ndarray, weight: float, total: np.ndarray,
+                   weights: np.ndarray, coverage: np.ndarray) -> None:  # pragma: no cover - compiled
+    height, width, channels = image.shape
+    for y in numba.prange(height):
+        for x in range(width):
+            if _valid(image, footprint, y, x) and coverage[y, x] > 0:
+                coverage[y, x] -= 1
+                if coverage[y, x] == 0:
+                    for c in range(channels):
+                        total[y, x, c] = 0.0
+                    weights[y, x] = 0.0
+                else:
+                    for c in range(channels):
+                        total[y, x, c] -= weight * np.float64(image[y, x, c])
+                    weights[y, x] -= weight
 
 
 @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)

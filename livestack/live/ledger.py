@@ -1,0 +1,199 @@
+"""Ledger: what the journal says about a session's frames, for the FRAMES table, removals and ``restack``.
+
+Public API:
+
+- ``frame_rows(entries, removals, session, removing=()) -> tuple[FrameRow, ...]``: the ``FRAMES`` table of a
+  session's stack from its journal.
+- ``select(entries, *, seqs=(), names=(), start=None, end=None) -> list[JournalEntry]``: the accepted frames
+  a removal request names (by seq, by file name or glob, by a DATE-OBS range).
+- ``parse_exclusions(items)``: ``restack --exclude`` items as seqs, seq ranges and names.
+- ``date_obs(entry)``, ``exptime(entry)``, ``weight(entry)``: what a journal entry says (its facts), with the
+  defaults of journals written before facts existed.
+
+Only reading: nothing here writes the journal or touches a stack.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from livestack.errors import LivestackError
+from livestack.live.state import JournalEntry, RemovalRecord, removed_seqs
+from livestack.stages.provenance import FrameRow
+
+__all__ = ["date_obs", "exptime", "frame_rows", "parse_exclusions", "parse_time", "select", "weight"]
+
+
+def frame_rows(entries: Sequence[JournalEntry], removals: Sequence[RemovalRecord], session: int,
+               removing: Iterable[int] = (), excluded: Iterable[int] = (),
+               excluded_reason: str = "excluded") -> tuple[FrameRow, ...]:
+    """The ``FRAMES`` rows of one session: every frame journaled for it, in seq order.
+
+    Parameters
+    ----------
+    entries : sequence of JournalEntry
+    removals : sequence of RemovalRecord
+        In journal order; the session's decide which frames are ``removed``.
+    session : int
+    removing : iterable of int
+        Seqs whose removal is journaled but not yet in the stack (a re-integration under way): ``removing``.
+    excluded : iterable of int
+        Seqs left out for another reason (``restack --exclude``): ``removed`` with ``excluded_reason``.
+    excluded_reason : str
+
+    Returns
+    -------
+    tuple of FrameRow
+    """
+    removed = removed_seqs(removals, session)
+    pending, left_out = set(removing), set(excluded)
+    reasons: dict[int, str | None] = {}
+    for record in removals:
+        if record.session == session and record.action == "remove":
+            for seq in record.targets:
+                reasons[seq] = record.reason or "removed on request"
+    rows = []
+    for e in entries:
+        if e.session != session:
+            continue
+        facts = {**e.facts, "path": e.path, "reference": e.reference}
+        for name in ("stars", "fwhm", "ellipticity", "background", "noise"):
+            facts.setdefault(name, e.quality.get(name))
+        if e.transform is not None:
+            facts.setdefault("matrix", list(e.transform))
+        reason = e.reason
+        if e.verdict != "accepted":
+            state = "rejected"
+        elif e.seq in pending:
+            state, reason = "removing", reasons.get(e.seq)
+        elif e.seq in removed:
+            state, reason = "removed", reasons.get(e.seq)
+        elif e.seq in left_out:
+            state, reason = "removed", excluded_reason
+        else:
+            state = "stacked"
+        rows.append(FrameRow.from_facts(e.seq, e.hash, e.verdict, reason, facts, state))
+    return tuple(rows)
+
+
+def select(entries: Sequence[JournalEntry], *, seqs: Iterable[int] = (), names: Iterable[str] = (),
+           start: datetime | None = None, end: datetime | None = None) -> list[JournalEntry]:
+    """The accepted frames a request names: by seq, by file name (or glob, or full path), or by DATE-OBS.
+
+    Parameters
+    ----------
+    entries : sequence of JournalEntry
+        Candidates (the session's accepted entries).
+    seqs : iterable of int
+    names : iterable of str
+        A base name (``sim_0005.fits``), a glob on the base name (``sim_000[1-3].fits``) or a full path.
+    start, end : datetime, optional
+        A DATE-OBS range, both ends included (either may be open).
+
+    Returns
+    -------
+    list of JournalEntry
+        In seq order, each once.
+
+    Raises
+    ------
+    LivestackError
+        When a seq or a name matches no accepted frame, or a time range matches none, naming it.
+    """
+    chosen: dict[int, JournalEntry] = {}
+    by_seq = {e.seq: e for e in entries}
+    for seq in seqs:
+        if seq not in by_seq:
+            raise LivestackError(f"no stacked frame has the number {seq}")
+        chosen[seq] = by_seq[seq]
+    for name in names:
+        hits = [e for e in entries if e.path == name or fnmatch.fnmatchcase(Path(e.path).name, name)]
+        if not hits:
+            raise LivestackError(f"no stacked frame is called {name!r}")
+        chosen.update((e.seq, e) for e in hits)
+    if start is not None or end is not None:
+        hits = []
+        for e in entries:
+            t = date_obs(e)
+            if t is not None and (start is None or t >= start) and (end is None or t <= end):
+                hits.append(e)
+        if not hits:
+            raise LivestackError(f"no stacked frame began between {_iso(start)} and {_iso(end)}")
+        chosen.update((e.seq, e) for e in hits)
+    return [chosen[seq] for seq in sorted(chosen)]
+
+
+def parse_exclusions(items: Iterable[str]) -> tuple[set[int], list[str]]:
+    """``restack --exclude`` items: seq numbers (``12``), ranges (``12-15``) and file names or globs.
+
+    Parameters
+    ----------
+    items : iterable of str
+
+    Returns
+    -------
+    seqs : set of int
+    names : list of str
+    """
+    seqs: set[int] = set()
+    names: list[str] = []
+    for item in items:
+        for part in (p.strip() for p in item.split(",")):
+            if not part:
+                continue
+            whole = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if whole:
+                first = int(whole.group(1))
+                last = int(whole.group(2) or first)
+                seqs.update(range(min(first, last), max(first, last) + 1))
+            else:
+                names.append(part)
+    return seqs, names
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time; without an offset it is taken as UTC.
+
+    Raises
+    ------
+    LivestackError
+        When the text is not an ISO 8601 time.
+    """
+    try:
+        moment = datetime.fromisoformat(text)
+    except (TypeError, ValueError) as exc:
+        raise LivestackError(f"{text!r} is not an ISO 8601 time like 2026-11-30T21:05:00") from exc
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def date_obs(entry: JournalEntry) -> datetime | None:
+    """The frame's DATE-OBS from its journaled facts (None when unknown)."""
+    text = entry.facts.get("date_obs")
+    if not isinstance(text, str):
+        return None
+    try:
+        return parse_time(text)
+    except LivestackError:
+        return None
+
+
+def exptime(entry: JournalEntry) -> float | None:
+    """The frame's exposure from its journaled facts (None when unknown)."""
+    value = entry.facts.get("exptime")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def weight(entry: JournalEntry) -> float:
+    """The frame's weight in the stack (1 when the journal does not say)."""
+    value = entry.facts.get("weight")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return 1.0
+
+
+def _iso(moment: datetime | None) -> str:
+    return "the beginning" if moment is None else moment.isoformat()
