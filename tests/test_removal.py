@@ -12,7 +12,14 @@ from livestack.cli import main
 from livestack.config import Config
 from livestack.errors import LivestackError, StateError
 from livestack.live import ledger
-from livestack.live.state import Journal, JournalEntry, RemovalRecord, content_hash, read_journal, removed_seqs
+from livestack.live.state import (
+    Journal,
+    JournalEntry,
+    RemovalRecord,
+    content_hash,
+    read_journal,
+    removed_seqs,
+)
 from livestack.pipeline import Stacker, frame_facts
 from livestack.simulate import SimConfig, simulate
 from livestack.stages.provenance import read_frames
@@ -179,7 +186,8 @@ def test_restack_honours_the_journals_removals_and_refuses_what_it_cannot_do(
 def _frame_entry(seq: int, session: int = 1, verdict: str = "accepted") -> JournalEntry:
     return JournalEntry(seq=seq, path=f"/night/f{seq}.fits", size=10, mtime_ns=1, hash=f"h{seq}",
                         verdict=verdict, session=session, transform=[1, 0, seq, 0, 1, 0],
-                        facts={"date_obs": f"2026-11-30T01:{seq:02d}:00+00:00", "exptime": 30.0, "weight": 0.5})
+                        facts={"date_obs": f"2026-11-30T01:{seq:02d}:00+00:00", "exptime": 30.0,
+                               "weight": 0.5})
 
 
 def test_removal_records_survive_a_reopen_and_a_torn_line(tmp_path: Path) -> None:
@@ -221,7 +229,7 @@ def test_select_names_frames_by_number_name_glob_and_time() -> None:
     assert [e.seq for e in ledger.select(entries, start=start, end=end)] == [2, 3, 4]
     with pytest.raises(LivestackError, match="number 9"):
         ledger.select(entries, seqs=[9])
-    with pytest.raises(LivestackError, match="called 'nope.fits'"):
+    with pytest.raises(LivestackError, match=r"called 'nope\.fits'"):
         ledger.select(entries, names=["nope.fits"])
     with pytest.raises(LivestackError, match="began between"):
         ledger.select(entries, start=ledger.parse_time("2027-01-01T00:00:00"))
