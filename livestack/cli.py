@@ -1,4 +1,4 @@
-"""The ``livestack`` command: stack, restack, simulate, run, demo, tui, keys, config."""
+"""The ``livestack`` command: stack, restack, compose, simulate, run, demo, tui, keys, config."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ __all__ = ["main"]
 log = logging.getLogger("livestack")
 
 _FITS_OUT = (".fits", ".fit", ".fts")
+_METHODS = ("mean", "kappa-sigma", "median", "max", "mean-without-max")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,11 +137,11 @@ def _write_frames_csv(fits_path: Path, rows: Sequence[Any]) -> Path:
     return path
 
 
-def _stack_outputs(out: Path, image_format: str) -> tuple[Path, Path]:
+def _stack_outputs(out: Path, image_format: str, stem: str = "stack") -> tuple[Path, Path]:
     suffix = ".jpg" if image_format == "jpeg" else ".png"
     if out.name.lower().endswith(_FITS_OUT):
         return out, out.with_suffix(suffix)
-    return out / "stack.fits", out / f"stack{suffix}"
+    return out / f"{stem}.fits", out / f"{stem}{suffix}"
 
 
 _REPORT_COLUMNS = ("file", "verdict", "reason", "m00", "m01", "m02", "m10", "m11", "m12", "rotation_deg",
@@ -237,15 +238,93 @@ def _cmd_restack(args: argparse.Namespace) -> int:
     return 0 if not missing else 1
 
 
+# -- livestack compose ---------------------------------------------------------------------------------
+
+def _cmd_compose(args: argparse.Namespace) -> int:
+    import numpy as np
+    from astropy.io import fits
+
+    from livestack.stages.compose import compose, parse_weights
+    from livestack.stages.snapshot import write_composite
+
+    config = _load(args, {"compose.recipe": args.recipe, "compose.combine": args.combine,
+                          "compose.scale": args.scale, "compose.background": args.background,
+                          "compose.weights": args.weights, "output.image_format": args.image_format})
+    c = config.compose
+    stacks: dict[str, np.ndarray] = {}
+    headers: list[fits.Header] = []
+    for item in args.stacks:
+        path = Path(item)
+        try:
+            with fits.open(path) as hdul:
+                hdu = next(h for h in hdul if h.data is not None)
+                data = np.asarray(hdu.data, dtype=np.float32)
+                header = hdu.header.copy()
+        except (OSError, StopIteration, ValueError) as exc:
+            raise LivestackError(f"{path} is not a readable FITS stack ({exc or 'no image'}).") from exc
+        if data.ndim == 3 and data.shape[0] == 3:
+            data = np.moveaxis(data, 0, 2)  # the 3-plane cube of a colour stack
+        # The folder of a per-filter snapshot (<target>/<filter>/stack.fits) names the filter when the
+        # header does not.
+        name = str(header.get("FILTER", "") or path.parent.name).strip()
+        if name in stacks:
+            raise LivestackError(f"two stacks are for the filter {name!r}: give one per filter.")
+        stacks[name] = data
+        headers.append(header)
+    try:
+        result = compose(stacks, recipe=c.recipe, combine=c.combine, scale=c.scale, background=c.background,
+                         weights=parse_weights(c.weights))
+    except ValueError as exc:
+        raise LivestackError(str(exc)) from exc
+    fits_path, image_path = _stack_outputs(Path(args.output), config.output.image_format, "composite")
+    fits_path.parent.mkdir(parents=True, exist_ok=True)
+    info = replace(_composite_info(headers, result.recipe), cards=result.cards)
+    write_composite(fits_path, image_path, result.image, info, result.picture,
+                    flatten=config.output.flatten_background)
+    slots = ", ".join(f"{slot} <- {source}" for slot, source in result.slots.items())
+    print(f"{result.recipe} composite (luminance: {result.luminance}; {slots})", file=sys.stderr)
+    print(f"wrote {fits_path} and {image_path}", file=sys.stderr)
+    return 0
+
+
+def _composite_info(headers: Sequence[Any], recipe: str) -> Any:
+    """Header facts of a composite: frames and exposure summed over its stacks, the first stack's WCS."""
+    from datetime import datetime
+
+    from livestack.stages.snapshot import StackInfo
+
+    def when(header: Any, key: str) -> datetime | None:
+        try:
+            return datetime.fromisoformat(str(header[key])) if key in header else None
+        except ValueError:
+            return None
+
+    starts = [t for t in (when(h, "DATE-OBS") for h in headers) if t is not None]
+    ends = [t for t in (when(h, "DATE-END") for h in headers) if t is not None]
+    first = headers[0]
+    wcs = None
+    with contextlib.suppress(Exception):
+        from astropy.wcs import WCS
+
+        celestial = WCS(first).celestial
+        wcs = celestial.to_header().tostring() if celestial.has_celestial else None
+    return StackInfo(ncombine=sum(int(h.get("NCOMBINE", 0)) for h in headers),
+                     exptime=sum(float(h.get("EXPTIME", 0.0)) for h in headers),
+                     date_obs=min(starts) if starts else None, date_end=max(ends) if ends else None,
+                     method=str(first.get("STACKMET", "")) or "unknown", object=first.get("OBJECT"),
+                     filter=recipe, wcs_header=wcs)
+
+
 # -- livestack simulate --------------------------------------------------------------------------------
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from livestack.simulate import SimConfig, simulate
+    from livestack.simulate import SimConfig, parse_filters, simulate
 
     width, height = _size(args.size)
     config = SimConfig(frames=args.frames, interval=args.interval, size=(width, height), seed=args.seed,
                        bayer=args.bayer, flip_at=args.flip_at, bad_frames=_indices(args.bad),
-                       trails=_indices(args.trails), write_mode=args.write_mode)
+                       trails=_indices(args.trails), write_mode=args.write_mode,
+                       filters=parse_filters(args.filters) if args.filters else ())
     out = Path(args.outdir)
     print(f"simulating {args.frames} frames of {width}x{height} into {out} every {args.interval:g} s",
           file=sys.stderr)
@@ -496,8 +575,8 @@ def _setup_logging(verbose: int, command: str = "") -> None:
     """Log to stderr; under systemd (JOURNAL_STREAM set) prefix syslog priorities for journald."""
     import os
 
-    quiet = (logging.WARNING if command in ("stack", "restack", "simulate", "config", "keys", "tui")
-             else logging.INFO)
+    quiet_commands = ("stack", "restack", "compose", "simulate", "config", "keys", "tui")
+    quiet = logging.WARNING if command in quiet_commands else logging.INFO
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else quiet
     handler = logging.StreamHandler(sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):
@@ -530,7 +609,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output FITS file (picture beside it) or a folder for stack.fits and the picture")
     s.add_argument("--config", metavar="FILE", help="configuration file (default: built-in defaults)")
-    s.add_argument("--method", choices=("mean", "kappa-sigma", "median"), help="stacking method")
+    s.add_argument("--method", choices=_METHODS, help="stacking method")
     s.add_argument("--reference", metavar="FILE", help="frame to align onto")
     s.add_argument("--bayer", choices=("RGGB", "BGGR", "GRBG", "GBRG"),
                    help="Bayer pattern for cameras that write none")
@@ -568,13 +647,29 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--bad", metavar="N,N", help="indices of bad frames (cloud, wind)")
     m.add_argument("--trails", metavar="N,N", help="indices of frames with a satellite trail")
     m.add_argument("--write-mode", choices=("atomic", "chunked", "rename", "mixed"), default="atomic")
+    m.add_argument("--filters", metavar="CYCLE",
+                   help="filter wheel cycle, e.g. L,R,G,B or R*5,G*5,B*5 (L R G B Ha OIII SII)")
     m.set_defaults(func=_cmd_simulate)
+
+    o = sub.add_parser("compose", help="a colour composite from per-filter stack FITS files")
+    o.add_argument("stacks", nargs="+", metavar="STACK", help="per-filter stacks (FILTER from the header, "
+                   "else the folder name), or a colour stack")
+    o.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output FITS file (picture beside it) or a folder for composite.fits and the picture")
+    o.add_argument("--config", metavar="FILE", help="configuration file ([compose] section)")
+    o.add_argument("--recipe", choices=("auto", "LRGB", "RGB", "SHO", "HOO", "mono"))
+    o.add_argument("--combine", choices=("mean", "lupton"))
+    o.add_argument("--scale", choices=("stars", "weights"))
+    o.add_argument("--background", choices=("mesh", "level"))
+    o.add_argument("--weights", metavar="F=W,...", help="per-filter weights, e.g. R=1.2,G=1,B=0.9")
+    o.add_argument("--image-format", choices=("jpeg", "png"), help="format of the picture")
+    o.set_defaults(func=_cmd_compose)
 
     r = sub.add_parser("run", help="the live daemon: watch a folder and stack what arrives")
     r.add_argument("--config", metavar="FILE", help="configuration file")
     r.add_argument("--watch", metavar="DIR", help="folder to watch (overrides [watch] folder)")
     r.add_argument("--output", metavar="DIR", help="snapshot folder (overrides [output] folder)")
-    r.add_argument("--method", choices=("mean", "kappa-sigma", "median"), help="stacking method")
+    r.add_argument("--method", choices=_METHODS, help="stacking method")
     r.add_argument("--polling", action="store_true", help="poll the folder (network shares)")
     r.add_argument("--tui", action="store_true", help="show the dashboard when a terminal is attached")
     r.set_defaults(func=_cmd_run)

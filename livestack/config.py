@@ -19,6 +19,7 @@ from livestack.errors import ConfigError
 
 __all__ = [
     "AlignConfig",
+    "ComposeConfig",
     "Config",
     "DetectConfig",
     "FramesConfig",
@@ -110,7 +111,9 @@ class AlignConfig:
 class StackConfig:
     """``[stack]``: how aligned frames are combined."""
 
-    method: str = _key("kappa-sigma", "stacking method", choices=("mean", "kappa-sigma", "median"))
+    method: str = _key("kappa-sigma", "stacking method (max: no alignment, star trails; mean-without-max: "
+                        "each pixel's largest sample left out)",
+                        choices=("mean", "kappa-sigma", "median", "max", "mean-without-max"))
     kappa: float = _key(3.0, "kappa-sigma rejection threshold, in sigmas", minimum=0.0, exclusive_min=True)
     warmup: int = _key(5, "frames before kappa-sigma starts rejecting", minimum=2)
     new_session_on_object: bool = _key(True, "a change of OBJECT starts a new stack in its own subfolder")
@@ -129,6 +132,36 @@ class OutputConfig:
     flatten_background: bool = _key(True, "remove sky gradients from pictures and previews (not from FITS)")
     frames_csv: bool = _key(False, "also write the FRAMES provenance table as CSV beside each snapshot "
                             "(stack.frames.csv)")
+
+
+@dataclass(frozen=True)
+class ComposeConfig:
+    """``[compose]``: colour composites of a target's per-filter stacks."""
+
+    recipe: str = _key("auto", "recipe ('auto' = the first possible of LRGB, RGB, SHO, HOO, mono)",
+                       choices=("auto", "LRGB", "RGB", "SHO", "HOO", "mono"))
+    combine: str = _key("mean", "combine channels by weighted mean, or render the picture with Lupton's "
+                        "asinh", choices=("mean", "lupton"))
+    scale: str = _key("stars", "scale channels to one another by common stars' flux, or by the weights",
+                      choices=("stars", "weights"))
+    background: str = _key("mesh", "remove each channel's sky as a smooth model (mesh) or one level",
+                           choices=("mesh", "level"))
+    weights: str = _key("", "per-filter weights, e.g. 'R=1.2, G=1.0, B=0.9' (unnamed filters weigh 1)")
+    every_seconds: float = _key(15.0, "rebuild the live composite at most this often, when a channel "
+                                "changed (0 = never)", minimum=0.0)
+
+    def __post_init__(self) -> None:
+        for item in self.weights.split(","):
+            name, sep, value = item.partition("=")
+            if not item.strip():
+                continue
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = -1.0
+            if not sep or not name.strip() or not weight > 0 or weight == float("inf"):
+                raise ConfigError(f"[compose] weights must look like 'R=1.2, G=1.0' with positive numbers; "
+                                  f"{item.strip()!r} does not")
 
 
 @dataclass(frozen=True)
@@ -166,6 +199,7 @@ class Config:
     align: AlignConfig = field(default_factory=AlignConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
     state: StateConfig = field(default_factory=StateConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     base: Path = field(default=Path("."), compare=False)

@@ -23,16 +23,23 @@ import numpy as np
 from livestack.config import Config
 from livestack.errors import FrameError, StateError
 from livestack.stages.align import AlignParams, Transform, align
+from livestack.stages.compose import canonical_filter
 from livestack.stages.detect import Quality, Stars, detect
 from livestack.stages.frames import FITS_SUFFIXES, Frame, FrameMeta, read_frame, read_meta
 from livestack.stages.snapshot import StackInfo
 from livestack.stages.stack import Accumulator, make_accumulator
 from livestack.stages.warp import warp
 
-__all__ = ["FrameResult", "Prepared", "Stacker", "expand_paths", "frame_facts", "order_by_time"]
+__all__ = ["UNALIGNED_METHODS", "FilterSummary", "FrameResult", "Prepared", "Stacker", "expand_paths",
+           "filter_key", "frame_facts", "order_by_time"]
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
+
+#: Stacking methods that take frames as they are, without alignment (a fixed camera's star trails).
+UNALIGNED_METHODS: frozenset[str] = frozenset({"max"})
+
+_STAR_FIELDS = ("x", "y", "flux", "fwhm", "a", "b", "theta", "flags")
 
 #: Pixels sampled (at most) when estimating the stack's signal-to-noise ratio.
 _SNR_SAMPLE = 200_000
@@ -133,15 +140,73 @@ def frame_facts(result: FrameResult) -> dict[str, Any]:
     return facts
 
 
+@dataclass(frozen=True)
+class FilterSummary:
+    """One filter's stack in a target: what the dashboard and ``status`` show.
+
+    Attributes
+    ----------
+    filter : str
+        The filter's name as stacks are keyed (``filter_key``); ``""`` when frames carry no FILTER.
+    frames : int
+    exptime : float
+        Total exposure, seconds.
+    """
+
+    filter: str
+    frames: int
+    exptime: float
+
+
+class _FilterStack:
+    """The accumulator and bookkeeping of one filter on the target's grid (owned by the Stacker)."""
+
+    def __init__(self, name: str, acc: Accumulator, channels: int | None, stars: int, fwhm: float) -> None:
+        self.name = name
+        self.acc = acc
+        self.channels = channels
+        #: Star count and FWHM of this filter's first frame: later frames of the filter are judged against
+        #: them, so a narrowband filter's fewer, fatter stars are not taken for clouds.
+        self.stars = stars
+        self.fwhm = fwhm
+        self.exptime = 0.0
+        self.date_obs: datetime | None = None
+        self.date_end: datetime | None = None
+
+    def account(self, meta: FrameMeta) -> None:
+        self.account_time(meta.time_utc, meta.exptime)
+
+    def account_time(self, start: datetime | None, exptime: float | None) -> None:
+        exptime = exptime or 0.0
+        self.exptime += exptime
+        if start is not None:
+            end = start + timedelta(seconds=exptime)
+            if self.date_obs is None or start < self.date_obs:
+                self.date_obs = start
+            if self.date_end is None or end > self.date_end:
+                self.date_end = end
+
+
 class Stacker:
-    """Align and accumulate frames onto a reference.
+    """Align frames of one target onto one reference grid and accumulate them, one stack per filter.
+
+    The first frame with enough stars (or the configured one) sets the grid; every later frame, whatever
+    its filter, is matched star to star onto the reference's stars, so the filters' stacks line up pixel
+    for pixel without a second registration. A filter's first frame starts that filter's stack. With
+    ``stack.method = "max"`` nothing is aligned: frames of one fixed camera are folded in as they are
+    (star trails).
 
     Parameters
     ----------
     config : Config
         Uses the ``frames``, ``detect``, ``align`` and ``stack`` sections.
     workdir : Path, optional
-        Folder for the median's on-disk cube (required for ``method = "median"``).
+        Folder for the median's on-disk cubes (required for ``method = "median"``).
+
+    Notes
+    -----
+    Stacks are keyed by ``filter_key(FILTER)``. ``count``, ``exptime`` and ``rejected_fraction`` cover all
+    filters; ``result``, ``coverage`` and ``info`` take a filter and default to the filter stacked last.
     """
 
     def __init__(self, config: Config, workdir: Path | None = None) -> None:
@@ -154,14 +219,12 @@ class Stacker:
             match_radius=a.match_radius, max_stars=a.max_stars, triangle_stars=a.triangle_stars)
         self._bayer = config.frames.bayer_pattern or None
         self._named_reference = config.path(a.reference) if a.reference else None
+        self._aligns = config.stack.method not in UNALIGNED_METHODS
         self._ref_stars: Stars | None = None
         self._ref_meta: FrameMeta | None = None
-        self._ref_fwhm = float("nan")
-        self._acc: Accumulator | None = None
+        self._filters: dict[str, _FilterStack] = {}
+        self._current: str | None = None
         self._last: Transform | None = None
-        self.exptime = 0.0
-        self.date_obs: datetime | None = None
-        self.date_end: datetime | None = None
 
     # -- the two halves of a frame's work -------------------------------------------------------------
 
@@ -191,7 +254,7 @@ class Stacker:
         return Prepared(frame, stars, quality, MappingProxyType({"read": t1 - t0, "detect": t2 - t1}))
 
     def commit(self, prepared: Prepared | FrameResult) -> FrameResult:
-        """Check, align, warp and accumulate a prepared frame.
+        """Check, align, warp and accumulate a prepared frame into its filter's stack.
 
         Parameters
         ----------
@@ -210,11 +273,11 @@ class Stacker:
         def reject(reason: str) -> FrameResult:
             return FrameResult(meta.path, REJECTED, reason, meta, quality, None, MappingProxyType(timings))
 
-        if self._ref_stars is None and self._named_reference is not None:
+        if self._ref_meta is None and self._named_reference is not None:
             problem = self.use_reference(self._named_reference)
             if problem:
                 return reject(f"the configured reference {self._named_reference} cannot be used: {problem}")
-        if self._ref_stars is None:
+        if self._ref_meta is None:
             problem = self._reference_problem(prepared)
             if problem:
                 return reject(problem)
@@ -225,17 +288,22 @@ class Stacker:
             problem = self._check_against_reference(prepared)
             if problem:
                 return reject(problem)
-            t0 = time.perf_counter()
-            assert self._ref_stars is not None
-            outcome = align(self._ref_stars, prepared.stars, guess=self._last, params=self._params)
-            timings["align"] = time.perf_counter() - t0
-            if outcome.transform is None:
-                return reject(outcome.reason or "could not be aligned")
-            transform = outcome.transform
             is_reference = False
-        self._stack(prepared.frame, transform, timings)
+            if self._aligns:
+                t0 = time.perf_counter()
+                assert self._ref_stars is not None
+                outcome = align(self._ref_stars, prepared.stars, guess=self._last, params=self._params)
+                timings["align"] = time.perf_counter() - t0
+                if outcome.transform is None:
+                    return reject(outcome.reason or "could not be aligned")
+                transform = outcome.transform
+            else:
+                transform = Transform.identity()
+        channel = self._filter_stack(prepared)
+        self._stack(channel, prepared.frame, transform, timings)
         self._last = transform
-        self._account(meta)
+        channel.account(meta)
+        self._current = channel.name
         return FrameResult(meta.path, ACCEPTED, None, meta, quality, transform, MappingProxyType(timings),
                            is_reference)
 
@@ -293,24 +361,28 @@ class Stacker:
         Raises
         ------
         FrameError
-            When the file cannot be read, or does not fit the stack's grid.
+            When the file cannot be read, or does not fit the stack's grid (or its filter's stack).
         StateError
             Before the stack has a reference.
         """
-        if self._ref_meta is None or self._acc is None:
+        if self._ref_meta is None:
             raise StateError("the stack has no reference yet: a known transform has nothing to map onto")
         frame = read_frame(path, bayer_pattern=self._bayer)
         channels = frame.data.shape[2] if frame.is_color else None
-        if frame.meta.shape != self._ref_meta.shape or channels != self._acc_channels:
+        stack = self._filters.get(filter_key(frame.meta.filter))
+        expected = stack.channels if stack is not None else channels
+        if frame.meta.shape != self._ref_meta.shape or channels != expected:
             raise FrameError(f"{path} no longer fits the stack: it is {frame.data.shape}, the stack "
-                             f"{self._ref_meta.shape} with {self._acc_channels or 1} channel(s)")
+                             f"{self._ref_meta.shape} with {expected or 1} channel(s)")
         m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
+        if not self._aligns:
+            return frame, frame.data, np.ones(self._ref_meta.shape, dtype=bool)
         aligned, footprint = warp(frame.data, m, self._ref_meta.shape, self.config.align.interpolation)
         return frame, aligned, footprint
 
     def add_known(self, path: str | Path, matrix: np.ndarray | Sequence[float],
                   weight: float = 1.0) -> FrameMeta:
-        """Stack a frame with a known transform, without aligning it again.
+        """Stack a frame with a known transform into its filter's stack, without aligning it again.
 
         Parameters
         ----------
@@ -329,67 +401,88 @@ class Stacker:
             As ``warp_known``.
         """
         frame, aligned, footprint = self.warp_known(path, matrix)
-        assert self._acc is not None
-        self._acc.add(aligned, footprint, weight)
-        self._account(frame.meta)
+        stack = self._filters.get(filter_key(frame.meta.filter))
+        if stack is None:
+            # No star count or FWHM measured here: later frames of this filter are judged from the next
+            # one measured (a count of 0 judges nothing).
+            channels = frame.data.shape[2] if frame.is_color else None
+            stack = _FilterStack(filter_key(frame.meta.filter), self._new_accumulator(frame.data.shape),
+                                 channels, 0, float("nan"))
+            self._filters[stack.name] = stack
+        stack.acc.add(aligned, footprint, weight)
+        stack.account(frame.meta)
+        self._current = stack.name
         return frame.meta
 
     def subtract_known(self, path: str | Path, matrix: np.ndarray | Sequence[float],
                        weight: float = 1.0) -> FrameMeta:
-        """Take a frame back out of a mean stack: the exact inverse of ``add_known``/``commit``.
+        """Take a frame back out of its filter's mean stack: the exact inverse of ``add_known``/``commit``.
 
         The caller checks first that the file is the one stacked (its content hash).
 
         Raises
         ------
         StateError
-            When the method has no exact inverse (kappa-sigma, median: re-integrate instead).
+            When the method has no exact inverse (kappa-sigma, median: re-integrate instead), or the frame's
+            filter has no stack.
         FrameError
             As ``warp_known``.
         """
-        subtract = getattr(self._acc, "subtract", None)
+        frame, aligned, footprint = self.warp_known(path, matrix)
+        stack = self._filters.get(filter_key(frame.meta.filter))
+        if stack is None:
+            raise StateError(f"there is no {filter_key(frame.meta.filter) or 'unfiltered'} stack to take "
+                             f"{path} out of")
+        subtract = getattr(stack.acc, "subtract", None)
         if subtract is None:
             raise StateError(f"a {self.method} stack cannot take a frame back out; it is re-integrated")
-        frame, aligned, footprint = self.warp_known(path, matrix)
         subtract(aligned, footprint, weight)
-        self.exptime = max(0.0, self.exptime - (frame.meta.exptime or 0.0))
+        stack.exptime = max(0.0, stack.exptime - (frame.meta.exptime or 0.0))
         return frame.meta
 
-    def recount(self, frames: Iterable[tuple[datetime | None, float | None]]) -> None:
+    def recount(self, frames: Iterable[tuple[Any, ...]]) -> None:
         """Total exposure and time span again from the frames in the stack (after a removal).
 
         Parameters
         ----------
-        frames : iterable of (datetime or None, float or None)
-            Start (UTC) and exposure of every frame in the stack.
+        frames : iterable of tuples
+            ``(start, exptime)`` or ``(start, exptime, filter)`` of every frame in the stack: start UTC,
+            exposure seconds, the header's FILTER. Without a filter, a frame counts for the filter stacked
+            last.
         """
-        self._reset_counters()
-        for start, exptime in frames:
-            self._account_time(start, exptime)
+        for stack in self._filters.values():
+            stack.exptime = 0.0
+            stack.date_obs = stack.date_end = None
+        for item in frames:
+            name = filter_key(item[2]) if len(item) > 2 else self._current
+            target = self._filters.get(name or "")
+            if target is not None:
+                target.account_time(item[0], item[1])
 
     def fork(self, workdir: Path | None = None) -> Stacker:
-        """An empty stack on the same reference and grid (for a re-integration beside this one).
+        """Empty stacks on the same reference and grid, one per filter (for a re-integration beside this one).
 
         Parameters
         ----------
         workdir : Path, optional
-            The new stack's folder for a median cube (default: this one's).
+            The new stacks' folder for median cubes (default: this one's).
 
         Returns
         -------
         Stacker
         """
         twin = Stacker(self.config, workdir=workdir if workdir is not None else self.workdir)
-        twin._ref_stars, twin._ref_meta, twin._ref_fwhm = self._ref_stars, self._ref_meta, self._ref_fwhm
-        twin._last = self._last
-        if self._acc is not None:
-            twin._acc_channels = self._acc_channels
-            shape = self._acc.coverage.shape + (() if self._acc_channels is None else (self._acc_channels,))
-            twin._acc = twin._new_accumulator(shape)
+        twin._ref_stars, twin._ref_meta, twin._last = self._ref_stars, self._ref_meta, self._last
+        assert self._ref_meta is not None or not self._filters
+        for name, stack in self._filters.items():
+            shape = stack.acc.coverage.shape + (() if stack.channels is None else (stack.channels,))
+            twin._filters[name] = _FilterStack(name, twin._new_accumulator(shape), stack.channels,
+                                               stack.stars, stack.fwhm)
+        twin._current = self._current
         return twin
 
     def use_reference(self, path: str | Path) -> str | None:
-        """Start a new, empty stack aligned onto the given frame.
+        """Start new, empty stacks (every filter's) aligned onto the given frame.
 
         The reference frame itself is not added; it is stacked like any other when it is processed.
 
@@ -408,16 +501,35 @@ class Stacker:
         problem = self._reference_problem(prepared)
         if problem:
             return problem
-        self._reset_counters()
+        self.discard()
         self._set_reference(prepared)
         return None
 
-    # -- the stack ------------------------------------------------------------------------------------
+    # -- the stacks -----------------------------------------------------------------------------------
+
+    @property
+    def filters(self) -> tuple[str, ...]:
+        """The filters with a stack, in the order their first frame arrived."""
+        return tuple(self._filters)
+
+    @property
+    def current_filter(self) -> str | None:
+        """The filter of the frame stacked last (None before the first)."""
+        return self._current
+
+    def summary(self) -> tuple[FilterSummary, ...]:
+        """Frames and exposure of each filter's stack, in the order of ``filters``."""
+        return tuple(FilterSummary(f.name, f.acc.count, f.exptime) for f in self._filters.values())
 
     @property
     def count(self) -> int:
-        """Frames in the stack."""
-        return 0 if self._acc is None else self._acc.count
+        """Frames in the stacks, all filters together."""
+        return sum(f.acc.count for f in self._filters.values())
+
+    @property
+    def exptime(self) -> float:
+        """Total exposure of the stacked frames, all filters together, seconds."""
+        return sum(f.exptime for f in self._filters.values())
 
     @property
     def method(self) -> str:
@@ -430,26 +542,48 @@ class Stacker:
 
     @property
     def rejected_fraction(self) -> float:
-        return 0.0 if self._acc is None else self._acc.rejected_fraction
+        """Samples rejected over samples offered (the frame-weighted mean over the filters' stacks)."""
+        total = self.count
+        if total == 0:
+            return 0.0
+        return sum(f.acc.rejected_fraction * f.acc.count for f in self._filters.values()) / total
 
-    def result(self) -> np.ndarray | None:
-        """The stack so far (float32, NaN where no frame covered), or None before the first frame."""
-        return None if self._acc is None else self._acc.result()
+    def count_of(self, filter: str | None = None) -> int:
+        """Frames in one filter's stack (default: the filter stacked last); 0 for a filter never seen."""
+        stack = self._pick(filter)
+        return 0 if stack is None else stack.acc.count
 
-    def coverage(self) -> np.ndarray | None:
-        """Frames per pixel, or None before the first frame."""
-        return None if self._acc is None else self._acc.coverage
+    def result(self, filter: str | None = None) -> np.ndarray | None:
+        """One filter's stack so far (float32, NaN where no frame covered), or None before its first frame.
 
-    def info(self) -> StackInfo:
-        """Header facts for a snapshot of the stack."""
+        Parameters
+        ----------
+        filter : str, optional
+            A name from ``filters``; default the filter stacked last.
+        """
+        stack = self._pick(filter)
+        return None if stack is None else stack.acc.result()
+
+    def coverage(self, filter: str | None = None) -> np.ndarray | None:
+        """Frames per pixel of one filter's stack (default: the filter stacked last), or None."""
+        stack = self._pick(filter)
+        return None if stack is None else stack.acc.coverage
+
+    def info(self, filter: str | None = None) -> StackInfo:
+        """Header facts for a snapshot of one filter's stack (default: the filter stacked last)."""
         ref = self._ref_meta
-        return StackInfo(ncombine=self.count, exptime=self.exptime, date_obs=self.date_obs,
-                         date_end=self.date_end, method=self.method,
-                         object=ref.object if ref else None, filter=ref.filter if ref else None,
+        stack = self._pick(filter)
+        if stack is None:
+            return StackInfo(ncombine=0, exptime=0.0, date_obs=None, date_end=None, method=self.method,
+                             object=ref.object if ref else None, filter=None,
+                             wcs_header=ref.wcs_header if ref else None, reference=ref.path if ref else None)
+        return StackInfo(ncombine=stack.acc.count, exptime=stack.exptime, date_obs=stack.date_obs,
+                         date_end=stack.date_end, method=self.method,
+                         object=ref.object if ref else None, filter=stack.name or None,
                          wcs_header=ref.wcs_header if ref else None, reference=ref.path if ref else None)
 
     def snr(self, image: np.ndarray | None = None) -> float | None:
-        """A robust signal-to-noise estimate of the stack.
+        """A robust signal-to-noise estimate of a stack (default: the filter stacked last).
 
         The 99.5th percentile above the median sky, over the sky noise (1.4826 x MAD), on the luminance of a
         pixel sample: it grows as the square root of the frames for a well-behaved stack.
@@ -481,10 +615,13 @@ class Stacker:
         return float((np.percentile(sample, 99.5) - med) / noise)
 
     def discard(self) -> None:
-        """Release what the stack keeps on disk (the median's cube); the stack is unusable afterwards."""
-        release = getattr(self._acc, "discard", None)
-        if release is not None:
-            release()
+        """Release what the stacks keep on disk (the median's cubes) and forget them."""
+        for stack in self._filters.values():
+            release = getattr(stack.acc, "discard", None)
+            if release is not None:
+                release()
+        self._filters = {}
+        self._current = None
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
@@ -494,34 +631,37 @@ class Stacker:
         Returns
         -------
         arrays : dict of ndarray
+            ``ref_*`` (the reference's stars), ``last_matrix``, and ``f<i>_<key>`` for the state of the
+            ``i``-th filter's accumulator.
         meta : dict
         """
-        if self._acc is None or self._ref_stars is None or self._ref_meta is None:
+        if self._ref_meta is None or self._ref_stars is None:
             return {}, {"empty": True}
-        # Text entries of the accumulator's state (its method, a cube's file name) travel in ``meta``: the
-        # arrays hold numbers only.
         arrays: dict[str, np.ndarray] = {}
-        text: dict[str, str] = {}
-        for k, v in self._acc.state().items():
-            if v.dtype.kind in "US":
-                text[k] = str(v)
-            else:
-                arrays[f"acc_{k}"] = v
+        filters: list[dict[str, Any]] = []
+        for i, stack in enumerate(self._filters.values()):
+            # Text entries of an accumulator's state (its method, a cube's file name) travel in ``meta``:
+            # the arrays hold numbers only.
+            text: dict[str, str] = {}
+            for k, v in stack.acc.state().items():
+                if v.dtype.kind in "US":
+                    text[k] = str(v)
+                else:
+                    arrays[f"f{i}_{k}"] = v
+            filters.append({"name": stack.name, "channels": stack.channels, "stars": stack.stars,
+                            "fwhm": stack.fwhm, "exptime": stack.exptime, "date_obs": _iso(stack.date_obs),
+                            "date_end": _iso(stack.date_end), "acc_text": text})
         s = self._ref_stars
-        for name in ("x", "y", "flux", "fwhm", "a", "b", "theta", "flags"):
+        for name in _STAR_FIELDS:
             arrays[f"ref_{name}"] = getattr(s, name)
         if self._last is not None:
             arrays["last_matrix"] = self._last.matrix
         m = self._ref_meta
         meta = {
-            "empty": False, "method": self.method, "exptime": self.exptime, "acc_text": text,
-            "date_obs": _iso(self.date_obs), "date_end": _iso(self.date_end),
-            "ref_fwhm": self._ref_fwhm,
+            "empty": False, "method": self.method, "filters": filters, "current": self._current,
             "ref": {"path": m.path, "shape": list(m.shape), "time_utc": _iso(m.time_utc),
                     "exptime": m.exptime, "filter": m.filter, "object": m.object, "imagetyp": m.imagetyp,
                     "bayer": m.bayer, "wcs_header": m.wcs_header},
-            "stack_shape": list(self._acc.coverage.shape) + ([] if self._acc_channels is None
-                                                              else [self._acc_channels]),
         }
         return arrays, meta
 
@@ -531,60 +671,76 @@ class Stacker:
         Raises
         ------
         StateError
-            When the checkpoint was made with another stacking method.
+            When the checkpoint was made with another stacking method, or by a version that kept one
+            stack per target.
         """
         if meta.get("empty", True):
             return
         if meta["method"] != self.method:
             raise StateError(f"the checkpoint holds a {meta['method']} stack but the configuration asks "
                              f"for {self.method}; use a new state folder or the same method")
+        if "filters" not in meta:
+            raise StateError("the checkpoint was written by a version without per-filter stacks; use a new "
+                             "state folder")
         r = meta["ref"]
         self._ref_meta = FrameMeta(path=r["path"], shape=(int(r["shape"][0]), int(r["shape"][1])),
                                    time_utc=_parse_iso(r["time_utc"]), exptime=r["exptime"],
                                    filter=r["filter"], object=r["object"], imagetyp=r["imagetyp"],
                                    bayer=r["bayer"], wcs_header=r["wcs_header"])
-        ref_arrays = {name: _readonly(np.asarray(arrays[f"ref_{name}"]))
-                      for name in ("x", "y", "flux", "fwhm", "a", "b", "theta", "flags")}
+        ref_arrays = {name: _readonly(np.asarray(arrays[f"ref_{name}"])) for name in _STAR_FIELDS}
         self._ref_stars = Stars(shape=self._ref_meta.shape, **ref_arrays)
-        self._ref_fwhm = float(meta["ref_fwhm"])
-        shape = tuple(int(n) for n in meta["stack_shape"])
-        self._acc = self._new_accumulator(shape)
-        state = {k[4:]: v for k, v in arrays.items() if k.startswith("acc_")}
-        state.update({k: np.array(v) for k, v in meta.get("acc_text", {}).items()})
-        self._acc.restore(state)
-        self._acc_channels = shape[2] if len(shape) == 3 else None
+        self._filters = {}
+        for i, entry in enumerate(meta["filters"]):
+            channels = entry["channels"]
+            shape = (*self._ref_meta.shape, *([int(channels)] if channels else []))
+            acc = self._new_accumulator(shape)
+            prefix = f"f{i}_"
+            state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            state.update({k: np.array(v) for k, v in entry["acc_text"].items()})
+            acc.restore(state)
+            stack = _FilterStack(entry["name"], acc, channels, int(entry["stars"]), float(entry["fwhm"]))
+            stack.exptime = float(entry["exptime"])
+            stack.date_obs = _parse_iso(entry["date_obs"])
+            stack.date_end = _parse_iso(entry["date_end"])
+            self._filters[stack.name] = stack
+        self._current = meta.get("current")
         if "last_matrix" in arrays:
             self._last = Transform.from_matrix(arrays["last_matrix"], "restored")
-        self.exptime = float(meta["exptime"])
-        self.date_obs = _parse_iso(meta["date_obs"])
-        self.date_end = _parse_iso(meta["date_end"])
 
     @property
     def has_reference(self) -> bool:
-        return self._ref_stars is not None
+        return self._ref_meta is not None
 
     # -- private --------------------------------------------------------------------------------------
 
-    _acc_channels: int | None = None
+    def _pick(self, filter: str | None) -> _FilterStack | None:
+        name = self._current if filter is None else filter
+        return None if name is None else self._filters.get(name)
 
     def _reference_problem(self, prepared: Prepared) -> str | None:
+        if not self._aligns:
+            return None
         needed = max(self.config.align.reference_min_stars, self._params.min_inliers)
         if prepared.quality.stars < needed:
             return _too_few_stars(prepared.quality.stars, needed, "to become the reference")
         return None
 
-    def _reset_counters(self) -> None:
-        self.exptime = 0.0
-        self.date_obs = self.date_end = None
-
     def _set_reference(self, prepared: Prepared) -> None:
         self._ref_stars = prepared.stars
         self._ref_meta = prepared.frame.meta
-        self._ref_fwhm = prepared.quality.fwhm
-        shape = prepared.frame.data.shape
-        self._acc_channels = shape[2] if len(shape) == 3 else None
-        self._acc = self._new_accumulator(shape)
         self._last = None
+
+    def _filter_stack(self, prepared: Prepared) -> _FilterStack:
+        """The frame's filter's stack, started on the target's grid with this frame if it is the first."""
+        name = filter_key(prepared.frame.meta.filter)
+        stack = self._filters.get(name)
+        if stack is None:
+            shape = prepared.frame.data.shape
+            channels = shape[2] if len(shape) == 3 else None
+            stack = _FilterStack(name, self._new_accumulator(shape), channels, prepared.quality.stars,
+                                 prepared.quality.fwhm)
+            self._filters[name] = stack
+        return stack
 
     def _new_accumulator(self, shape: tuple[int, ...]) -> Accumulator:
         s = self.config.stack
@@ -597,49 +753,44 @@ class Stacker:
         if meta.shape != ref.shape:
             return (f"frame is {meta.shape[0]}x{meta.shape[1]} (rows x columns) but the stack is "
                     f"{ref.shape[0]}x{ref.shape[1]}")
+        name = filter_key(meta.filter)
+        stack = self._filters.get(name)
         channels = prepared.frame.data.shape[2] if prepared.frame.is_color else None
-        if channels != self._acc_channels:
+        if stack is not None and channels != stack.channels:
             kind = "colour" if channels else "mono"
-            return f"frame is {kind} but the stack is {'mono' if channels else 'colour'}"
+            label = f"the {name} stack" if name else "the stack"
+            return f"frame is {kind} but {label} is {'mono' if channels else 'colour'}"
+        if not self._aligns:
+            return None
         if quality.stars < self._params.min_inliers:
             return _too_few_stars(quality.stars, self._params.min_inliers, "to be aligned")
+        if stack is None:
+            # A filter's first frame sets the star count and FWHM its later frames are judged by.
+            return _judge_shape(quality, self.config.align.max_ellipticity)
         a = self.config.align
-        ref_count = len(self._ref_stars) if self._ref_stars is not None else 0
-        if quality.stars < a.min_star_fraction * ref_count:
-            return (f"only {quality.stars} stars found, under {a.min_star_fraction:g} x the reference's "
-                    f"{ref_count} (clouds or dew)")
-        if (a.max_fwhm_factor > 0 and np.isfinite(self._ref_fwhm) and np.isfinite(quality.fwhm)
-                and quality.fwhm > a.max_fwhm_factor * self._ref_fwhm):
+        if quality.stars < a.min_star_fraction * stack.stars:
+            return (f"only {quality.stars} stars found, under {a.min_star_fraction:g} x the "
+                    f"{_first_of(name)}'s {stack.stars} (clouds or dew)")
+        if (a.max_fwhm_factor > 0 and np.isfinite(stack.fwhm) and np.isfinite(quality.fwhm)
+                and quality.fwhm > a.max_fwhm_factor * stack.fwhm):
             return (f"stars are blurred: FWHM {quality.fwhm:.2f} px is over {a.max_fwhm_factor:g} x the "
-                    f"reference's {self._ref_fwhm:.2f} px (clouds, focus or seeing)")
-        if np.isfinite(quality.ellipticity) and quality.ellipticity > a.max_ellipticity:
-            return (f"stars are elongated: ellipticity {quality.ellipticity:.2f} is over "
-                    f"{a.max_ellipticity:g} (wind or tracking)")
-        return None
+                    f"{_first_of(name)}'s {stack.fwhm:.2f} px (clouds, focus or seeing)")
+        return _judge_shape(quality, a.max_ellipticity)
 
-    def _stack(self, frame: Frame, transform: Transform, timings: dict[str, float]) -> None:
-        assert self._acc is not None and self._ref_meta is not None
+    def _stack(self, stack: _FilterStack, frame: Frame, transform: Transform,
+               timings: dict[str, float]) -> None:
+        assert self._ref_meta is not None
         t0 = time.perf_counter()
-        aligned, footprint = warp(frame.data, transform.matrix, self._ref_meta.shape,
-                                  self.config.align.interpolation)
+        if self._aligns:
+            aligned, footprint = warp(frame.data, transform.matrix, self._ref_meta.shape,
+                                      self.config.align.interpolation)
+        else:
+            aligned, footprint = frame.data, np.ones(self._ref_meta.shape, dtype=bool)
         t1 = time.perf_counter()
-        self._acc.add(aligned, footprint)
+        stack.acc.add(aligned, footprint)
         t2 = time.perf_counter()
         timings["warp"] = t1 - t0
         timings["stack"] = t2 - t1
-
-    def _account(self, meta: FrameMeta) -> None:
-        self._account_time(meta.time_utc, meta.exptime)
-
-    def _account_time(self, start: datetime | None, exptime: float | None) -> None:
-        exptime = exptime or 0.0
-        self.exptime += exptime
-        if start is not None:
-            end = start + timedelta(seconds=exptime)
-            if self.date_obs is None or start < self.date_obs:
-                self.date_obs = start
-            if self.date_end is None or end > self.date_end:
-                self.date_end = end
 
 
 def expand_paths(items: Iterable[str]) -> list[Path]:
@@ -701,6 +852,15 @@ def _is_frame_name(name: str) -> bool:
     return lower.endswith(FITS_SUFFIXES) and not lower.startswith((".", "~"))
 
 
+def filter_key(name: str | None) -> str:
+    """The name a frame's FILTER is stacked under: the canonical name of a known filter, else the header's.
+
+    ``"Red"``, ``"r"`` and ``"R"`` all stack as ``R``; ``"H-alpha"`` and ``"Ha"`` as ``Ha`` (see
+    ``compose.FILTER_ALIASES``); an unknown name is kept as written (trimmed); no FILTER gives ``""``.
+    """
+    return canonical_filter(name or "")
+
+
 def _finite_or_none(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
@@ -709,6 +869,17 @@ def _masters_text(masters: object) -> str:
     """``kind=file`` pairs of whatever calibration record the result carries (a mapping or an object)."""
     items = masters.items() if isinstance(masters, Mapping) else vars(masters).items()
     return "; ".join(f"{k}={Path(str(v)).name}" for k, v in items if v)
+
+
+def _judge_shape(quality: Quality, max_ellipticity: float) -> str | None:
+    if np.isfinite(quality.ellipticity) and quality.ellipticity > max_ellipticity:
+        return (f"stars are elongated: ellipticity {quality.ellipticity:.2f} is over "
+                f"{max_ellipticity:g} (wind or tracking)")
+    return None
+
+
+def _first_of(name: str) -> str:
+    return f"first {name} frame" if name else "first frame"
 
 
 def _too_few_stars(found: int, needed: int, purpose: str) -> str:

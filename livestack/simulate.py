@@ -15,6 +15,8 @@ Public API:
 - ``simulate(outdir, config, *, sleep=time.sleep, on_written=None) -> list[Path]``: write a session to disk,
   with a ``truth.csv`` sidecar.
 - ``render_stars(shape, x, y, flux, ...) -> ndarray``: Moffat stars on a zero image.
+- ``FILTER_BANDS``: what each simulated filter passes (star colours, sky, exposure), as data.
+- ``parse_filters(text) -> tuple``: a filter wheel's cycle from ``"L,R,G,B"`` or ``"R*5,G*5,B*5"``.
 
 Geometry. Pixel centres are at integers, ``x`` is the column and ``y`` the row. The sky is described in the
 pixel frame of frame 0 (the reference). Frame ``i`` sees the sky moved by the cumulative drift
@@ -22,6 +24,11 @@ pixel frame of frame 0 (the reference). Frame ``i`` sees the sky moved by the cu
 angle ``theta = i * rotation_per_frame`` (plus 180 degrees from ``flip_at`` on), counter-clockwise in
 (x, y) pixel axes: a sky point ``s`` lands on ``p = c + R(theta) (s - c) + D``. The true transform of the
 frame is the inverse, ``s = A p + t``, the same convention as ``align.Transform.matrix``.
+
+Filter wheels. With ``filters`` set, frame ``i`` is taken through ``filters[i % len(filters)]``: each
+star's flux is its colour response in that band (``FILTER_BANDS``), the sky is the band's share of the
+light-polluted sky, the exposure is the band's (narrowband filters expose longer and still see fewer
+stars), and FILTER is written to the header.
 
 Colour frames. The R, G and B intensity planes (stars with slightly different colours, a tinted sky) are each
 evaluated only at the sites of their own colour in the Bayer pattern, which is the same as rendering the
@@ -48,14 +55,17 @@ from livestack.errors import ConfigError
 
 __all__ = [
     "BAYER_PATTERNS",
+    "FILTER_BANDS",
     "SUBDIR_NAME",
     "TRUTH_COLUMNS",
     "TRUTH_FILE",
     "WRITE_MODES",
     "FieldStars",
+    "FilterBand",
     "SimConfig",
     "SimFrame",
     "field_stars",
+    "parse_filters",
     "render_frame",
     "render_stars",
     "simulate",
@@ -78,6 +88,41 @@ TRUTH_COLUMNS: tuple[str, ...] = (
 )
 #: The subfolder that every ``subdir_every``-th frame goes into.
 SUBDIR_NAME = "night2"
+
+
+
+@dataclass(frozen=True)
+class FilterBand:
+    """What one simulated filter passes.
+
+    Attributes
+    ----------
+    star : tuple of float
+        A star's flux through the filter is ``star[0] * R + star[1] * G + star[2] * B`` of its relative
+        colour fluxes (G = 1), before the exposure factor.
+    sky : float
+        Sky level relative to ``SKY_LEVEL`` for the base exposure.
+    exposure : float
+        Exposure relative to ``SimConfig.exptime``; star and sky light scale with it.
+    """
+
+    star: tuple[float, float, float]
+    sky: float
+    exposure: float
+
+
+#: The simulated filter wheel: broadband L, R, G, B under an orange, light-polluted sky (R's sky brightest,
+#: B's darkest), and narrowband Ha, OIII, SII passing ~5-8% of a broadband filter's starlight and very
+#: little sky, exposed 3x longer.
+FILTER_BANDS: Mapping[str, FilterBand] = MappingProxyType({
+    "L": FilterBand((0.9, 0.9, 0.9), 2.6, 1.0),
+    "R": FilterBand((1.0, 0.0, 0.0), 1.25, 1.0),
+    "G": FilterBand((0.0, 1.0, 0.0), 1.0, 1.0),
+    "B": FilterBand((0.0, 0.0, 1.0), 0.75, 1.0),
+    "Ha": FilterBand((0.07, 0.0, 0.0), 0.06, 3.0),
+    "OIII": FilterBand((0.0, 0.04, 0.04), 0.05, 3.0),
+    "SII": FilterBand((0.05, 0.0, 0.0), 0.04, 3.0),
+})
 
 _DEFAULT_START = datetime(2024, 3, 15, 21, 0, 0, tzinfo=UTC)
 
@@ -171,6 +216,10 @@ class SimConfig:
         Written to OBJECT.
     filter : str or None
         Written to FILTER; None leaves the card out.
+    filters : tuple of str
+        A filter wheel's cycle (names from ``FILTER_BANDS``): frame ``i`` is taken through
+        ``filters[i % len(filters)]`` and ``filter`` is ignored (CLI ``--filters``, see ``parse_filters``).
+        Empty: every frame through ``filter``, rendered as a clear filter.
     start : datetime
         UTC start of frame 0; frame ``i`` starts ``i * interval`` later. A naive datetime is taken as UTC.
     subdir_every : int
@@ -201,6 +250,7 @@ class SimConfig:
     exptime: float = 10.0
     object_name: str = "SIM-FIELD"
     filter: str | None = "L"
+    filters: tuple[str, ...] = ()
     start: datetime = _DEFAULT_START
     subdir_every: int = 0
 
@@ -208,6 +258,7 @@ class SimConfig:
         # Accept lists from a CLI or a notebook; store tuples so the value stays immutable and hashable.
         for name in ("bad_frames", "cloud_frames", "wind_frames", "trails"):
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+        object.__setattr__(self, "filters", tuple(str(f) for f in self.filters))
         if len(tuple(self.size)) != 2 or len(tuple(self.drift)) != 2:
             raise ConfigError("simulate: size and drift must each have two values.")
         object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
@@ -246,6 +297,12 @@ class SimConfig:
             outside = [i for i in getattr(self, name) if not 0 <= i < self.frames]
             if outside:
                 problems.append(f"{name} {outside} are outside frames 0..{self.frames - 1}")
+        unknown = sorted(set(self.filters) - set(FILTER_BANDS))
+        if unknown:
+            problems.append(f"filters {', '.join(unknown)} are not simulated "
+                            f"(known: {', '.join(FILTER_BANDS)})")
+        if self.filters and self.bayer is not None:
+            problems.append("filters are for a mono camera with a filter wheel, not a colour camera (bayer)")
         both = set(self.cloud_frames) & set(self.wind_frames)
         if both:
             problems.append(f"frames {sorted(both)} cannot be both cloud_frames and wind_frames")
@@ -419,7 +476,10 @@ def render_frame(config: SimConfig, index: int) -> SimFrame:
     events = np.random.default_rng([config.seed, _TAG_EVENT, index])
 
     stars = field_stars(config, index)
+    band = _band(config, index)
     flux = stars.flux * (CLOUD_TRANSMISSION if kind == "cloud" else 1.0)
+    if band is not None:
+        flux = flux * (stars.rgb @ np.asarray(band.star)) * band.exposure
     elongation, angle = 1.0, 0.0
     if kind == "wind":
         elongation, angle = WIND_ELONGATION, float(events.uniform(0.0, 180.0))
@@ -428,7 +488,8 @@ def render_frame(config: SimConfig, index: int) -> SimFrame:
     light = _render_moffat(shape, stars.x, stars.y, flux, fwhm=config.fwhm, beta=MOFFAT_BETA,
                            elongation=elongation, angle_deg=angle, site_gain=site_gain)
 
-    light += _sky(config, cell) * (CLOUD_SKY_FACTOR if kind == "cloud" else 1.0)
+    sky_factor = 1.0 if band is None else band.sky * band.exposure
+    light += _sky(config, cell) * (sky_factor * (CLOUD_SKY_FACTOR if kind == "cloud" else 1.0))
     if has_trail:
         _add_trail(light, events)
     hot_rows, hot_cols, hot_values = _hot_pixels(config)
@@ -493,6 +554,41 @@ def simulate(outdir: str | Path, config: SimConfig, *, sleep: Callable[[float], 
         if on_written is not None:
             on_written(path)
     return paths
+
+
+def parse_filters(text: str) -> tuple[str, ...]:
+    """A filter wheel's cycle from ``"L,R,G,B"`` or ``"R*5,G*5,B*5"`` (a name repeated ``*N`` times).
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    tuple of str
+        One entry per frame of the cycle.
+
+    Raises
+    ------
+    ConfigError
+        For an empty cycle, a bad repeat count or a filter not in ``FILTER_BANDS``.
+    """
+    cycle: list[str] = []
+    for item in text.split(","):
+        name, star, count = item.strip().partition("*")
+        name = name.strip()
+        try:
+            repeat = int(count) if star else 1
+        except ValueError:
+            repeat = 0
+        if repeat < 1:
+            raise ConfigError(f"simulate: {item.strip()!r} in the filters must be NAME or NAME*COUNT with a "
+                              "positive count.")
+        if name not in FILTER_BANDS:
+            raise ConfigError(f"simulate: filter {name!r} is not simulated "
+                              f"(known: {', '.join(FILTER_BANDS)}).")
+        cycle += [name] * repeat
+    return tuple(cycle)
 
 
 def render_stars(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray,
@@ -694,9 +790,12 @@ def _header(config: SimConfig, index: int) -> dict[str, str | int | float]:
         "IMAGETYP": "Light",
         "OBJECT": config.object_name,
     }
-    if config.filter is not None:
+    band = _band(config, index)
+    if config.filters:
+        cards["FILTER"] = config.filters[index % len(config.filters)]
+    elif config.filter is not None:
         cards["FILTER"] = config.filter
-    cards["EXPTIME"] = float(config.exptime)
+    cards["EXPTIME"] = float(config.exptime * (band.exposure if band is not None else 1.0))
     cards["DATE-OBS"] = start.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
     cards["INSTRUME"] = "livestack simulator"
     cards["GAIN"] = 1.0
@@ -706,6 +805,13 @@ def _header(config: SimConfig, index: int) -> dict[str, str | int | float]:
         cards["YBAYROFF"] = 0
         cards["ROWORDER"] = "TOP-DOWN"
     return cards
+
+
+def _band(config: SimConfig, index: int) -> FilterBand | None:
+    """The filter of a frame on the wheel, or None without a wheel."""
+    if not config.filters:
+        return None
+    return FILTER_BANDS[config.filters[index % len(config.filters)]]
 
 
 def _file_name(config: SimConfig, index: int) -> str:

@@ -19,7 +19,8 @@ def test_shipped_config_lists_every_key_with_its_default() -> None:
     loaded = load_config(ROOT / "config.toml")
     assert loaded == Config()
     data = tomllib.loads(shipped)
-    for section in ("watch", "frames", "detect", "align", "stack", "output", "state", "network"):
+    for section in ("watch", "frames", "detect", "align", "stack", "output", "compose", "state",
+                    "network"):
         assert section in data
 
 
@@ -78,7 +79,8 @@ def test_readme_documents_every_key_with_its_default() -> None:
 
     readme = (ROOT / "README.md").read_text()
     config = Config()
-    for section in ("watch", "frames", "detect", "align", "stack", "output", "state", "network"):
+    for section in ("watch", "frames", "detect", "align", "stack", "output", "compose", "state",
+                    "network"):
         assert f"**[{section}]**" in readme, section
         table = readme.split(f"**[{section}]**", 1)[1].split("**[", 1)[0]
         for f in dataclasses.fields(getattr(config, section)):

@@ -9,6 +9,8 @@ Public API:
 - ``stretch(image) -> ndarray``: auto-stretched uint8 ``(H, W)`` or ``(H, W, 3)`` (NaN -> black).
 - ``encode_image(image8, fmt) -> bytes``: PNG or JPEG bytes of a stretched image.
 - ``write_preview(path, image)``: stretch then write PNG or JPEG by the file's suffix.
+- ``write_composite(fits_path, image_path, image, info, picture=None)``: a colour composite's FITS cube
+  (with its recipe cards from ``info.cards``) and its picture (``picture`` as rendered, else stretched).
 - ``preview_array(image, max_side=160) -> ndarray``: a small stretched uint8 image for event previews.
 - ``preview_bytes(image, max_size=256) -> bytes``: the same, as JPEG bytes.
 
@@ -31,6 +33,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -42,7 +45,7 @@ from livestack.stages.provenance import FrameRow, frames_hdu
 
 __all__ = ["FLATTEN_MESH", "JPEG_QUALITY", "PNG_COMPRESSION", "SHADOWS_SIGMA", "STAT_SAMPLES",
            "TARGET_BACKGROUND", "StackInfo", "atomic_write", "encode_image", "flatten_background",
-           "preview_array", "preview_bytes", "stretch", "write_fits", "write_preview"]
+           "preview_array", "preview_bytes", "stretch", "write_composite", "write_fits", "write_preview"]
 
 #: Where the sky lands after the stretch, as a fraction of full scale (people like 0.1 to 0.25).
 TARGET_BACKGROUND: float = 0.20
@@ -86,6 +89,8 @@ class StackInfo:
         Path of the reference frame.
     frames : tuple of FrameRow or None
         Every frame received for the stack, for the ``FRAMES`` table; None writes no table.
+    cards : tuple
+        Further ``(keyword, value, comment)`` header cards (a composite's recipe).
     """
 
     ncombine: int
@@ -98,6 +103,7 @@ class StackInfo:
     wcs_header: str | None = None
     reference: str | None = None
     frames: tuple[FrameRow, ...] | None = None
+    cards: tuple[tuple[str, Any, str], ...] = ()
 
 
 def atomic_write(path: str | Path, data: bytes | bytearray | memoryview) -> None:
@@ -197,6 +203,8 @@ def write_fits(path: str | Path, image: np.ndarray, info: StackInfo) -> None:
         name = Path(info.reference).name
         # A long file name leaves no room for a comment (astropy would truncate it with a warning).
         header["REFFRAME"] = (name, "frame the stack is aligned to") if len(name) <= 35 else name
+    for keyword, value, comment in info.cards:
+        header[keyword] = (value, comment)
     header["CREATOR"] = ("livestack", "software that made this file")
     header["SWVERSN"] = (__version__, "livestack version that made this file")
     header["DATE"] = (_fits_time(datetime.now(UTC)), "UTC time this file was written")
@@ -370,6 +378,42 @@ def write_preview(path: str | Path, image: np.ndarray, flatten: bool = False) ->
             f"The preview {path} must end in one of {', '.join(_PREVIEW_SUFFIXES)}, not {suffix!r}."
         )
     atomic_write(path, encode_image(stretch(flatten_background(image) if flatten else image), suffix))
+
+
+def write_composite(fits_path: str | Path, image_path: str | Path, image: np.ndarray, info: StackInfo,
+                    picture: np.ndarray | None = None, flatten: bool = False) -> None:
+    """Write a colour composite: its linear 3-plane FITS and its picture, each atomically.
+
+    Parameters
+    ----------
+    fits_path, image_path : str or Path
+        Destinations (``.fits``; ``.png``, ``.jpg`` or ``.jpeg``).
+    image : ndarray
+        Linear ``(H, W, 3)`` composite.
+    info : StackInfo
+        Header facts; ``info.cards`` carries the recipe.
+    picture : ndarray, optional
+        uint8 ``(H, W, 3)`` already rendered (a Lupton picture); else ``image`` is stretched.
+    flatten : bool
+        Remove sky gradients before stretching (ignored with ``picture``).
+
+    Raises
+    ------
+    ValueError
+        For a picture suffix that is not PNG or JPEG.
+    OSError
+        When a file cannot be written (the old one, if any, is kept).
+    """
+    write_fits(fits_path, image, info)
+    if picture is None:
+        write_preview(image_path, image, flatten=flatten)
+        return
+    suffix = Path(image_path).suffix.lower()
+    if suffix not in _PREVIEW_SUFFIXES:
+        raise ValueError(
+            f"The picture {image_path} must end in one of {', '.join(_PREVIEW_SUFFIXES)}, not {suffix!r}."
+        )
+    atomic_write(image_path, encode_image(picture, suffix))
 
 
 def preview_array(image: np.ndarray, max_side: int = 160, flatten: bool = False) -> np.ndarray:
