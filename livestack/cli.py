@@ -244,13 +244,12 @@ def _cmd_compose(args: argparse.Namespace) -> int:
     import numpy as np
     from astropy.io import fits
 
-    from livestack.stages.compose import compose, parse_weights
+    from livestack.pipeline import build_composite
     from livestack.stages.snapshot import write_composite
 
     config = _load(args, {"compose.recipe": args.recipe, "compose.combine": args.combine,
                           "compose.scale": args.scale, "compose.background": args.background,
                           "compose.weights": args.weights, "output.image_format": args.image_format})
-    c = config.compose
     stacks: dict[str, np.ndarray] = {}
     headers: list[fits.Header] = []
     for item in args.stacks:
@@ -272,8 +271,7 @@ def _cmd_compose(args: argparse.Namespace) -> int:
         stacks[name] = data
         headers.append(header)
     try:
-        result = compose(stacks, recipe=c.recipe, combine=c.combine, scale=c.scale, background=c.background,
-                         weights=parse_weights(c.weights))
+        result = build_composite(stacks, config.compose)
     except ValueError as exc:
         raise LivestackError(str(exc)) from exc
     fits_path, image_path = _stack_outputs(Path(args.output), config.output.image_format, "composite")
@@ -389,7 +387,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
     from livestack.live.daemon import Daemon
-    from livestack.simulate import SimConfig, simulate
+    from livestack.simulate import SimConfig, parse_filters, simulate
 
     output = Path(args.output).resolve()
     use_tui = not args.plain and sys.stdin.isatty() and sys.stdout.isatty()
@@ -404,7 +402,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         width, height = _size(args.size)
         sim = SimConfig(frames=args.frames, interval=args.interval, size=(width, height), seed=args.seed,
                         bad_frames=(args.frames * 2 // 3,), trails=(args.frames // 3,), write_mode="mixed",
-                        subdir_every=7)
+                        subdir_every=7, filters=parse_filters(args.filters) if args.filters else ())
         printer = _DemoPrinter(args.frames, quiet=use_tui)
         daemon = Daemon(config, listeners=[printer])
         stop = threading.Event()
@@ -682,6 +680,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--config", metavar="FILE", help="configuration file")
     d.add_argument("--plain", action="store_true", help="plain progress lines even in a terminal")
+    d.add_argument("--filters", metavar="CYCLE", help="a filter wheel, e.g. L,R,G,B or R*5,G*5,B*5: "
+                   "per-filter stacks and a colour composite build live")
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("tui", help="the dashboard of a running daemon, local or remote")

@@ -16,6 +16,7 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual import on, work
@@ -62,7 +63,8 @@ _HELP = """\
   [b]header[/b]    target, filter, stacking method, the daemon's state, the connection:
             "stale since" means no message (not even the 1 s heartbeat) since then
   [b]counters[/b]  frames received, stacked, rejected; total exposure in the stack; daemon uptime;
-            frames per minute (last 10 min); frames queued (oldest wait); file-to-stack latency
+            frames per minute (last 10 min); frames queued (oldest wait); file-to-stack latency;
+            with a filter wheel, each filter's frames and exposure
   [b]frames[/b]    the latest frames, newest first: verdict or rejection reason, stars, FWHM (px),
             shift from the reference (px), rotation, fit residual (rms px)
   [b]plots[/b]     FWHM, star count, sky background and latency of the accepted frames tonight
@@ -549,7 +551,17 @@ class LivestackApp(App[None]):
         cells = [Text.assemble((f"{label} ", "dim"), (value, "bold")) for label, value in values.items()]
         grid.add_row(*cells[:4])
         grid.add_row(*cells[4:])
-        self.query_one("#counters", Static).update(grid)
+        filters = self.model.filter_counts()
+        if not filters:
+            self.query_one("#counters", Static).update(grid)
+            return
+        line = Text.assemble(("filters ", "dim"))
+        for i, (name, value) in enumerate(filters):
+            line.append_text(Text.assemble(("  " if i else "", ""), (f"{name} ", "bold cyan"),
+                                           (value, "bold")))
+        line.no_wrap = True
+        line.overflow = "ellipsis"
+        self.query_one("#counters", Static).update(Group(grid, line))
 
     def _refresh_frames(self) -> None:
         table: DataTable[str | Text] = self.query_one("#frames", DataTable)
