@@ -233,7 +233,8 @@ class KappaSigmaStack:
     full, each pixel and channel is initialised from its buffered samples: those further than
     ``kappa * 1.4826 * MAD`` from their median are rejected (a satellite trail in frame 2 does not poison
     the stack), the rest seed the running mean and variance. Until then ``result()`` returns that robust
-    combination of the frames buffered so far.
+    combination of the frames buffered so far. Judging costs one streaming pass over the buffer and a
+    second look at the few pixels whose samples spread wider than the limit's least value (``_judge_buffer``).
 
     *Noise floor.* Sigma from a handful of samples is often far too small by chance, and a pixel whose sigma
     is too small rejects every later good sample: it freezes. So sigma never goes below a floor per channel,
@@ -420,18 +421,29 @@ class KappaSigmaStack:
 
     def _judge_buffer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
         """Robust moments of the buffered frames: mean, M2, weight sum, accepted count, noise floor,
-        offered, rejected."""
+        offered, rejected.
+
+        Two passes: the moments of every sample with each pixel's reach and variance (one streaming pass
+        over the buffer), then, once the noise floor is known, the median/MAD clipping of only the pixels
+        whose reach (how far a sample can lie from the median) exceeds ``kappa * floor``, the least the
+        limit can be. Most sky pixels need no second look.
+        """
         assert self._buffer is not None
         buffer = self._buffer[: self._buffered]
-        floor = _noise_floor(buffer)
+        weights = self._buffer_weights[: self._buffered]
         mean = np.empty(self._dims, dtype=np.float32)
         m2 = np.empty(self._dims, dtype=np.float32)
         wsum = np.empty(self._dims, dtype=np.float32)
         n = np.empty(self._dims, dtype=np.int32)
+        spread = np.empty(self._dims, dtype=np.float32)
+        variance = np.empty(self._dims, dtype=np.float32)
+        _warmup_moments(buffer, weights, mean, m2, wsum, n, spread, variance)
+        floor = _noise_floor(variance, n)
+        del variance
         offered = np.zeros(self._dims[0], dtype=np.int64)
         rejected = np.zeros(self._dims[0], dtype=np.int64)
-        _robust_init(buffer, self._buffer_weights[: self._buffered], self._kappa, MAD_TO_SIGMA,
-                     MIN_TEST_SAMPLES, floor, mean, m2, wsum, n, offered, rejected)
+        _robust_clip(buffer, weights, self._kappa, MAD_TO_SIGMA, MIN_TEST_SAMPLES, floor, spread, mean, m2,
+                     wsum, n, offered, rejected)
         return mean, m2, wsum, n, floor, int(offered.sum()), int(rejected.sum())
 
     def _finish_warmup(self) -> None:
@@ -898,18 +910,15 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     return view
 
 
-def _noise_floor(buffer: np.ndarray) -> np.ndarray:
-    """Typical one-frame noise per channel of the buffered ``(frames, H, W, C)`` warm-up.
+def _noise_floor(variance: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """Typical one-frame noise per channel of a warm-up, from each pixel's sample variance and count.
 
     The median over pixels of the unbiased sample variance, divided by the median of chi-square over its
     degrees of freedom ``k`` (Wilson-Hilferty: ``(1 - 2 / (9 k))**3``), so that it estimates the variance
     itself; the median ignores stars, trails and cosmic rays, which touch few pixels. Zero when no pixel
     has two samples.
     """
-    channels = buffer.shape[3]
-    variance = np.empty(buffer.shape[1:], dtype=np.float32)
-    samples = np.empty(buffer.shape[1:], dtype=np.int32)
-    _sample_variance(buffer, variance, samples)
+    channels = variance.shape[2]
     floor = np.zeros(channels, dtype=np.float64)
     for c in range(channels):
         usable = samples[:, :, c] >= 2
@@ -1148,79 +1157,169 @@ def _kappa_plane(image: np.ndarray, valid: np.ndarray, weight: float, kappa: flo
 
 
 @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
-def _robust_init(buffer: np.ndarray, weights: np.ndarray, kappa: float, mad_to_sigma: float, min_test: int,
-                 floor: np.ndarray, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray, n: np.ndarray,
-                 offered: np.ndarray, rejected: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Median/MAD-clip each pixel's buffered samples, then Welford over the kept ones in frame order."""
+def _warmup_moments(buffer: np.ndarray, weights: np.ndarray, mean: np.ndarray, m2: np.ndarray,
+                    wsum: np.ndarray, n: np.ndarray, spread: np.ndarray,
+                    variance: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Per pixel and channel, over the non-NaN buffered samples: the weighted mean, M2 and weight sum, the
+    count, the reach and the unbiased variance (NaN below two samples).
+
+    The reach bounds how far any sample can lie from the median: the larger of (highest - second lowest)
+    and (second highest - lowest), since from three samples on the median lies between the second lowest
+    and the second highest. (0 below two samples.)
+
+    The loops run frame by frame along a row, so that they stream the buffer and vectorise; the means and
+    the squared deviations come in two passes (West's running update gives the same to rounding, with a
+    division per sample).
+    """
+    frames, height, width, channels = buffer.shape
+    for y in numba.prange(height):
+        weighted = np.empty(width, dtype=np.float64)
+        plain = np.empty(width, dtype=np.float64)
+        weight = np.empty(width, dtype=np.float64)
+        low = np.empty(width, dtype=np.float64)
+        low2 = np.empty(width, dtype=np.float64)
+        high = np.empty(width, dtype=np.float64)
+        high2 = np.empty(width, dtype=np.float64)
+        count = np.empty(width, dtype=np.int64)
+        weighted_dev = np.empty(width, dtype=np.float64)
+        plain_dev = np.empty(width, dtype=np.float64)
+        for c in range(channels):
+            weighted[:] = 0.0
+            plain[:] = 0.0
+            weight[:] = 0.0
+            low[:] = np.inf
+            low2[:] = np.inf
+            high[:] = -np.inf
+            high2[:] = -np.inf
+            count[:] = 0
+            weighted_dev[:] = 0.0
+            plain_dev[:] = 0.0
+            for f in range(frames):
+                w = weights[f]
+                for x in range(width):
+                    value = np.float64(buffer[f, y, x, c])
+                    if value == value:  # not NaN
+                        weighted[x] += w * value
+                        plain[x] += value
+                        weight[x] += w
+                        low2[x] = min(low2[x], max(low[x], value))
+                        low[x] = min(low[x], value)
+                        high2[x] = max(high2[x], min(high[x], value))
+                        high[x] = max(high[x], value)
+                        count[x] += 1
+            for x in range(width):
+                if count[x]:
+                    weighted[x] /= weight[x]
+                    plain[x] /= count[x]
+            for f in range(frames):
+                w = weights[f]
+                for x in range(width):
+                    value = np.float64(buffer[f, y, x, c])
+                    if value == value:
+                        delta = value - weighted[x]
+                        weighted_dev[x] += w * delta * delta
+                        delta = value - plain[x]
+                        plain_dev[x] += delta * delta
+            for x in range(width):
+                m = count[x]
+                mean[y, x, c] = np.float32(weighted[x])
+                m2[y, x, c] = np.float32(weighted_dev[x])
+                wsum[y, x, c] = np.float32(weight[x])
+                n[y, x, c] = m
+                reach = max(high[x] - low2[x], high2[x] - low[x])
+                spread[y, x, c] = np.float32(reach) if m >= 2 else np.float32(0.0)
+                variance[y, x, c] = np.float32(plain_dev[x] / (m - 1)) if m >= 2 else np.float32(np.nan)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def _robust_clip(buffer: np.ndarray, weights: np.ndarray, kappa: float, mad_to_sigma: float, min_test: int,
+                 floor: np.ndarray, spread: np.ndarray, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray,
+                 n: np.ndarray, offered: np.ndarray, rejected: np.ndarray) -> None:  # pragma: no cover
+    """Median/MAD-clip the buffered samples of the pixels that may hold an outlier; recount the moments.
+
+    ``mean``, ``m2``, ``wsum`` and ``n`` arrive holding the moments of every sample (``_warmup_moments``).
+    No sample lies further than the reach from the median and the limit is at least ``kappa * floor``, so a
+    pixel with less reach keeps all its samples and is left as it is. For the others, the median and the MAD
+    come from sorting the handful of samples (the mean of the two middle ones for an even count), and the
+    moments are recomputed over the kept samples in frame order, as above.
+    """
     frames, height, width, channels = buffer.shape
     for y in numba.prange(height):
         values = np.empty(frames, dtype=np.float64)
-        scratch = np.empty(frames, dtype=np.float64)
+        ranked = np.empty(frames, dtype=np.float64)
         order = np.empty(frames, dtype=np.int64)
         row_offered = 0
         row_rejected = 0
         for x in range(width):
             for c in range(channels):
+                m = n[y, x, c]
+                row_offered += m
+                # The reach was rounded to float32: a margin far above that rounding keeps the test safe.
+                if m < min_test or spread[y, x, c] * (1.0 + 1e-6) <= kappa * floor[c]:
+                    continue
                 m = 0
                 for f in range(frames):
-                    value = buffer[f, y, x, c]
-                    if not np.isnan(value):
+                    value = np.float64(buffer[f, y, x, c])
+                    if value == value:  # not NaN
                         values[m] = value
                         order[m] = f
                         m += 1
-                limit = np.inf
-                if m >= min_test:
-                    scratch[:m] = values[:m]
-                    centre = _median(scratch, m)
-                    for j in range(m):
-                        scratch[j] = abs(values[j] - centre)
-                    limit = kappa * max(mad_to_sigma * _median(scratch, m), floor[c])
-                else:
-                    centre = 0.0
-                total = 0.0
-                running = 0.0
-                spread = 0.0
-                accepted = 0
+                _sort_into(values, ranked, m, False, 0.0)
+                centre = _sorted_median(ranked, m)
+                _sort_into(values, ranked, m, True, centre)
+                limit = kappa * max(mad_to_sigma * _sorted_median(ranked, m), floor[c])
+                kept = 0
                 for j in range(m):
-                    value = values[j]
-                    if abs(value - centre) > limit:
-                        row_rejected += 1
-                        continue
+                    if abs(values[j] - centre) <= limit:
+                        values[kept] = values[j]
+                        order[kept] = order[j]
+                        kept += 1
+                if kept == m:
+                    continue
+                row_rejected += m - kept
+                total = 0.0
+                moment = 0.0
+                for j in range(kept):
                     w = weights[order[j]]
                     total += w
-                    delta = value - running
-                    running += delta * w / total
-                    spread += w * delta * (value - running)
-                    accepted += 1
-                row_offered += m
-                mean[y, x, c] = running
-                m2[y, x, c] = spread
-                wsum[y, x, c] = total
-                n[y, x, c] = accepted
+                    moment += w * values[j]
+                centre = moment / total if kept else 0.0
+                deviations = 0.0
+                for j in range(kept):
+                    delta = values[j] - centre
+                    deviations += weights[order[j]] * delta * delta
+                mean[y, x, c] = np.float32(centre)
+                m2[y, x, c] = np.float32(deviations)
+                wsum[y, x, c] = np.float32(total)
+                n[y, x, c] = kept
         offered[y] += row_offered
         rejected[y] += row_rejected
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
-def _sample_variance(buffer: np.ndarray, variance: np.ndarray,
-                     samples: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Unbiased variance of each pixel's non-NaN buffered samples (NaN below two), and their number."""
-    frames, height, width, channels = buffer.shape
-    for y in numba.prange(height):
-        for x in range(width):
-            for c in range(channels):
-                m = 0
-                running = 0.0
-                spread = 0.0
-                for f in range(frames):
-                    value = np.float64(buffer[f, y, x, c])
-                    if not np.isnan(value):
-                        m += 1
-                        delta = value - running
-                        running += delta / m
-                        spread += delta * (value - running)
-                samples[y, x, c] = m
-                variance[y, x, c] = spread / (m - 1) if m >= 2 else np.nan
+@numba.njit(cache=True, inline="always", nogil=True)
+def _sort_into(values: np.ndarray, ranked: np.ndarray, m: int, deviations: bool,
+               centre: float) -> None:  # pragma: no cover - compiled
+    """``ranked[:m]`` = ``values[:m]`` sorted, or their distances from ``centre`` sorted (``deviations``).
+
+    Odd-even transposition: ``m`` rounds of min/max exchanges, no data-dependent branch (an insertion sort
+    of random noise mispredicts most of its compares, and a warm-up holds only a handful of samples).
+    """
+    for j in range(m):
+        ranked[j] = abs(values[j] - centre) if deviations else values[j]
+    for step in range(m):
+        for j in range(step % 2, m - 1, 2):
+            a = ranked[j]
+            b = ranked[j + 1]
+            ranked[j] = min(a, b)
+            ranked[j + 1] = max(a, b)
+
+
+@numba.njit(cache=True, inline="always", nogil=True)
+def _sorted_median(ranked: np.ndarray, m: int) -> float:  # pragma: no cover - compiled
+    half = m // 2
+    if m % 2:
+        return ranked[half]
+    return 0.5 * (ranked[half - 1] + ranked[half])
 
 
 @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
