@@ -1,4 +1,4 @@
-"""The ``livestack`` command: stack, restack, compose, simulate, run, demo, tui, keys, config."""
+"""The ``livestack`` command: stack, restack, compose, simulate, run, demo, tui, web, keys, config."""
 
 from __future__ import annotations
 
@@ -341,22 +341,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
                           "stack.method": args.method})
     daemon = Daemon(config)
     _install_signals(daemon.request_stop)
-    if args.tui and sys.stdin.isatty() and sys.stdout.isatty():
-        from livestack.clients.tui.app import LivestackApp, run_app
+    tui = args.tui and sys.stdin.isatty() and sys.stdout.isatty()
+    if not tui and args.web is None:
+        return daemon.run()
+    daemon.start()
+    web = None
+    try:
+        web = _web_beside(args, config, daemon)
+        if tui:
+            from livestack.clients.tui.app import LivestackApp, run_app
 
-        daemon.start()
-        try:
             # The dashboard closes when a signal or a `shutdown` request stops the daemon; quitting the
             # dashboard stops the daemon (final checkpoint and snapshot) in the finally.
             run_app(LivestackApp(daemon.publish_endpoint, daemon.control_endpoint, attached=True),
                     stop_requested=daemon.wait)
-        finally:
-            daemon.stop()
-        s = daemon.stats
-        print(f"livestack: stopped; {s.accepted} stacked, {s.rejected} rejected of {s.received} frames; "
-              f"snapshots in {daemon.session_dir}", file=sys.stderr)
-        return 0
-    return daemon.run()
+        else:
+            while not daemon.wait(1.0):
+                pass
+    finally:
+        if web is not None:
+            web.stop()
+        daemon.stop()
+    s = daemon.stats
+    print(f"livestack: stopped; {s.accepted} stacked, {s.rejected} rejected of {s.received} frames; "
+          f"snapshots in {daemon.session_dir}", file=sys.stderr)
+    return 0
 
 
 def _install_signals(stop: Callable[[], None]) -> None:
@@ -397,7 +406,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         config = _load(args, {
             "watch.folder": str(frames_dir), "output.folder": str(output),
             "state.folder": str(Path(tmp) / "state"), "watch.settle": 0.5, "watch.poll_interval": 0.25,
-            "output.every_frames": 5, "network.preview_interval": 2.0,
+            "output.every_frames": 5, "network.preview_interval": 2.0, "web.display_interval": 2.0,
             "network.publish": "tcp://127.0.0.1:*", "network.control": "tcp://127.0.0.1:*"})
         width, height = _size(args.size)
         sim = SimConfig(frames=args.frames, interval=args.interval, size=(width, height), seed=args.seed,
@@ -418,6 +427,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         _install_signals(stop_all)
         daemon.start()
+        try:
+            web = _web_beside(args, config, daemon)
+        except BaseException:
+            daemon.stop()
+            raise
         written: list[Path] = []
         app: LivestackApp | None = None
         if use_tui:
@@ -450,13 +464,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 # Until q, or a signal (which stops the daemon and so closes the dashboard).
                 run_app(app, stop_requested=daemon.wait)
             else:
+                told = False
                 while not daemon.wait(0.2):
                     done = daemon.stats.received + daemon.stats.duplicates
                     if not thread.is_alive() and done >= len(written) and daemon.status()["queue"] == 0:
-                        break
+                        if args.web is None:
+                            break
+                        if not told:  # the viewer stays up for the audience until Ctrl-C
+                            told = True
+                            print("demo: the camera is done; the viewer stays until Ctrl-C", file=sys.stderr)
         finally:
             stop.set()
             thread.join()
+            if web is not None:
+                web.stop()
             daemon.stop()
         s = daemon.stats
         print(f"demo: {s.accepted} stacked, {s.rejected} rejected of {s.received} frames; "
@@ -505,6 +526,88 @@ def _cmd_tui(args: argparse.Namespace) -> int:
 
     run_tui(args.connect, args.control, Path(args.keys) if args.keys else None)
     return 0
+
+
+def _cmd_web(args: argparse.Namespace) -> int:
+    import threading
+
+    from livestack.clients.bus import ClientKeys
+    from livestack.clients.web.app import WebSettings
+    from livestack.clients.web.server import WebServer
+
+    config = _load(args, {"web.listen": args.listen})
+    token = _control_token(args)
+    keys = ClientKeys.load(args.keys) if args.keys else None
+    settings = WebSettings(connect=args.connect, control=args.control, keys=keys, caption=config.web.caption,
+                           control_token=token)
+    _quiet_uvicorn(args.verbose)
+    server = WebServer(settings, config.web.listen)
+    stop = threading.Event()
+    _install_signals(stop.set)
+    server.start()
+    try:
+        _announce(server.url, token)
+        stop.wait()
+    finally:
+        server.stop()
+    return 0
+
+
+def _web_beside(args: argparse.Namespace, config: Any, daemon: Any) -> Any:
+    """The viewer beside a started daemon in this process (``--web``), connected to its sockets, serving;
+    or None without ``--web``. The caller stops it."""
+    if args.web is None:
+        return None
+    from livestack.clients.web.app import WebSettings
+    from livestack.clients.web.server import WebServer
+
+    if config.network.server_secret_key:
+        raise LivestackError("--web connects to the daemon's own sockets without keys; with CURVE keys "
+                             "configured, run `livestack web --keys DIR` beside the daemon instead")
+    token = _control_token(args)
+    settings = WebSettings(connect=_local(daemon.publish_endpoint), control=_local(daemon.control_endpoint),
+                           caption=config.web.caption, control_token=token)
+    _quiet_uvicorn(args.verbose)
+    server = WebServer(settings, args.web or config.web.listen)
+    server.start()
+    _announce(server.url, token)
+    return server
+
+
+def _control_token(args: argparse.Namespace) -> str | None:
+    """``--control-token TOKEN``, a new random one for ``--control-token`` alone, else the environment's."""
+    import os
+    import secrets
+
+    given = args.control_token
+    if given is None:
+        given = os.environ.get("LIVESTACK_CONTROL_TOKEN") or None
+    elif given == "":
+        return secrets.token_urlsafe(18)
+    if given is not None and len(given) < _MIN_TOKEN:
+        raise LivestackError(f"a control token must have at least {_MIN_TOKEN} characters (or give "
+                             "--control-token alone to have one made)")
+    return given
+
+
+_MIN_TOKEN = 12
+
+
+def _announce(url: str, token: str | None) -> None:
+    print(f"viewer: {url}  (kiosk: {url}?kiosk=1)", file=sys.stderr)
+    if token is not None:
+        print(f"control: {url}?token={token}  (keep this link private)", file=sys.stderr)
+
+
+def _local(endpoint: str) -> str:
+    """Where this process reaches its own daemon's socket (a wildcard bind is reached on loopback)."""
+    return endpoint.replace("tcp://0.0.0.0:", "tcp://127.0.0.1:").replace("tcp://[::]:", "tcp://[::1]:")
+
+
+def _quiet_uvicorn(verbose: int) -> None:
+    # uvicorn tells of each start and stop at info; livestack says what matters itself.
+    if verbose < 2:
+        logging.getLogger("uvicorn").setLevel(logging.WARNING)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -670,6 +773,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--method", choices=_METHODS, help="stacking method")
     r.add_argument("--polling", action="store_true", help="poll the folder (network shares)")
     r.add_argument("--tui", action="store_true", help="show the dashboard when a terminal is attached")
+    _web_options(r)
     r.set_defaults(func=_cmd_run)
 
     d = sub.add_parser("demo", help="a simulated camera and the live daemon stacking its frames")
@@ -682,6 +786,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--plain", action="store_true", help="plain progress lines even in a terminal")
     d.add_argument("--filters", metavar="CYCLE", help="a filter wheel, e.g. L,R,G,B or R*5,G*5,B*5: "
                    "per-filter stacks and a colour composite build live")
+    _web_options(d)
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("tui", help="the dashboard of a running daemon, local or remote")
@@ -689,6 +794,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--control", default="tcp://127.0.0.1:5556", metavar="ENDPOINT", help="control socket")
     t.add_argument("--keys", metavar="DIR", help="folder with client.key_secret and server.key (CURVE)")
     t.set_defaults(func=_cmd_tui)
+
+    w = sub.add_parser("web", help="the viewer in the browser, for a running daemon, local or remote")
+    w.add_argument("--connect", default="tcp://127.0.0.1:5555", metavar="ENDPOINT", help="event socket")
+    w.add_argument("--control", default="tcp://127.0.0.1:5556", metavar="ENDPOINT", help="control socket")
+    w.add_argument("--keys", metavar="DIR", help="folder with client.key_secret and server.key (CURVE)")
+    w.add_argument("--listen", metavar="HOST:PORT",
+                   help="where to serve the page (default: [web] listen, 127.0.0.1:8080)")
+    w.add_argument("--config", metavar="FILE", help="configuration file (for [web] caption and listen)")
+    _token_option(w)
+    w.set_defaults(func=_cmd_web)
 
     k = sub.add_parser("keys", help="make a CURVE key pair (NAME.key, NAME.key_secret)")
     k.add_argument("directory", metavar="DIR")
@@ -699,6 +814,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--check", metavar="FILE", help="validate a configuration file")
     c.set_defaults(func=_cmd_config)
     return p
+
+
+def _web_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--web", nargs="?", const="", metavar="HOST:PORT",
+                   help="serve the viewer in the browser too (default address: [web] listen)")
+    _token_option(p)
+
+
+def _token_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control-token", nargs="?", const="", metavar="TOKEN",
+                   help="let pages that present TOKEN pause, snapshot and reset (alone: make one and print "
+                        "it; default: $LIVESTACK_CONTROL_TOKEN, else no control)")
 
 
 if __name__ == "__main__":

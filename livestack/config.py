@@ -28,6 +28,7 @@ __all__ = [
     "StackConfig",
     "StateConfig",
     "WatchConfig",
+    "WebConfig",
     "load_config",
     "render_toml",
 ]
@@ -190,6 +191,19 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``[web]``: the browser viewer, and the pictures of the stack the daemon publishes for it."""
+
+    listen: str = _key("127.0.0.1:8080", "HOST:PORT the viewer serves on; beyond loopback anyone on that "
+                       "network can read the page")
+    caption: str = _key("", "a line shown under the picture (a welcome, the telescope, the club)")
+    display_interval: float = _key(5.0, "seconds between pictures of the stack published for viewers "
+                                   "(0 = none)", minimum=0.0)
+    display_size: int = _key(2048, "longest side of those pictures, pixels (0 = the stack's own size)",
+                             minimum=0)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``base`` is the folder relative paths are resolved against."""
 
@@ -202,6 +216,7 @@ class Config:
     compose: ComposeConfig = field(default_factory=ComposeConfig)
     state: StateConfig = field(default_factory=StateConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     base: Path = field(default=Path("."), compare=False)
 
     def path(self, value: str) -> Path:

@@ -7,10 +7,13 @@ Wire format (ZeroMQ PUB, multipart)::
 
     [topic (ascii), payload (UTF-8 JSON object)]                 # every event
     [topic, payload, preview (raw uint8 bytes)]                   # a `stack` event carrying a preview
+    [topic, payload, picture (JPEG bytes)]                        # every `display` event
 
 Every payload carries ``"v"`` (``SCHEMA_VERSION``), ``"topic"`` and ``"time"`` (ISO 8601 UTC). The fields of
 each topic are listed in ``FIELDS``; a field whose type includes ``None`` may be null. A preview's shape is in
-the payload's ``"preview"`` field (``[rows, columns, channels]``, dtype uint8, C order).
+the payload's ``"preview"`` field (``[rows, columns, channels]``, dtype uint8, C order). A ``display`` event's
+picture is the stack as people see it (stretched, gradient-flattened), encoded as JPEG; its length is the
+payload's ``"bytes"``, its size ``"width"`` by ``"height"``.
 
 Control (ZeroMQ REP): a request is a JSON object ``{"cmd": NAME, ...}`` with NAME in ``COMMANDS``
 (``set_reference`` takes ``"path"``); the reply is ``{"ok": true, "result": {...}}`` or
@@ -47,7 +50,7 @@ __all__ = [
 #: Bumped on any incompatible change of a payload; clients should ignore events of another version.
 SCHEMA_VERSION = 1
 
-TOPICS: tuple[str, ...] = ("frame", "stack", "snapshot", "status", "log")
+TOPICS: tuple[str, ...] = ("frame", "stack", "snapshot", "status", "log", "display")
 
 #: Control requests the daemon answers.
 COMMANDS: tuple[str, ...] = ("status", "pause", "resume", "snapshot", "reset", "set_reference", "shutdown")
@@ -125,6 +128,16 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "message": (str,),
         "logger": (str,),
     },
+    "display": {                      # the stack's picture for viewers; a JPEG part follows the payload
+        "object": _OPT_STR,
+        "filter": _OPT_STR,
+        "session": (int,),
+        "frames": (int,),             # frames in the stack pictured
+        "exptime": _NUM,              # its total exposure, seconds
+        "width": (int,),              # the picture's size, pixels
+        "height": (int,),
+        "bytes": (int,),              # length of the JPEG part
+    },
 }
 
 _VERDICTS = ("received", "accepted", "rejected")
@@ -147,11 +160,14 @@ class Event:
         The decoded JSON object, including ``v``, ``topic`` and ``time``.
     preview : ndarray or None
         uint8 ``(rows, columns, channels)``, read-only.
+    picture : bytes or None
+        The JPEG of a ``display`` event.
     """
 
     topic: str
     payload: Mapping[str, Any]
     preview: np.ndarray | None = field(default=None, compare=False)
+    picture: bytes | None = field(default=None, compare=False, repr=False)
 
     def __getitem__(self, key: str) -> Any:
         return self.payload[key]
@@ -196,7 +212,8 @@ def validate(payload: Mapping[str, Any]) -> None:
     _check_enum(payload, "log", "level", _LEVELS)
 
 
-def make_event(topic: str, preview: np.ndarray | None = None, **fields: Any) -> Event:
+def make_event(topic: str, preview: np.ndarray | None = None, picture: bytes | None = None,
+               **fields: Any) -> Event:
     """Build and validate an event.
 
     Parameters
@@ -205,8 +222,10 @@ def make_event(topic: str, preview: np.ndarray | None = None, **fields: Any) -> 
         One of ``TOPICS``.
     preview : ndarray, optional
         uint8 ``(rows, columns)`` or ``(rows, columns, channels)``; only for ``stack``.
+    picture : bytes, optional
+        A JPEG; required for ``display`` and only for it.
     **fields
-        The topic's fields (see ``FIELDS``); ``preview`` shape is filled in here.
+        The topic's fields (see ``FIELDS``); ``preview`` shape and a picture's ``bytes`` are filled in here.
 
     Returns
     -------
@@ -232,15 +251,22 @@ def make_event(topic: str, preview: np.ndarray | None = None, **fields: Any) -> 
         payload["preview"] = list(image.shape)
     elif topic == "stack":
         payload.setdefault("preview", None)
+    if (picture is not None) != (topic == "display"):
+        raise SchemaError("a display event carries a picture, and no other event does")
+    if picture is not None:
+        _check_jpeg(picture)
+        payload["bytes"] = len(picture)
     validate(payload)
-    return Event(topic, payload, image)
+    return Event(topic, payload, image, bytes(picture) if picture is not None else None)
 
 
 def encode(event: Event) -> list[bytes]:
-    """The multipart message of an event: ``[topic, json]`` or ``[topic, json, preview]``."""
+    """The multipart message of an event: ``[topic, json]``, or with a preview or picture part."""
     parts = [event.topic.encode("ascii"), json.dumps(event.payload, separators=(",", ":")).encode()]
     if event.preview is not None:
         parts.append(event.preview.tobytes())
+    elif event.picture is not None:
+        parts.append(event.picture)
     return parts
 
 
@@ -273,6 +299,11 @@ def decode(parts: list[bytes]) -> Event:
     if payload.get("topic") != topic:
         raise SchemaError(f"topic part {topic!r} differs from the payload's {payload.get('topic')!r}")
     validate(payload)
+    if topic == "display":
+        if len(parts) != 3 or len(parts[2]) != payload["bytes"]:
+            raise SchemaError(f"a display event needs its picture of {payload['bytes']} bytes as a 3rd part")
+        _check_jpeg(parts[2])
+        return Event(topic, payload, None, parts[2])
     preview: np.ndarray | None = None
     if len(parts) == 3:
         shape = payload.get("preview")
@@ -325,6 +356,12 @@ def ok_reply(**result: Any) -> bytes:
 def error_reply(message: str) -> bytes:
     """An error reply carrying one sentence."""
     return json.dumps({"ok": False, "error": message}).encode()
+
+
+def _check_jpeg(data: bytes) -> None:
+    # The start-of-image and end-of-image markers: a cut or foreign part is refused, not shown half.
+    if not (data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"):
+        raise SchemaError("a display picture is not a whole JPEG")
 
 
 def _names(types: tuple[type, ...]) -> str:

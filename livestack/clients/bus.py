@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -115,7 +116,7 @@ class ClientKeys:
 
 
 class Subscriber:
-    """A SUB socket on the daemon's events, subscribed to every topic.
+    """A SUB socket on the daemon's events, subscribed to every topic or to the ones named.
 
     ZeroMQ reconnects by itself when the daemon restarts or the network comes back; the caller tells a
     live connection from a stale one by the daemon's ``status`` heartbeat (one a second).
@@ -128,6 +129,9 @@ class Subscriber:
         CURVE keys; plain TCP without them.
     context : zmq.Context, optional
         A context to share; by default the subscriber makes its own and terminates it on ``close``.
+    topics : sequence of str, optional
+        Receive only these topics (``events.TOPICS``); the daemon then sends nothing else to this
+        subscriber, which spares a slow link the ``display`` pictures a dashboard does not show.
 
     Attributes
     ----------
@@ -142,8 +146,13 @@ class Subscriber:
     """
 
     def __init__(
-        self, endpoint: str, keys: ClientKeys | None = None, context: zmq.Context[Any] | None = None
+        self, endpoint: str, keys: ClientKeys | None = None, context: zmq.Context[Any] | None = None,
+        topics: Sequence[str] | None = None,
     ) -> None:
+        unknown = [t for t in topics or () if t not in events.TOPICS]
+        if unknown:
+            raise LivestackError(f"unknown topics {', '.join(unknown)}; "
+                                 f"topics are {', '.join(events.TOPICS)}")
         self.endpoint = endpoint
         self.skipped = 0
         self.last_error: str | None = None
@@ -156,7 +165,9 @@ class Subscriber:
             _tune_reconnects(self._socket)
             if keys is not None:
                 keys.apply(self._socket)
-            self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+            # ZeroMQ filters by prefix on the daemon's side; no topic is a prefix of another.
+            for topic in topics if topics is not None else ("",):
+                self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
             self._socket.connect(endpoint)
         except zmq.ZMQError as exc:
             self.close()

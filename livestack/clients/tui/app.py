@@ -49,6 +49,8 @@ __all__ = [
 
 #: How long one wait of the receiving worker lasts: the bound on noticing a cancellation or staleness.
 _RECV_TIMEOUT_S = 0.25
+#: What the dashboard shows; the ``display`` pictures (for web viewers) would only cost a remote link.
+_TOPICS = ("frame", "stack", "snapshot", "status", "log")
 
 ConnectionState = Literal["connecting", "connected", "stale", "failed", "offline"]
 
@@ -452,7 +454,7 @@ class LivestackApp(App[None]):
         assert self.connect is not None
         worker = get_current_worker()
         try:
-            subscriber = Subscriber(self.connect, self._keys)
+            subscriber = Subscriber(self.connect, self._keys, topics=_TOPICS)
         except LivestackError as exc:
             self.post_message(ConnectionChanged("failed", detail=str(exc)))
             return
