@@ -93,7 +93,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         if image is not None and stacker.count > 0:
             rows = _result_rows(results)
             write_fits(fits_path, image, replace(stacker.info(), frames=rows))
-            write_preview(image_path, image, flatten=config.output.flatten_background)
+            write_preview(image_path, image, flatten=config.output.flatten_background,
+                          surface=stacker.path == "surface")
             if args.frames_csv or config.output.frames_csv:
                 _write_frames_csv(fits_path, rows)
     if args.report:
@@ -315,6 +316,10 @@ def _composite_info(headers: Sequence[Any], recipe: str) -> Any:
 
 # -- livestack simulate --------------------------------------------------------------------------------
 
+#: OBJECT written for each simulated target.
+_TARGET_OBJECTS = {"stars": "SIM-FIELD", "moon": "Moon", "planet": "Jupiter"}
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from livestack.simulate import SimConfig, parse_filters, simulate
 
@@ -322,7 +327,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     config = SimConfig(frames=args.frames, interval=args.interval, size=(width, height), seed=args.seed,
                        bayer=args.bayer, flip_at=args.flip_at, bad_frames=_indices(args.bad),
                        trails=_indices(args.trails), write_mode=args.write_mode,
-                       filters=parse_filters(args.filters) if args.filters else ())
+                       filters=parse_filters(args.filters) if args.filters else (), target=args.target,
+                       object_name=_TARGET_OBJECTS[args.target], fixed_pattern=args.fixed_pattern,
+                       hot_pixels=args.hot_pixels, blank_frames=_indices(args.blank))
     out = Path(args.outdir)
     print(f"simulating {args.frames} frames of {width}x{height} into {out} every {args.interval:g} s",
           file=sys.stderr)
@@ -750,6 +757,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--write-mode", choices=("atomic", "chunked", "rename", "mixed"), default="atomic")
     m.add_argument("--filters", metavar="CYCLE",
                    help="filter wheel cycle, e.g. L,R,G,B or R*5,G*5,B*5 (L R G B Ha OIII SII)")
+    m.add_argument("--target", choices=("stars", "moon", "planet"), default="stars",
+                   help="a star field, a crop of the Moon's surface, or a planet's disk")
+    m.add_argument("--fixed-pattern", type=float, default=1.0, metavar="X",
+                   help="moon/planet: the sensor's fixed pattern, in multiples of the target's contrast")
+    m.add_argument("--hot-pixels", type=int, metavar="N", help="number of hot pixels on the sensor")
+    m.add_argument("--blank", metavar="N,N", help="indices of frames with nothing in view")
     m.set_defaults(func=_cmd_simulate)
 
     o = sub.add_parser("compose", help="a colour composite from per-filter stack FITS files")

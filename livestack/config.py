@@ -106,6 +106,16 @@ class AlignConfig:
                                     "reference's (clouds)", minimum=0.0, maximum=1.0)
     max_ellipticity: float = _key(0.5, "reject frames whose stars are more elongated than this (1 - b/a)",
                                   minimum=0.0, maximum=1.0)
+    mode: str = _key("auto", "align on stars, on the surface of the Moon, Sun or a planet, or auto (the "
+                     "surface when the reference frame has too few stars)",
+                     choices=("auto", "stars", "surface"))
+    surface_min_confidence: float = _key(7.0, "surface: smallest phase-correlation confidence (peak over "
+                                         "side-lobes, in their standard deviations)", minimum=0.0,
+                                         exclusive_min=True)
+    surface_max_jump: float = _key(0.0, "surface: reject frames that moved more than this from the previous "
+                                   "frame, pixels (0 = no limit)", minimum=0.0)
+    keep_sharpest: float = _key(100.0, "surface: stack only frames among the sharpest this percent of those "
+                                "seen so far (100 = all)", minimum=0.0, maximum=100.0, exclusive_min=True)
 
 
 @dataclass(frozen=True)

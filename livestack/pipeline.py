@@ -4,6 +4,11 @@
 overlap them: ``prepare`` (read and detect; touches no stack state, safe on another thread) and ``commit``
 (check, align, warp, accumulate; one thread, in order). ``process`` does both. It owns no thread, socket or
 timer: the daemon and the ``stack`` command drive it.
+
+A stack aligns on stars or on the surface (``stages.surface``: the Moon, the Sun, planets), chosen once, when
+its reference is: ``[align] mode = "auto"`` takes stars when the reference frame has enough of them and the
+surface otherwise, so a night that moves from a star field to the Moon (a new OBJECT, a new stack) switches
+by itself.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 
 from livestack.config import ComposeConfig, Config
 from livestack.errors import FrameError, StateError
+from livestack.stages import surface
 from livestack.stages.align import AlignParams, Transform, align
 from livestack.stages.compose import Composite, canonical_filter, compose, parse_weights
 from livestack.stages.detect import Quality, Stars, detect
@@ -40,6 +46,9 @@ REJECTED = "rejected"
 UNALIGNED_METHODS: frozenset[str] = frozenset({"max"})
 
 _STAR_FIELDS = ("x", "y", "flux", "fwhm", "a", "b", "theta", "flags")
+
+#: Surface frames accepted whatever their sharpness before ``keep_sharpest`` starts choosing.
+SHARPEST_WARMUP = 5
 
 #: Pixels sampled (at most) when estimating the stack's signal-to-noise ratio.
 _SNR_SAMPLE = 200_000
@@ -75,6 +84,8 @@ class FrameResult:
         Seconds spent per stage: read, detect, align, warp, stack.
     reference : bool
         True for the frame that became the reference.
+    sharpness : float or None
+        ``surface.sharpness`` of a frame of a surface stack (None for star stacks).
     """
 
     path: str
@@ -85,6 +96,7 @@ class FrameResult:
     transform: Transform | None
     timings: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     reference: bool = False
+    sharpness: float | None = None
 
     @property
     def accepted(self) -> bool:
@@ -103,7 +115,7 @@ def frame_facts(result: FrameResult) -> dict[str, Any]:
     dict
         ``path``, ``date_obs`` (ISO UTC), ``exptime``, ``filter``, ``object``, ``matrix`` (6 floats, frame ->
         reference), ``dx``, ``dy``, ``rotation``, ``scale``, ``inliers``, ``residual``, ``method``, ``stars``,
-        ``fwhm``, ``ellipticity``, ``background``, ``noise``, ``reference``, ``weight``; ``masters`` when the
+        ``fwhm``, ``ellipticity``, ``background``, ``noise``, ``sharpness``, ``reference``, ``weight``; ``masters`` when the
         result carries calibration. A value not measured is None (JSON has no NaN).
     """
     meta, q, t = result.meta, result.quality, result.transform
@@ -118,6 +130,7 @@ def frame_facts(result: FrameResult) -> dict[str, Any]:
         "ellipticity": _finite_or_none(q.ellipticity) if q is not None else None,
         "background": _finite_or_none(q.background) if q is not None else None,
         "noise": _finite_or_none(q.noise) if q is not None else None,
+        "sharpness": None if result.sharpness is None else _finite_or_none(result.sharpness),
         "matrix": None, "dx": None, "dy": None, "rotation": None, "scale": None, "inliers": None,
         "residual": None, "method": None, "reference": result.reference,
     }
@@ -225,6 +238,12 @@ class Stacker:
         self._filters: dict[str, _FilterStack] = {}
         self._current: str | None = None
         self._last: Transform | None = None
+        self._surface_params = surface.SurfaceParams(min_confidence=a.surface_min_confidence,
+                                                     max_jump=a.surface_max_jump)
+        self._path: str | None = None
+        self._surface_ref: surface.SurfaceReference | None = None
+        self._ref_luminance: np.ndarray | None = None
+        self._sharpness_seen: list[float] = []
 
     # -- the two halves of a frame's work -------------------------------------------------------------
 
@@ -270,20 +289,39 @@ class Stacker:
         meta, quality = prepared.frame.meta, prepared.quality
         timings = dict(prepared.timings)
 
+        sharp: float | None = None
+
         def reject(reason: str) -> FrameResult:
-            return FrameResult(meta.path, REJECTED, reason, meta, quality, None, MappingProxyType(timings))
+            return FrameResult(meta.path, REJECTED, reason, meta, quality, None, MappingProxyType(timings),
+                               sharpness=sharp)
 
         if self._ref_meta is None and self._named_reference is not None:
             problem = self.use_reference(self._named_reference)
             if problem:
                 return reject(f"the configured reference {self._named_reference} cannot be used: {problem}")
         if self._ref_meta is None:
-            problem = self._reference_problem(prepared)
+            t0 = time.perf_counter()
+            path, measured, problem = self._reference_choice(prepared)
+            if measured is not None:
+                timings["align"] = time.perf_counter() - t0
+                sharp = measured.sharpness
             if problem:
                 return reject(problem)
-            self._set_reference(prepared)
+            self._set_reference(prepared, path, measured)
             transform = Transform.identity()
             is_reference = True
+        elif self._path == "surface":
+            problem = self._check_geometry(prepared)
+            if problem:
+                return reject(problem)
+            t0 = time.perf_counter()
+            found, sharp, problem = self._align_surface(prepared)
+            timings["align"] = time.perf_counter() - t0
+            if problem:
+                return reject(problem)
+            assert found is not None and found.transform is not None
+            transform = found.transform
+            is_reference = False
         else:
             problem = self._check_against_reference(prepared)
             if problem:
@@ -305,7 +343,7 @@ class Stacker:
         channel.account(meta)
         self._current = channel.name
         return FrameResult(meta.path, ACCEPTED, None, meta, quality, transform, MappingProxyType(timings),
-                           is_reference)
+                           is_reference, sharpness=sharp)
 
     def process(self, path: str | Path) -> FrameResult:
         """Prepare and commit one frame."""
@@ -473,6 +511,7 @@ class Stacker:
         """
         twin = Stacker(self.config, workdir=workdir if workdir is not None else self.workdir)
         twin._ref_stars, twin._ref_meta, twin._last = self._ref_stars, self._ref_meta, self._last
+        twin._path, twin._surface_ref, twin._ref_luminance = self._path, self._surface_ref, self._ref_luminance
         assert self._ref_meta is not None or not self._filters
         for name, stack in self._filters.items():
             shape = stack.acc.coverage.shape + (() if stack.channels is None else (stack.channels,))
@@ -498,11 +537,11 @@ class Stacker:
         prepared = self.prepare(path)
         if isinstance(prepared, FrameResult):
             return prepared.reason
-        problem = self._reference_problem(prepared)
+        kind, measured, problem = self._reference_choice(prepared)
         if problem:
             return problem
         self.discard()
-        self._set_reference(prepared)
+        self._set_reference(prepared, kind, measured)
         return None
 
     # -- the stacks -----------------------------------------------------------------------------------
@@ -530,6 +569,11 @@ class Stacker:
     def exptime(self) -> float:
         """Total exposure of the stacked frames, all filters together, seconds."""
         return sum(f.exptime for f in self._filters.values())
+
+    @property
+    def path(self) -> str | None:
+        """``"stars"`` or ``"surface"``: how this target's frames are aligned (None before the reference)."""
+        return self._path
 
     @property
     def method(self) -> str:
@@ -670,9 +714,13 @@ class Stacker:
             arrays[f"ref_{name}"] = getattr(s, name)
         if self._last is not None:
             arrays["last_matrix"] = self._last.matrix
+        if self._ref_luminance is not None:
+            arrays["surface_reference"] = self._ref_luminance
+            arrays["surface_sharpness"] = np.asarray(self._sharpness_seen, dtype=np.float64)
         m = self._ref_meta
         meta = {
             "empty": False, "method": self.method, "filters": filters, "current": self._current,
+            "path": self._path or "stars",
             "ref": {"path": m.path, "shape": list(m.shape), "time_utc": _iso(m.time_utc),
                     "exptime": m.exptime, "filter": m.filter, "object": m.object, "imagetyp": m.imagetyp,
                     "bayer": m.bayer, "wcs_header": m.wcs_header},
@@ -718,6 +766,10 @@ class Stacker:
             stack.date_end = _parse_iso(entry["date_end"])
             self._filters[stack.name] = stack
         self._current = meta.get("current")
+        self._path = str(meta.get("path", "stars"))
+        if self._path == "surface":
+            self._set_surface_reference(np.asarray(arrays["surface_reference"], dtype=np.float32), None)
+            self._sharpness_seen = [float(v) for v in np.asarray(arrays["surface_sharpness"])]
         if "last_matrix" in arrays:
             self._last = Transform.from_matrix(arrays["last_matrix"], "restored")
 
@@ -731,15 +783,64 @@ class Stacker:
         name = self._current if filter is None else filter
         return None if name is None else self._filters.get(name)
 
-    def _reference_problem(self, prepared: Prepared) -> str | None:
+    def _reference_choice(self, prepared: Prepared) -> tuple[str, surface.SurfaceFrame | None, str | None]:
+        """How a frame would be the reference: ``(path, its surface measure, problem)``."""
         if not self._aligns:
-            return None
+            return "stars", None, None
+        mode = self.config.align.mode
         needed = max(self.config.align.reference_min_stars, self._params.min_inliers)
+        star_problem = None
         if prepared.quality.stars < needed:
-            return _too_few_stars(prepared.quality.stars, needed, "to become the reference")
-        return None
+            star_problem = _too_few_stars(prepared.quality.stars, needed, "to become the reference")
+        if mode == "stars" or (mode == "auto" and star_problem is None):
+            return "stars", None, star_problem
+        measured = surface.measure(prepared.frame.luminance, params=self._surface_params)
+        if measured.detail < self._surface_params.min_detail:
+            problem = (f"too little surface detail to align on (detail {measured.detail:.2f}, at least "
+                       f"{self._surface_params.min_detail:g} needed to become the reference)")
+            return "surface", measured, problem if mode == "surface" else f"{star_problem}; {problem}"
+        return "surface", measured, None
 
-    def _set_reference(self, prepared: Prepared) -> None:
+    def _set_surface_reference(self, luminance: np.ndarray, measured: surface.SurfaceFrame | None) -> None:
+        if measured is None:
+            measured = surface.measure(luminance, params=self._surface_params)
+        luminance = np.array(luminance, dtype=np.float32)
+        luminance.flags.writeable = False
+        self._ref_luminance = luminance
+        self._surface_ref = surface.reference(measured, params=self._surface_params)
+
+    def _align_surface(self, prepared: Prepared) -> tuple[surface.SurfaceAlignment | None, float | None,
+                                                           str | None]:
+        """Register a frame on the surface: ``(outcome, sharpness, problem)``."""
+        ref = self._surface_ref
+        assert ref is not None
+        measured = surface.measure(prepared.frame.luminance, defects=ref.frame.spikes,
+                                   params=self._surface_params)
+        sharp = measured.sharpness
+        self._sharpness_seen.append(sharp)
+        keep = self.config.align.keep_sharpest
+        if keep < 100.0 and len(self._sharpness_seen) > SHARPEST_WARMUP:
+            threshold = float(np.percentile(self._sharpness_seen, 100.0 - keep))
+            if sharp < threshold:
+                return None, sharp, (f"sharpness {sharp:.3g} is under the sharpest {keep:g}% of the "
+                                     f"{len(self._sharpness_seen)} frames seen ({threshold:.3g})")
+        previous = () if self._last is None else (self._last,)
+        outcome = surface.register(ref, measured, guess=self._last, previous=previous,
+                                   params=self._surface_params)
+        if outcome.transform is None:
+            return outcome, sharp, outcome.reason or "could not be aligned on the surface"
+        return outcome, sharp, None
+
+    def _set_reference(self, prepared: Prepared, path: str = "stars",
+                       measured: surface.SurfaceFrame | None = None) -> None:
+        self._path = path
+        self._surface_ref = None
+        self._ref_luminance = None
+        self._sharpness_seen = []
+        if path == "surface":
+            self._set_surface_reference(prepared.frame.luminance, measured)
+            if measured is not None:
+                self._sharpness_seen.append(measured.sharpness)
         self._ref_stars = prepared.stars
         self._ref_meta = prepared.frame.meta
         self._last = None
@@ -760,10 +861,11 @@ class Stacker:
         s = self.config.stack
         return make_accumulator(s.method, shape, kappa=s.kappa, warmup=s.warmup, directory=self.workdir)
 
-    def _check_against_reference(self, prepared: Prepared) -> str | None:
+    def _check_geometry(self, prepared: Prepared) -> str | None:
+        """A frame's size and colour against the reference's and its filter's stack."""
         ref = self._ref_meta
         assert ref is not None
-        meta, quality = prepared.frame.meta, prepared.quality
+        meta = prepared.frame.meta
         if meta.shape != ref.shape:
             return (f"frame is {meta.shape[0]}x{meta.shape[1]} (rows x columns) but the stack is "
                     f"{ref.shape[0]}x{ref.shape[1]}")
@@ -774,8 +876,15 @@ class Stacker:
             kind = "colour" if channels else "mono"
             label = f"the {name} stack" if name else "the stack"
             return f"frame is {kind} but {label} is {'mono' if channels else 'colour'}"
-        if not self._aligns:
-            return None
+        return None
+
+    def _check_against_reference(self, prepared: Prepared) -> str | None:
+        problem = self._check_geometry(prepared)
+        if problem or not self._aligns:
+            return problem
+        quality = prepared.quality
+        name = filter_key(prepared.frame.meta.filter)
+        stack = self._filters.get(name)
         if quality.stars < self._params.min_inliers:
             return _too_few_stars(quality.stars, self._params.min_inliers, "to be aligned")
         if stack is None:

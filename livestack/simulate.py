@@ -38,6 +38,7 @@ three planes and sampling them into the mosaic, at a third of the cost.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -48,6 +49,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 
+import cv2
 import numpy as np
 from astropy.io import fits
 
@@ -57,6 +59,7 @@ __all__ = [
     "BAYER_PATTERNS",
     "FILTER_BANDS",
     "SUBDIR_NAME",
+    "TARGETS",
     "TRUTH_COLUMNS",
     "TRUTH_FILE",
     "WRITE_MODES",
@@ -86,6 +89,8 @@ TRUTH_FILE = "truth.csv"
 TRUTH_COLUMNS: tuple[str, ...] = (
     "index", "file", "kind", "trail", "a", "b", "tx", "c", "d", "ty", "dx", "dy", "rotation_deg",
 )
+#: What the simulated telescope points at (``SimConfig.target``).
+TARGETS: tuple[str, ...] = ("stars", "moon", "planet")
 #: The subfolder that every ``subdir_every``-th frame goes into.
 SUBDIR_NAME = "night2"
 
@@ -224,6 +229,18 @@ class SimConfig:
         UTC start of frame 0; frame ``i`` starts ``i * interval`` later. A naive datetime is taken as UTC.
     subdir_every : int
         Every ``k``-th frame (frames ``k-1, 2k-1, ...``) goes into ``SUBDIR_NAME/``; 0 never.
+    target : str
+        One of ``TARGETS`` (CLI ``--target``): ``"stars"`` (a star field), ``"moon"`` (a crop of lunar
+        surface filling the frame) or ``"planet"`` (a banded, limb-darkened disk on a dark sky). The
+        starless targets get a seeing blur that changes from frame to frame and the sensor's fixed pattern.
+    fixed_pattern : float
+        Starless targets: standard deviation of the sensor's additive fixed pattern (per-pixel offsets,
+        column offsets, amplifier glow), as a multiple of the standard deviation of the target's own
+        light over the reference frame (CLI ``--fixed-pattern``).
+    hot_pixels : int or None
+        Number of hot pixels on the sensor; None for ``HOT_PIXEL_FRACTION`` of the pixels.
+    blank_frames : tuple of int
+        Frames with nothing in view (the sky or the sensor alone): a cap, a cloud bank, a slew.
 
     Raises
     ------
@@ -253,10 +270,14 @@ class SimConfig:
     filters: tuple[str, ...] = ()
     start: datetime = _DEFAULT_START
     subdir_every: int = 0
+    target: str = "stars"
+    fixed_pattern: float = 1.0
+    hot_pixels: int | None = None
+    blank_frames: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists from a CLI or a notebook; store tuples so the value stays immutable and hashable.
-        for name in ("bad_frames", "cloud_frames", "wind_frames", "trails"):
+        for name in ("bad_frames", "cloud_frames", "wind_frames", "trails", "blank_frames"):
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
         object.__setattr__(self, "filters", tuple(str(f) for f in self.filters))
         if len(tuple(self.size)) != 2 or len(tuple(self.drift)) != 2:
@@ -293,7 +314,13 @@ class SimConfig:
             problems.append(f"exptime must be > 0 seconds, not {self.exptime}")
         if self.subdir_every < 0:
             problems.append(f"subdir_every must be >= 0, not {self.subdir_every}")
-        for name in ("bad_frames", "cloud_frames", "wind_frames", "trails"):
+        if self.target not in TARGETS:
+            problems.append(f"target must be one of {', '.join(TARGETS)}, not {self.target!r}")
+        if not self.fixed_pattern >= 0:
+            problems.append(f"fixed_pattern must be >= 0, not {self.fixed_pattern}")
+        if self.hot_pixels is not None and not 0 <= self.hot_pixels <= self.size[0] * self.size[1]:
+            problems.append(f"hot_pixels must be between 0 and the number of pixels, not {self.hot_pixels}")
+        for name in ("bad_frames", "cloud_frames", "wind_frames", "trails", "blank_frames"):
             outside = [i for i in getattr(self, name) if not 0 <= i < self.frames]
             if outside:
                 problems.append(f"{name} {outside} are outside frames 0..{self.frames - 1}")
@@ -329,9 +356,11 @@ class SimFrame:
         ``(2, 3)`` float64, read-only: the true transform mapping this frame's pixel ``(x, y)`` onto the
         reference's (frame 0): ``[x0, y0] = matrix[:, :2] @ [x, y] + matrix[:, 2]``.
     kind : str
-        ``"good"``, ``"cloud"`` or ``"wind"``.
+        ``"good"``, ``"cloud"``, ``"wind"`` or ``"blank"``.
     has_trail : bool
         True when a satellite trail crosses the frame.
+    seeing : float
+        Starless targets: FWHM of this frame's seeing blur, pixels (0 for star fields).
     """
 
     index: int
@@ -341,6 +370,7 @@ class SimFrame:
     matrix: np.ndarray
     kind: str
     has_trail: bool
+    seeing: float = 0.0
 
     @property
     def rotation_deg(self) -> float:
@@ -474,10 +504,12 @@ def render_frame(config: SimConfig, index: int) -> SimFrame:
     kind = _kind(config, index)
     has_trail = index in config.trails
     events = np.random.default_rng([config.seed, _TAG_EVENT, index])
+    if config.target != "stars":
+        return _render_surface(config, index, kind, has_trail, events)
 
     stars = field_stars(config, index)
     band = _band(config, index)
-    flux = stars.flux * (CLOUD_TRANSMISSION if kind == "cloud" else 1.0)
+    flux = stars.flux * (0.0 if kind == "blank" else CLOUD_TRANSMISSION if kind == "cloud" else 1.0)
     if band is not None:
         flux = flux * (stars.rgb @ np.asarray(band.star)) * band.exposure
     elongation, angle = 1.0, 0.0
@@ -726,6 +758,8 @@ def _forward(config: SimConfig, index: int) -> np.ndarray:
 
 
 def _kind(config: SimConfig, index: int) -> str:
+    if index in config.blank_frames:
+        return "blank"
     if index in config.cloud_frames:
         return "cloud"
     if index in config.wind_frames:
@@ -761,7 +795,8 @@ def _hot_pixels(config: SimConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows, columns and extra ADU of the hot pixels: a property of the sensor, the same every frame."""
     width, height = config.size
     rng = np.random.default_rng([config.seed, _TAG_SENSOR, 1])
-    count = max(1, round(HOT_PIXEL_FRACTION * width * height))
+    count = (max(1, round(HOT_PIXEL_FRACTION * width * height)) if config.hot_pixels is None
+             else config.hot_pixels)
     flat = rng.choice(width * height, size=count, replace=False)
     low, high = np.log(HOT_PIXEL_RANGE[0]), np.log(HOT_PIXEL_RANGE[1])
     values = np.exp(rng.uniform(low, high, count))
@@ -902,3 +937,186 @@ def _write_chunked(path: Path, payload: bytes, rate: float, sleep: Callable[[flo
             sleep(len(piece) / rate)
             handle.write(piece)
             handle.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Starless targets: the Moon and a planet, seen through seeing, on a sensor with a fixed pattern.
+#
+# The target is drawn once per session in the sky plane (frame 0's pixels plus a margin that every frame's
+# view stays inside), smooth enough at the pixel scale that sampling it with bicubic interpolation at a
+# frame's transformed pixel grid is exact to far better than the registration tolerance. Each frame then
+# gets its own seeing blur, the sensor's fixed pattern (which stays put while the target moves), hot
+# pixels, Poisson and read noise.
+
+MOON_LEVEL = 12000.0          # mean lunar surface brightness, ADU
+MOON_TERMINATOR = 0.35        # fractional fall of the sunlight across the frame towards the terminator
+PLANET_LEVEL = 20000.0        # planet's disk centre, ADU
+PLANET_RADIUS = 0.3           # planet's radius as a fraction of the frame's shorter side
+PLANET_LIMB_DARKENING = 0.6   # linear limb-darkening coefficient
+SURFACE_SKY = 300.0           # sky beside a planet or on a blank frame, ADU
+SEEING_FWHM = (1.8, 3.6)      # per-frame seeing blur, FWHM in pixels, uniform in this range
+SURFACE_CLOUD_TRANSMISSION = 0.1  # target light left in a cloud-covered frame
+SURFACE_CLOUD_BLUR = 14.0     # FWHM of the cloud's scattering blur, pixels
+SURFACE_CLOUD_HAZE = 0.2      # cloud glow added, as a fraction of the target's mean level
+FIXED_PATTERN_MIX = (0.05, 0.6, 0.8)  # std of per-pixel offsets, column offsets, amplifier glow (unscaled)
+PRNU = 0.01                   # per-pixel gain spread (photo-response non-uniformity)
+DUST_DEPTH = 0.05             # light lost at the centre of a dust shadow
+DUST_RADIUS = (0.04, 0.09)    # dust shadows' radius range, fraction of the frame's shorter side
+
+_TAG_SURFACE = 5
+
+
+@dataclass(frozen=True, eq=False)
+class _Scene:
+    """A starless target in the sky plane: ``image[y + margin, x + margin]`` is sky pixel ``(x, y)``."""
+
+    image: np.ndarray
+    margin: int
+    contrast: float   # std of the target's light over frame 0, ADU
+    level: float      # mean of the target's light over frame 0, ADU
+
+
+@dataclass(frozen=True, eq=False)
+class _Sensor:
+    """What stays put on the sensor whatever it points at."""
+
+    gain: np.ndarray      # per-pixel multiplicative response (PRNU and dust shadows)
+    offset: np.ndarray    # additive fixed pattern, zero mean, unit std
+    offset_floor: float   # -min(offset): added so the scaled pattern never goes negative
+
+
+def _render_surface(config: SimConfig, index: int, kind: str, has_trail: bool,
+                    events: np.random.Generator) -> SimFrame:
+    width, height = config.size
+    scene = _scene(config)
+    sensor = _sensor(config)
+    matrix = true_matrix(config, index)
+    xs, ys = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
+    map_x = (matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2] + scene.margin).astype(np.float32)
+    map_y = (matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2] + scene.margin).astype(np.float32)
+    del xs, ys
+    light: np.ndarray = np.asarray(cv2.remap(scene.image, map_x, map_y, cv2.INTER_CUBIC,
+                                             borderMode=cv2.BORDER_REFLECT), dtype=np.float32)
+    del map_x, map_y
+    seeing = float(events.uniform(*SEEING_FWHM))
+    if kind == "cloud":
+        light = _blur(light * np.float32(SURFACE_CLOUD_TRANSMISSION), SURFACE_CLOUD_BLUR)
+        light = light + np.float32(SURFACE_CLOUD_HAZE * scene.level)
+    elif kind == "blank":
+        light = np.full(light.shape, SURFACE_SKY, dtype=np.float32)
+    light = np.asarray(_blur(light, seeing), dtype=np.float64)
+    if has_trail:
+        _add_trail(light, events)
+    light *= sensor.gain
+    scale = config.fixed_pattern * scene.contrast
+    light += scale * (sensor.offset + sensor.offset_floor)
+    hot_rows, hot_cols, hot_values = _hot_pixels(config)
+    light[hot_rows, hot_cols] += hot_values
+    noise = np.random.default_rng([config.seed, _TAG_NOISE, index])
+    image = noise.poisson(np.maximum(light, 0.0)).astype(np.float32)
+    image += noise.standard_normal(light.shape, dtype=np.float32) * np.float32(READ_NOISE)
+    image += np.float32(BIAS)
+    np.rint(image, out=image)
+    np.clip(image, 0, SATURATION, out=image)
+    return SimFrame(index=index, name=_file_name(config, index), data=_frozen(image.astype(np.uint16)),
+                    header=MappingProxyType(_header(config, index)), matrix=_frozen(matrix), kind=kind,
+                    has_trail=has_trail, seeing=seeing)
+
+
+def _blur(image: np.ndarray, fwhm: float) -> np.ndarray:
+    sigma = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    return np.asarray(cv2.GaussianBlur(np.asarray(image, dtype=np.float32), (0, 0), sigma,
+                                       borderType=cv2.BORDER_REFLECT))
+
+
+@functools.lru_cache(maxsize=2)
+def _scene(config: SimConfig) -> _Scene:
+    """The target in the sky plane, drawn once per session (the same for every frame)."""
+    width, height = config.size
+    travel = math.hypot(*config.drift) * config.frames
+    turn = (math.hypot(width, height) - min(width, height)) / 2.0
+    margin = math.ceil(travel + turn) + 32
+    rows, cols = height + 2 * margin, width + 2 * margin
+    rng = np.random.default_rng([config.seed, _TAG_SURFACE, 0])
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    x -= np.float32(margin + (width - 1) / 2.0)
+    y -= np.float32(margin + (height - 1) / 2.0)
+    if config.target == "moon":
+        detail = _fractal(rng, (rows, cols), slope=3.0)
+        maria = _fractal(rng, (rows, cols), slope=4.0, cutoff=0.02)
+        albedo = (1.0 + 0.12 * detail - 0.12 * np.tanh(2.0 * maria) + 0.35 * _craters(rng, (rows, cols)))
+        sunlight = 1.0 - MOON_TERMINATOR * (0.5 + 0.5 * np.tanh(x / np.float32(0.6 * width)))
+        image = MOON_LEVEL * np.clip(albedo, 0.05, None) * sunlight
+    else:
+        radius = PLANET_RADIUS * min(width, height)
+        r2 = (x * x + y * y) / np.float32(radius * radius)
+        mu = np.sqrt(np.clip(1.0 - r2, 0.0, 1.0))
+        latitude = y / np.float32(radius)
+        bands = 1.0 + 0.15 * np.sin(9.0 * latitude) + 0.06 * np.sin(23.0 * latitude + 1.0)
+        bands += 0.05 * _fractal(rng, (rows, cols), slope=3.0)
+        disk = (1.0 - PLANET_LIMB_DARKENING * (1.0 - mu)) * bands
+        # A soft edge (0.7 px) so that the limb is band-limited, as the sky plane must be.
+        edge = 0.5 - 0.5 * np.tanh((np.sqrt(r2) - 1.0) * np.float32(radius / 0.7))
+        image = SURFACE_SKY + PLANET_LEVEL * disk * edge
+    image = _blur(image, 1.5)
+    view = image[margin:margin + height, margin:margin + width]
+    return _Scene(image=_frozen(image), margin=margin, contrast=float(view.std()), level=float(view.mean()))
+
+
+@functools.lru_cache(maxsize=2)
+def _sensor(config: SimConfig) -> _Sensor:
+    """The sensor's fixed pattern: per-pixel offsets, column offsets, amplifier glow, gain, dust shadows."""
+    width, height = config.size
+    rng = np.random.default_rng([config.seed, _TAG_SENSOR, 7])
+    white, columns, glow = FIXED_PATTERN_MIX
+    offset = white * rng.standard_normal((height, width), dtype=np.float32)
+    offset += np.float32(columns) * rng.standard_normal(width, dtype=np.float32)[None, :]
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    corner = np.exp(-np.hypot(x - (width - 1), y) / np.float32(0.15 * min(width, height)))
+    offset += np.float32(glow) * (corner - corner.mean()) / np.float32(max(float(corner.std()), 1e-12))
+    offset -= offset.mean()
+    offset /= np.float32(offset.std())
+    gain = 1.0 + PRNU * rng.standard_normal((height, width))
+    for _ in range(max(1, round(width * height / 400_000))):
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        radius = rng.uniform(*DUST_RADIUS) * min(width, height)
+        ring = np.hypot(x - cx, y - cy) / radius
+        gain *= 1.0 - DUST_DEPTH * np.exp(-(ring ** 8))
+    return _Sensor(gain=_frozen(gain), offset=_frozen(offset), offset_floor=float(-offset.min()))
+
+
+def _fractal(rng: np.random.Generator, shape: tuple[int, int], slope: float,
+             cutoff: float = 0.25) -> np.ndarray:
+    """Unit-std Gaussian noise with a power spectrum falling as ``k ** -slope`` up to ``cutoff`` cycles/px."""
+    rows, cols = shape
+    spectrum = np.fft.rfft2(rng.standard_normal(shape, dtype=np.float32))
+    ky = np.fft.fftfreq(rows)[:, None]
+    kx = np.fft.rfftfreq(cols)[None, :]
+    k = np.hypot(kx, ky)
+    k[0, 0] = 1.0
+    spectrum *= k ** (-slope / 2.0) * np.exp(-(k / cutoff) ** 2)
+    spectrum[0, 0] = 0.0
+    field = np.fft.irfft2(spectrum, s=shape).astype(np.float32)
+    return field / np.float32(max(float(field.std()), 1e-12))
+
+
+def _craters(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Bowl-shaped craters: a dark floor inside a bright rim, sizes log-uniform from 3 to 40 px."""
+    rows, cols = shape
+    out = np.zeros(shape, dtype=np.float32)
+    count = max(1, rows * cols // 2500)
+    radii = np.exp(rng.uniform(math.log(3.0), math.log(40.0), count))
+    centres = rng.uniform((0.0, 0.0), (cols, rows), (count, 2))
+    depth = rng.uniform(0.4, 1.0, count)
+    for (cx, cy), radius, d in zip(centres, radii, depth, strict=True):
+        half = math.ceil(1.6 * radius)
+        x0, x1 = max(0, int(cx) - half), min(cols, int(cx) + half + 1)
+        y0, y1 = max(0, int(cy) - half), min(rows, int(cy) + half + 1)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        r = np.hypot(xx - cx, yy - cy) / radius
+        floor = -0.5 / (1.0 + np.exp((r - 0.8) / 0.06))
+        rim = 0.6 * np.exp(-(((r - 1.0) / 0.12) ** 2))
+        out[y0:y1, x0:x1] += (d * (floor + rim)).astype(np.float32)
+    return out

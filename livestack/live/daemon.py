@@ -624,7 +624,8 @@ class Daemon:
         q = result.quality
         quality: dict[str, float | int | None] = {} if q is None else {
             "stars": q.stars, "fwhm": _finite(q.fwhm), "ellipticity": _finite(q.ellipticity),
-            "background": _finite(q.background), "noise": _finite(q.noise)}
+            "background": _finite(q.background), "noise": _finite(q.noise),
+            "sharpness": None if result.sharpness is None else _finite(result.sharpness)}
         self._journal.append(JournalEntry(
             seq=seq, path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, hash=digest,
             verdict="accepted" if result.accepted else "rejected", reason=result.reason,
@@ -712,14 +713,16 @@ class Daemon:
         suffix = ".jpg" if self.config.output.image_format == "jpeg" else ".png"
         image_path = folder / f"stack{suffix}"
         write_fits(fits_path, image, info)
-        write_preview(image_path, image, flatten=self.config.output.flatten_background)
+        write_preview(image_path, image, flatten=self.config.output.flatten_background,
+                      surface=stacker.path == "surface")
         if self.config.output.history:
             self._snapshot_count += 1
             history = folder / "history"
             history.mkdir(exist_ok=True)
             stem = f"stack-{info.ncombine:04d}"
             write_fits(history / f"{stem}.fits", image, info)
-            write_preview(history / f"{stem}{suffix}", image, flatten=self.config.output.flatten_background)
+            write_preview(history / f"{stem}{suffix}", image, flatten=self.config.output.flatten_background,
+                          surface=stacker.path == "surface")
         self._emit(events.make_event("snapshot", fits=str(fits_path), image=str(image_path),
                                      frames=info.ncombine, session=session, reason=reason))
         return {"fits": str(fits_path), "image": str(image_path), "frames": info.ncombine}
@@ -742,7 +745,8 @@ class Daemon:
                 image = stacker.result()
             if image is not None:
                 preview = preview_array(image, max_side=self.config.network.preview_size,
-                                        flatten=self.config.output.flatten_background)
+                                        flatten=self.config.output.flatten_background,
+                                        surface=stacker.path == "surface")
                 snr = stacker.snr(image)
         info = stacker.info()
         return events.make_event(
@@ -949,6 +953,7 @@ class Daemon:
             filter=meta.filter if meta else None, stars=q.stars if q else None,
             fwhm=_finite(q.fwhm) if q else None, ellipticity=_finite(q.ellipticity) if q else None,
             background=_finite(q.background) if q else None, noise=_finite(q.noise) if q else None,
+            sharpness=_finite(result.sharpness) if result and result.sharpness is not None else None,
             transform=transform, timings=dict(result.timings) if result else {},
             latency=latency, session=self._session)
 

@@ -6,7 +6,8 @@ Public API:
 - ``atomic_write(path, data: bytes)``: temporary name in the same folder, fsync, ``os.replace``.
 - ``write_fits(path, image, info)``: float32; colour ``(H, W, 3)`` becomes a 3-plane cube ``(3, H, W)``; the
   ``FRAMES`` provenance table (``stages.provenance``) follows when ``info.frames`` is given.
-- ``stretch(image) -> ndarray``: auto-stretched uint8 ``(H, W)`` or ``(H, W, 3)`` (NaN -> black).
+- ``stretch(image, surface=False) -> ndarray``: auto-stretched uint8 ``(H, W)`` or ``(H, W, 3)``
+  (NaN -> black).
 - ``encode_image(image8, fmt) -> bytes``: PNG or JPEG bytes of a stretched image.
 - ``write_preview(path, image)``: stretch then write PNG or JPEG by the file's suffix.
 - ``write_composite(fits_path, image_path, image, info, picture=None)``: a colour composite's FITS cube
@@ -21,6 +22,12 @@ The stretch
     the white point the brightest sampled value, and a midtones transfer function (PixInsight's STF
     curve) places the sky at ``TARGET_BACKGROUND`` of full scale. The curve is steep near the sky and
     flat near the white point, so faint nebulosity lifts while star cores keep their gradation.
+
+The surface stretch (``surface=True``, for the Moon, the Sun and planets)
+    Assumes no sky: the black point is the ``SURFACE_BLACK`` percentile and the white point the
+    ``SURFACE_WHITE`` percentile of all channels' sampled pixels, with a gentle gamma (``SURFACE_GAMMA``)
+    between, so a bright disk keeps its shading and a dark limb or sky stays black. Such pictures are never
+    flattened: the disk's own shading is not a gradient to remove.
 """
 
 from __future__ import annotations
@@ -44,8 +51,9 @@ from livestack import __version__
 from livestack.stages.provenance import FrameRow, frames_hdu
 
 __all__ = ["FLATTEN_MESH", "JPEG_QUALITY", "PNG_COMPRESSION", "SHADOWS_SIGMA", "STAT_SAMPLES",
-           "TARGET_BACKGROUND", "StackInfo", "atomic_write", "encode_image", "flatten_background",
-           "preview_array", "preview_bytes", "stretch", "write_composite", "write_fits", "write_preview"]
+           "SURFACE_BLACK", "SURFACE_GAMMA", "SURFACE_HEADROOM", "SURFACE_WHITE", "TARGET_BACKGROUND",
+           "StackInfo", "atomic_write", "encode_image", "flatten_background", "preview_array", "preview_bytes",
+           "stretch", "write_composite", "write_fits", "write_preview"]
 
 #: Where the sky lands after the stretch, as a fraction of full scale (people like 0.1 to 0.25).
 TARGET_BACKGROUND: float = 0.20
@@ -56,6 +64,11 @@ SHADOWS_SIGMA: float = 2.8
 #: About this many pixels per channel are sampled (strided) for the sky statistics: enough for
 #: a median good to a small fraction of sigma, few enough to cost ~1 ms at any image size.
 STAT_SAMPLES: int = 250_000
+
+#: Percentiles of the black and white points of the surface stretch, and its gamma.
+SURFACE_BLACK: float = 0.5
+SURFACE_WHITE: float = 99.95
+SURFACE_GAMMA: float = 0.8
 
 #: JPEG quality of previews.
 JPEG_QUALITY: int = 90
@@ -216,13 +229,15 @@ def write_fits(path: str | Path, image: np.ndarray, info: StackInfo) -> None:
     atomic_write(path, buffer.getbuffer())
 
 
-def stretch(image: np.ndarray) -> np.ndarray:
+def stretch(image: np.ndarray, surface: bool = False) -> np.ndarray:
     """Auto-stretch a linear image for display (see the module docstring).
 
     Parameters
     ----------
     image : ndarray
         ``(H, W)`` or ``(H, W, 3)`` RGB, any real dtype; NaN allowed.
+    surface : bool
+        A bright disk or surface (Moon, Sun, planet): no sky is assumed.
 
     Returns
     -------
@@ -236,6 +251,8 @@ def stretch(image: np.ndarray) -> np.ndarray:
     """
     if image.ndim not in (2, 3):
         raise ValueError(f"Only (H, W) or (H, W, C) images can be stretched, not {image.shape}.")
+    if surface:
+        return _surface_stretch(image)
     channels = 1 if image.ndim == 2 else image.shape[2]
     sky, noise, peak = _channel_statistics(image, channels)
     # Work in noise units above each channel's sky; white is the brightest sampled pixel of any channel.
@@ -352,7 +369,7 @@ def flatten_background(image: np.ndarray) -> np.ndarray:
     return out[:, :, 0] if image.ndim == 2 else out
 
 
-def write_preview(path: str | Path, image: np.ndarray, flatten: bool = False) -> None:
+def write_preview(path: str | Path, image: np.ndarray, flatten: bool = False, surface: bool = False) -> None:
     """Stretch a linear image and write it as PNG or JPEG (by the suffix), atomically.
 
     Parameters
@@ -362,7 +379,9 @@ def write_preview(path: str | Path, image: np.ndarray, flatten: bool = False) ->
     image : ndarray
         Linear ``(H, W)`` or ``(H, W, 3)`` RGB image.
     flatten : bool
-        Remove sky gradients first (``flatten_background``).
+        Remove sky gradients first (``flatten_background``); ignored for a surface.
+    surface : bool
+        Use the surface stretch (Moon, Sun, planets).
 
     Raises
     ------
@@ -377,7 +396,8 @@ def write_preview(path: str | Path, image: np.ndarray, flatten: bool = False) ->
         raise ValueError(
             f"The preview {path} must end in one of {', '.join(_PREVIEW_SUFFIXES)}, not {suffix!r}."
         )
-    atomic_write(path, encode_image(stretch(flatten_background(image) if flatten else image), suffix))
+    flat = flatten and not surface
+    atomic_write(path, encode_image(stretch(flatten_background(image) if flat else image, surface), suffix))
 
 
 def write_composite(fits_path: str | Path, image_path: str | Path, image: np.ndarray, info: StackInfo,
@@ -416,7 +436,8 @@ def write_composite(fits_path: str | Path, image_path: str | Path, image: np.nda
     atomic_write(image_path, encode_image(picture, suffix))
 
 
-def preview_array(image: np.ndarray, max_side: int = 160, flatten: bool = False) -> np.ndarray:
+def preview_array(image: np.ndarray, max_side: int = 160, flatten: bool = False,
+                  surface: bool = False) -> np.ndarray:
     """A small stretched uint8 copy of an image, for event previews.
 
     Parameters
@@ -426,7 +447,9 @@ def preview_array(image: np.ndarray, max_side: int = 160, flatten: bool = False)
     max_side : int
         Longest side of the result, pixels; images already smaller keep their size.
     flatten : bool
-        Remove sky gradients (after downscaling, where it is cheap).
+        Remove sky gradients (after downscaling, where it is cheap); ignored for a surface.
+    surface : bool
+        Use the surface stretch (Moon, Sun, planets).
 
     Returns
     -------
@@ -440,7 +463,7 @@ def preview_array(image: np.ndarray, max_side: int = 160, flatten: bool = False)
         size = (max(1, round(cols * factor)), max(1, round(rows * factor)))
         # INTER_AREA averages whole blocks: noise drops and stars survive, unlike point sampling.
         data = cv2.resize(data, size, interpolation=cv2.INTER_AREA)
-    return stretch(flatten_background(data) if flatten else data)
+    return stretch(flatten_background(data) if flatten and not surface else data, surface)
 
 
 def preview_bytes(image: np.ndarray, max_size: int = 256) -> bytes:
@@ -529,6 +552,23 @@ def _channel_statistics(image: np.ndarray, channels: int) -> tuple[list[float], 
         noise.append(sigma)
         peak.append(float(values.max()))
     return sky, noise, peak
+
+
+def _surface_stretch(image: np.ndarray) -> np.ndarray:
+    values = _subsample(image).astype(np.float32).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return np.zeros(image.shape, dtype=np.uint8)
+    black, white = (float(v) for v in np.percentile(values, [SURFACE_BLACK, SURFACE_WHITE]))
+    if not white > black:
+        white = black + 1.0
+    x = (np.asarray(image, dtype=np.float32) - np.float32(black)) / np.float32(white - black)
+    np.fmax(x, 0.0, out=x)
+    np.fmin(x, 1.0, out=x)
+    np.power(x, np.float32(SURFACE_GAMMA), out=x)
+    x *= np.float32(255.0)
+    x += np.float32(0.5)
+    return x.astype(np.uint8)
 
 
 def _midtones_balance(x0: float, target: float) -> float:
