@@ -25,7 +25,7 @@ The stretch
 
 The surface stretch (``surface=True``, for the Moon, the Sun and planets)
     Assumes no sky: the black point is the ``SURFACE_BLACK`` percentile and the white point the
-    ``SURFACE_WHITE`` percentile of all channels' sampled pixels, with a gentle gamma (``SURFACE_GAMMA``)
+    ``SURFACE_WHITE`` percentile of all channels' sampled pixels (plus ``SURFACE_HEADROOM`` of the range), with a gentle gamma (``SURFACE_GAMMA``)
     between, so a bright disk keeps its shading and a dark limb or sky stays black. Such pictures are never
     flattened: the disk's own shading is not a gradient to remove.
 """
@@ -69,6 +69,7 @@ STAT_SAMPLES: int = 250_000
 SURFACE_BLACK: float = 0.5
 SURFACE_WHITE: float = 99.95
 SURFACE_GAMMA: float = 0.8
+SURFACE_HEADROOM: float = 0.05
 
 #: JPEG quality of previews.
 JPEG_QUALITY: int = 90
@@ -560,6 +561,8 @@ def _surface_stretch(image: np.ndarray) -> np.ndarray:
     if values.size == 0:
         return np.zeros(image.shape, dtype=np.uint8)
     black, white = (float(v) for v in np.percentile(values, [SURFACE_BLACK, SURFACE_WHITE]))
+    # Headroom above the white percentile, so that the brightest highlights keep their gradation.
+    white += SURFACE_HEADROOM * (white - black)
     if not white > black:
         white = black + 1.0
     x = (np.asarray(image, dtype=np.float32) - np.float32(black)) / np.float32(white - black)

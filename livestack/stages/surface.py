@@ -45,11 +45,12 @@ that radius is examined; if it is confident, it is the target's motion and the z
 otherwise a zero answer needs ``confirm_confidence``, and a weaker one is rejected as unconfirmed, never
 returned as a result.
 
-*Validation*: the frame is rejected with a reason when the confidence is under ``min_confidence``, when
+*Validation*: the frame is rejected with a reason when its detail is under ``min_detail`` (clouds, a
+blank frame), when the confidence is under ``min_confidence``, when
 ECC does not converge, reaches a correlation under ``min_correlation`` or moves the phase-correlation
-estimate of the frame centre by more than ``max_refine`` pixels, or when the result jumps more than
-``max_jump`` pixels from
-every transform in ``previous`` (0 turns that check off).
+estimate of the frame centre by more than ``max_refine`` pixels, when the result jumps more than
+``max_jump`` pixels from every transform in ``previous`` (0 turns that check off), or when the refinement ends within ``zero_radius``
+of no motion although the first estimate had the target move (the fixed pattern pulled it there).
 
 Conventions: as ``align``'s: ``Transform.matrix`` maps frame pixel ``(x, y)`` (x = column, y = row,
 pixel centres at integers) onto the reference; ``rotation`` is counter-clockwise in these axes. A surface
@@ -128,7 +129,7 @@ class SurfaceParams:
     max_jump : float
         Largest move of the frame's corners from the closest of ``previous``, pixels; 0 = no limit.
     min_detail : float
-        Smallest detail (band-passed signal over pixel noise) of a frame that can be a reference.
+        Smallest detail (``SurfaceFrame.detail``) of a frame that can be registered or be the reference.
     work_pixels : int
         Frames are binned 2x2 or 4x4 until they have at most this many pixels.
     """
@@ -137,7 +138,7 @@ class SurfaceParams:
     confirm_confidence: float = 14.0
     zero_radius: float = 1.0
     min_correlation: float = 0.1
-    max_refine: float = 1.0
+    max_refine: float = 1.5
     max_jump: float = 0.0
     min_detail: float = 1.0
     work_pixels: int = 2_200_000
@@ -342,6 +343,10 @@ def register(ref: SurfaceReference, frame: SurfaceFrame, guess: Transform | None
     """
     if frame.shape != ref.frame.shape or frame.binning != ref.frame.binning:
         raise ValueError(f"the frame is {frame.shape} but the reference is {ref.frame.shape}.")
+    if frame.detail < params.min_detail:
+        return SurfaceAlignment(None, f"too little surface detail to align on (detail {frame.detail:.2f}, at "
+                                      f"least {params.min_detail:g} needed): clouds, a blank frame or another "
+                                      f"target")
     work = frame.work
     spectrum = np.fft.rfft2((work - np.float32(work.mean())) * ref.window)
     angle = _rotation(ref, spectrum, work.shape)
@@ -392,6 +397,11 @@ def register(ref: SurfaceReference, frame: SurfaceFrame, guess: Transform | None
     if move > params.max_refine:
         return SurfaceAlignment(None, f"the refinement moved the phase-correlation estimate by {move:.1f} px "
                                       f"(at most {params.max_refine:g} allowed)", confidence, correlation)
+    identity = np.eye(2, 3)
+    if (_corner_move(identity, matrix, frame.shape) <= params.zero_radius
+            < _corner_move(identity, coarse_full, frame.shape)):
+        return SurfaceAlignment(None, "the refinement slid back to no motion, where the sensor's fixed pattern "
+                                      "matches; not confirmed", confidence, correlation)
     if params.max_jump > 0 and previous:
         jump = min(_corner_move(p.matrix, matrix, frame.shape) for p in previous)
         if jump > params.max_jump:

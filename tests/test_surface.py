@@ -1,0 +1,282 @@
+"""Surface registration (Moon, Sun, planets): simulated lunar frames with known transforms, the sensor's fixed
+pattern as a trap, MicroObservatory's hot pixels, the pipeline's choice of path and the daemon's switch."""
+
+from __future__ import annotations
+
+import csv
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from livestack import events
+from livestack.config import Config
+from livestack.live.daemon import Daemon
+from livestack.live.notify import Notifier
+from livestack.pipeline import Stacker
+from livestack.simulate import SimConfig, render_frame, simulate
+from livestack.stages import surface
+from livestack.stages.align import Transform, align
+from livestack.stages.detect import detect
+from livestack.stages.frames import read_frame
+from livestack.stages.snapshot import stretch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SIZE = (384, 288)
+#: A slow drift (1.5 px a frame) so the first frames test shifts near the sensor's fixed pattern.
+DRIFT = (1.3, -0.78)
+
+
+def _moon(**changes: Any) -> SimConfig:
+    values: dict[str, Any] = {"frames": 12, "size": SIZE, "target": "moon", "hot_pixels": 500, "drift": DRIFT,
+                              "rotation_per_frame": 0.0, "seed": 3, "object_name": "Moon"}
+    values.update(changes)
+    return SimConfig(**values)
+
+
+def _register_session(config: SimConfig) -> list[tuple[Any, surface.SurfaceAlignment]]:
+    """Each frame of a session registered onto frame 0, the previous transform as the guess (as live)."""
+    first = surface.measure(render_frame(config, 0).data)
+    ref = surface.reference(first)
+    out = []
+    last: Transform | None = None
+    for index in range(1, config.frames):
+        frame = render_frame(config, index)
+        found = surface.register(ref, surface.measure(frame.data, defects=first.spikes), guess=last)
+        last = found.transform or last
+        out.append((frame, found))
+    return out
+
+
+def _errors(frame: Any, transform: Transform) -> tuple[float, float]:
+    dx, dy = transform.centre_shift(frame.data.shape)
+    tx, ty = frame.centre_shift
+    rotation = (transform.rotation - frame.rotation_deg + 180.0) % 360.0 - 180.0
+    return math.hypot(dx - tx, dy - ty), abs(rotation)
+
+
+def test_lunar_translations_and_rotations_up_to_5_degrees_are_recovered() -> None:
+    session = _register_session(_moon(fixed_pattern=0.0, rotation_per_frame=0.45))
+    assert session[-1][0].rotation_deg == pytest.approx(-4.95)
+    for frame, found in session:
+        assert found.transform is not None, f"frame {frame.index}: {found.reason}"
+        shift_error, rotation_error = _errors(frame, found.transform)
+        assert shift_error <= 0.1, frame.index
+        assert rotation_error <= 0.05, frame.index
+        assert found.transform.method == "surface" and found.transform.scale == pytest.approx(1.0)
+
+
+def test_the_fixed_pattern_at_three_times_the_texture_never_yields_zero() -> None:
+    config = _moon(fixed_pattern=3.0)
+    frames = [render_frame(config, i) for i in (0, 4)]
+    # The trap is real: plain phase correlation of the two frames locks onto the sensor, at zero.
+    naive, _ = cv2.phaseCorrelate(frames[0].data.astype(np.float64), frames[1].data.astype(np.float64))
+    assert math.hypot(*naive) < 0.5 < 2.0 < math.hypot(*frames[1].centre_shift)
+
+    accepted = 0
+    for frame, found in _register_session(config):
+        if math.hypot(*frame.centre_shift) < 2.0:
+            continue
+        if found.transform is None:
+            assert found.reason
+            continue
+        accepted += 1
+        dx, dy = found.transform.centre_shift(frame.data.shape)
+        assert math.hypot(dx, dy) > 1.0, f"frame {frame.index} locked at zero"
+        shift_error, rotation_error = _errors(frame, found.transform)
+        assert shift_error <= 0.3 and rotation_error <= 0.05, frame.index
+    assert accepted >= 8
+
+
+def test_blank_and_cloud_covered_frames_are_rejected_with_a_reason() -> None:
+    config = _moon(frames=6, fixed_pattern=1.0, blank_frames=(3,), cloud_frames=(4,))
+    session = _register_session(config)
+    verdicts = {frame.index: found for frame, found in session}
+    for index in (3, 4):
+        assert verdicts[index].transform is None
+        assert verdicts[index].reason and "too little surface detail" in verdicts[index].reason
+    assert verdicts[5].transform is not None
+
+
+def test_sharpness_follows_the_seeing() -> None:
+    config = _moon(frames=10, fixed_pattern=0.3)
+    frames = [render_frame(config, i) for i in range(config.frames)]
+    seeing = np.array([f.seeing for f in frames])
+    sharp = np.array([surface.measure(f.data).sharpness for f in frames])
+    # Spearman's rank correlation: the larger the blur, the lower the sharpness.
+    rank = np.corrcoef(np.argsort(np.argsort(seeing)), np.argsort(np.argsort(sharp)))[0, 1]
+    assert rank < -0.9
+
+
+def _star_path_shift(reference: Any, frame: Any) -> tuple[float, float]:
+    found = align(reference, frame)
+    assert found.transform is not None
+    return found.transform.centre_shift(frame.shape)
+
+
+def test_microobservatory_through_the_surface_path_agrees_with_the_star_path() -> None:
+    folder = DATA / "microobs_hatp32_first30"
+    if not folder.is_dir():
+        pytest.skip(f"real frames not found at {folder} (the shared data folder sits beside the repository)")
+    # Every third frame: drift from 5 to 45 px over the 1.5 hours, the set's hot pixels throughout.
+    paths = sorted(folder.glob("*.FITS"))[::3]
+    first = read_frame(paths[0])
+    ref_stars, _ = detect(first.luminance)
+    measured = surface.measure(first.luminance)
+    ref = surface.reference(measured)
+    last: Transform | None = None
+    for path in paths[1:]:
+        frame = read_frame(path)
+        found = surface.register(ref, surface.measure(frame.luminance, defects=measured.spikes), guess=last)
+        assert found.transform is not None, f"{path.name}: {found.reason}"
+        last = found.transform
+        stars, _ = detect(frame.luminance)
+        sx, sy = _star_path_shift(ref_stars, stars)
+        dx, dy = found.transform.centre_shift(frame.meta.shape)
+        assert math.hypot(dx - sx, dy - sy) <= 0.5, path.name
+        assert math.hypot(dx, dy) > 4.0, f"{path.name} locked at zero"
+
+
+def test_the_surface_stretch_keeps_a_bright_disk_and_a_black_sky() -> None:
+    rows, cols = np.mgrid[0:200, 0:300]
+    disk = np.hypot(cols - 150, rows - 100) < 60
+    image = np.where(disk, 30000.0 * (1.0 + 0.1 * np.sin(cols / 5.0)), 300.0).astype(np.float32)
+    picture = stretch(image, surface=True)
+    assert np.median(picture[~disk]) <= 5
+    assert np.median(picture[disk]) >= 150 and picture.max() < 255
+    # A surface filling the frame: the sky stretch takes its median for a sky and darkens it to the sky's
+    # grey; the surface stretch shows it as the bright thing it is, with its gradation and nothing clipped.
+    lunar = render_frame(_moon(fixed_pattern=0.0, hot_pixels=0), 0).data.astype(np.float32)
+    as_sky, as_surface = stretch(lunar), stretch(lunar, surface=True)
+    assert np.median(as_sky) < 70 < np.median(as_surface)
+    assert np.mean((as_surface == 0) | (as_surface == 255)) < 0.01
+    assert np.percentile(as_surface, 95) - np.percentile(as_surface, 5) > 80
+
+
+def test_the_simulated_fixed_pattern_has_the_contrast_asked_for() -> None:
+    clean = render_frame(_moon(fixed_pattern=0.0, hot_pixels=0), 0).data.astype(np.float64)
+    noisy = render_frame(_moon(fixed_pattern=3.0, hot_pixels=0), 0).data.astype(np.float64)
+    # The target's own contrast, from a frame without noise's worth of pattern: Poisson noise differs between
+    # the two renderings (sqrt(level), a few per cent of the pattern), so the ratio is close to, not exactly, 3.
+    ratio = float(np.std(noisy - clean)) / float(np.std(clean))
+    assert 2.6 < ratio < 3.4
+    hot = render_frame(_moon(fixed_pattern=0.0, hot_pixels=500), 0).data.astype(np.float64) - clean
+    assert np.sum(hot > 1500) == pytest.approx(500, abs=10)
+
+
+# -- the pipeline ----------------------------------------------------------------------------------------
+
+
+def _config(**overrides: Any) -> Config:
+    return Config().with_overrides({k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def test_auto_mode_aligns_the_moon_on_its_surface_and_stars_on_stars(tmp_path: Path) -> None:
+    moon = simulate(tmp_path / "moon", _moon(frames=6, fixed_pattern=0.5), sleep=lambda _s: None)
+    with (tmp_path / "moon" / "truth.csv").open() as fh:
+        truth = {row["file"]: row for row in csv.DictReader(fh)}
+    stacker = Stacker(Config())
+    for path in moon:
+        result = stacker.process(path)
+        assert result.accepted, result.reason
+        assert result.sharpness is not None and result.sharpness > 0
+        assert result.transform is not None and result.meta is not None
+        dx, dy = result.transform.centre_shift(result.meta.shape)
+        row = truth[path.name]
+        assert math.hypot(dx - float(row["dx"]), dy - float(row["dy"])) <= 0.15, path.name
+    assert stacker.path == "surface" and stacker.count == 6
+
+    stars = simulate(tmp_path / "stars", SimConfig(frames=3, size=SIZE, n_stars=200, seed=5),
+                     sleep=lambda _s: None)
+    star_stacker = Stacker(Config())
+    results = [star_stacker.process(p) for p in stars]
+    assert all(r.accepted and r.sharpness is None for r in results)
+    assert star_stacker.path == "stars"
+    assert {r.transform.method for r in results if r.transform} == {"reference", "fast"}
+
+    forced = Stacker(_config(align__mode="stars"))
+    rejected = forced.process(moon[0])
+    assert not rejected.accepted and rejected.reason and "stars" in rejected.reason
+
+
+def test_keep_sharpest_rejects_the_blurred_frames(tmp_path: Path) -> None:
+    config = _moon(frames=14, fixed_pattern=0.3)
+    paths = simulate(tmp_path / "moon", config, sleep=lambda _s: None)
+    stacker = Stacker(_config(align__keep_sharpest=50.0))
+    results = [stacker.process(p) for p in paths]
+    late = results[6:]
+    kept = [r for r in late if r.accepted]
+    dropped = [r for r in late if not r.accepted]
+    assert dropped and kept
+    assert all(r.reason and "sharpness" in r.reason for r in dropped)
+    assert min(r.sharpness or 0.0 for r in kept) > max(r.sharpness or 0.0 for r in dropped) * 0.9
+
+
+def test_a_surface_stack_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    paths = simulate(tmp_path / "moon", _moon(frames=6, fixed_pattern=0.5), sleep=lambda _s: None)
+    whole = Stacker(Config())
+    for p in paths:
+        assert whole.process(p).accepted
+    first = Stacker(Config())
+    for p in paths[:3]:
+        assert first.process(p).accepted
+    arrays, meta = first.checkpoint()
+    resumed = Stacker(Config())
+    resumed.restore(arrays, meta)
+    assert resumed.path == "surface"
+    for p in paths[3:]:
+        assert resumed.process(p).accepted
+    expected, found = whole.result(), resumed.result()
+    assert expected is not None and found is not None
+    np.testing.assert_allclose(found, expected, rtol=1e-5, equal_nan=True)
+
+
+# -- the daemon: a night that moves from stars to the Moon ---------------------------------------------------
+
+
+def test_the_daemon_switches_to_the_surface_when_the_object_becomes_the_moon(tmp_path: Path) -> None:
+    watch = tmp_path / "frames"
+    watch.mkdir()
+    config = Config(base=tmp_path).with_overrides({
+        "watch.folder": str(watch), "output.folder": str(tmp_path / "out"), "watch.settle": 0.3,
+        "watch.poll_interval": 0.1, "network.publish": "tcp://127.0.0.1:*",
+        "network.control": "tcp://127.0.0.1:*", "output.image_format": "png"})
+    stars = simulate(tmp_path / "m42", SimConfig(frames=3, interval=10, size=SIZE, n_stars=200, seed=7,
+                                                  object_name="M42"), sleep=lambda _s: None)
+    moon = simulate(tmp_path / "moon", _moon(frames=4, fixed_pattern=0.5, interval=10,
+                                             start=SimConfig().start.replace(hour=23)), sleep=lambda _s: None)
+    seen: list[events.Event] = []
+    done = threading.Condition()
+
+    def listener(event: events.Event) -> None:
+        with done:
+            seen.append(event)
+            done.notify_all()
+
+    def decided() -> list[dict[str, Any]]:
+        return [e.payload for e in seen if e.topic == "frame" and e["verdict"] != "received"]
+
+    daemon = Daemon(config, notifier=Notifier(environ={}), listeners=(listener,))
+    daemon.start()
+    try:
+        for path in stars:
+            (watch / f"m42-{path.name}").write_bytes(path.read_bytes())
+        with done:
+            assert done.wait_for(lambda: len(decided()) >= 3, 60.0), decided()
+        for path in moon:
+            (watch / f"moon-{path.name}").write_bytes(path.read_bytes())
+        with done:
+            assert done.wait_for(lambda: len(decided()) >= 7, 60.0), decided()
+    finally:
+        daemon.stop()
+    frames = decided()
+    assert [(f["object"], f["verdict"]) for f in frames] == [("M42", "accepted")] * 3 + [("Moon", "accepted")] * 4
+    methods = [f["transform"]["method"] for f in frames]
+    assert methods[1:3] == ["fast", "fast"] and methods[4:] == ["surface"] * 3
+    assert all(f["sharpness"] is None for f in frames[:3])
+    assert all(f["sharpness"] and f["sharpness"] > 0 for f in frames[3:])
+    assert (tmp_path / "out" / "Moon" / "stack.fits").exists()
