@@ -78,7 +78,7 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "ellipticity": _OPT_NUM,
         "background": _OPT_NUM,
         "noise": _OPT_NUM,
-        "sharpness": _OPT_NUM,        # surface stacks: variance of the Laplacian / mean^2 (null for stars)
+        "sharpness": _OPT_NUM,        # surface stacks: 1e6 x variance of the Laplacian / mean^2 (null: stars)
         "transform": _OPT_DICT,       # {"matrix": [[a,b,tx],[c,d,ty]], "dx", "dy", "rotation", "scale",
                                       #  "inliers", "rms", "method"}; dx, dy: frame centre's shift
         "timings": (dict,),           # stage name -> seconds

@@ -161,7 +161,7 @@ def test_the_simulated_fixed_pattern_has_the_contrast_asked_for() -> None:
     clean = render_frame(_moon(fixed_pattern=0.0, hot_pixels=0), 0).data.astype(np.float64)
     noisy = render_frame(_moon(fixed_pattern=3.0, hot_pixels=0), 0).data.astype(np.float64)
     # The target's own contrast, from a frame without noise's worth of pattern: Poisson noise differs between
-    # the two renderings (sqrt(level), a few per cent of the pattern), so the ratio is close to, not exactly, 3.
+    # the two renderings (sqrt(level), a few per cent of the pattern): the ratio is close to, not exactly, 3.
     ratio = float(np.std(noisy - clean)) / float(np.std(clean))
     assert 2.6 < ratio < 3.4
     hot = render_frame(_moon(fixed_pattern=0.0, hot_pixels=500), 0).data.astype(np.float64) - clean
@@ -274,7 +274,8 @@ def test_the_daemon_switches_to_the_surface_when_the_object_becomes_the_moon(tmp
     finally:
         daemon.stop()
     frames = decided()
-    assert [(f["object"], f["verdict"]) for f in frames] == [("M42", "accepted")] * 3 + [("Moon", "accepted")] * 4
+    expected = [("M42", "accepted")] * 3 + [("Moon", "accepted")] * 4
+    assert [(f["object"], f["verdict"]) for f in frames] == expected
     methods = [f["transform"]["method"] for f in frames]
     assert methods[1:3] == ["fast", "fast"] and methods[4:] == ["surface"] * 3
     assert all(f["sharpness"] is None for f in frames[:3])

@@ -129,6 +129,7 @@ def _frame(seq: int, verdict: str, **changes: Any) -> events.Event:
         "seq": seq, "path": f"/data/f{seq:03d}.fits", "name": f"f{seq:03d}.fits", "verdict": verdict,
         "reason": None, "date_obs": None, "exptime": 120.0, "object": "NGC 7000", "filter": "Ha",
         "stars": 250 + seq, "fwhm": 2.5, "ellipticity": 0.1, "background": 900.0 + seq, "noise": 10.0,
+        "sharpness": None,
         "transform": {"matrix": [[1, 0, 3], [0, 1, 4]], "dx": 3.0, "dy": 4.0, "rotation": 0.5,
                       "scale": 1.0, "inliers": 80, "rms": 0.21, "method": "fast"},
         "timings": {"read": 0.1}, "latency": 1.8, "session": 1,

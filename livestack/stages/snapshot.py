@@ -25,9 +25,9 @@ The stretch
 
 The surface stretch (``surface=True``, for the Moon, the Sun and planets)
     Assumes no sky: the black point is the ``SURFACE_BLACK`` percentile and the white point the
-    ``SURFACE_WHITE`` percentile of all channels' sampled pixels (plus ``SURFACE_HEADROOM`` of the range), with a gentle gamma (``SURFACE_GAMMA``)
-    between, so a bright disk keeps its shading and a dark limb or sky stays black. Such pictures are never
-    flattened: the disk's own shading is not a gradient to remove.
+    ``SURFACE_WHITE`` percentile of all channels' sampled pixels (plus ``SURFACE_HEADROOM`` of the range),
+    with a gentle gamma (``SURFACE_GAMMA``) between, so a bright disk keeps its shading and a dark limb or
+    sky stays black. Such pictures are never flattened: the disk's own shading is not a gradient to remove.
 """
 
 from __future__ import annotations

@@ -49,8 +49,9 @@ returned as a result.
 blank frame), when the confidence is under ``min_confidence``, when
 ECC does not converge, reaches a correlation under ``min_correlation`` or moves the phase-correlation
 estimate of the frame centre by more than ``max_refine`` pixels, when the result jumps more than
-``max_jump`` pixels from every transform in ``previous`` (0 turns that check off), or when the refinement ends within ``zero_radius``
-of no motion although the first estimate had the target move (the fixed pattern pulled it there).
+``max_jump`` pixels from every transform in ``previous`` (0 turns that check off), or when the refinement
+ends within ``zero_radius`` of no motion although the first estimate had the target move (the fixed
+pattern pulled it there).
 
 Conventions: as ``align``'s: ``Transform.matrix`` maps frame pixel ``(x, y)`` (x = column, y = row,
 pixel centres at integers) onto the reference; ``rotation`` is counter-clockwise in these axes. A surface
@@ -79,6 +80,9 @@ SPIKE_SIGMA = 6.0
 #: ... and its offset from the 3x3 median is at least this fraction of its height above the 5x5 median.
 #: Hot pixels measure ~1; seeing-blurred detail and stars of FWHM >= 2 px well under 0.8.
 SPIKE_SHARPNESS = 0.8
+#: ``sharpness`` is the Laplacian's variance in units of (a thousandth of the mean level) squared: tens to
+#: hundreds for lunar frames.
+SHARPNESS_SCALE = 1e6
 #: Tukey window: fraction of each side that is tapered.
 TAPER = 0.2
 #: Frequencies below this many cycles per (working) pixel are flat-field scales, not detail.
@@ -205,7 +209,7 @@ class SurfaceAlignment:
 
 
 def sharpness(image: np.ndarray) -> float:
-    """How sharp an image is: the variance of its Laplacian over the square of its mean level.
+    """How sharp an image is: the variance of its Laplacian over the square of its mean level (x 1e6).
 
     The image is first smoothed by a Gaussian of 1 pixel so that pixel noise weighs less than detail. The
     figure compares frames of one target in one session (seeing, focus, thin cloud); it means nothing
@@ -227,7 +231,7 @@ def sharpness(image: np.ndarray) -> float:
     level = float(np.mean(smooth))
     if not level > 0.0:
         return 0.0
-    return float(np.var(laplacian)) / (level * level)
+    return SHARPNESS_SCALE * float(np.var(laplacian)) / (level * level)
 
 
 def measure(image: np.ndarray, defects: np.ndarray | None = None,
@@ -344,9 +348,9 @@ def register(ref: SurfaceReference, frame: SurfaceFrame, guess: Transform | None
     if frame.shape != ref.frame.shape or frame.binning != ref.frame.binning:
         raise ValueError(f"the frame is {frame.shape} but the reference is {ref.frame.shape}.")
     if frame.detail < params.min_detail:
-        return SurfaceAlignment(None, f"too little surface detail to align on (detail {frame.detail:.2f}, at "
-                                      f"least {params.min_detail:g} needed): clouds, a blank frame or another "
-                                      f"target")
+        return SurfaceAlignment(None, f"too little surface detail to align on (detail {frame.detail:.2f}, "
+                                      f"at least {params.min_detail:g} needed): clouds, a blank frame or "
+                                      f"another target")
     work = frame.work
     spectrum = np.fft.rfft2((work - np.float32(work.mean())) * ref.window)
     angle = _rotation(ref, spectrum, work.shape)
@@ -400,8 +404,8 @@ def register(ref: SurfaceReference, frame: SurfaceFrame, guess: Transform | None
     identity = np.eye(2, 3)
     if (_corner_move(identity, matrix, frame.shape) <= params.zero_radius
             < _corner_move(identity, coarse_full, frame.shape)):
-        return SurfaceAlignment(None, "the refinement slid back to no motion, where the sensor's fixed pattern "
-                                      "matches; not confirmed", confidence, correlation)
+        return SurfaceAlignment(None, "the refinement slid back to no motion, where the sensor's fixed "
+                                      "pattern matches; not confirmed", confidence, correlation)
     if params.max_jump > 0 and previous:
         jump = min(_corner_move(p.matrix, matrix, frame.shape) for p in previous)
         if jump > params.max_jump:

@@ -78,6 +78,7 @@ def demo_events(frames: int = 24, start: datetime = DEMO_START, seed: int = 7) -
             "filter": "L",
             "ellipticity": 0.08,
             "noise": 14.2,
+            "sharpness": None,
             "timings": {"read": 0.4, "detect": 0.6, "align": 0.3, "stack": 0.9},
             "session": 1,
         }

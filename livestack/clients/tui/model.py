@@ -298,12 +298,20 @@ class Dashboard:
             name=str(p["name"]),
             verdict=verdict,
             stars=_DASH if p["stars"] is None else str(p["stars"]),
-            fwhm=_DASH if p["fwhm"] is None else f"{float(p['fwhm']):.2f}",
+            fwhm=_quality(p),
             shift=_DASH if dx is None or dy is None else f"{hypot(dx, dy):.1f}",
             rotation=_DASH if rotation is None else f"{rotation:+.2f}°",
             rms=_DASH if rms is None else f"{rms:.2f}",
             status=str(p["verdict"]),
         )
+
+
+def _quality(payload: Mapping[str, Any]) -> str:
+    """The FWHM of a star frame; a surface frame (Moon, planets) has none and shows its sharpness, ``S``."""
+    if payload["fwhm"] is not None:
+        return f"{float(payload['fwhm']):.2f}"
+    sharpness = payload.get("sharpness")
+    return _DASH if sharpness is None else f"S {float(sharpness):.0f}"
 
 
 def format_duration(seconds: float) -> str:
