@@ -115,8 +115,8 @@ def frame_facts(result: FrameResult) -> dict[str, Any]:
     dict
         ``path``, ``date_obs`` (ISO UTC), ``exptime``, ``filter``, ``object``, ``matrix`` (6 floats, frame ->
         reference), ``dx``, ``dy``, ``rotation``, ``scale``, ``inliers``, ``residual``, ``method``, ``stars``,
-        ``fwhm``, ``ellipticity``, ``background``, ``noise``, ``sharpness``, ``reference``, ``weight``; ``masters`` when the
-        result carries calibration. A value not measured is None (JSON has no NaN).
+        ``fwhm``, ``ellipticity``, ``background``, ``noise``, ``sharpness``, ``reference``, ``weight``;
+        ``masters`` when the result carries calibration. A value not measured is None (JSON has no NaN).
     """
     meta, q, t = result.meta, result.quality, result.transform
     facts: dict[str, Any] = {
@@ -511,7 +511,8 @@ class Stacker:
         """
         twin = Stacker(self.config, workdir=workdir if workdir is not None else self.workdir)
         twin._ref_stars, twin._ref_meta, twin._last = self._ref_stars, self._ref_meta, self._last
-        twin._path, twin._surface_ref, twin._ref_luminance = self._path, self._surface_ref, self._ref_luminance
+        twin._path, twin._surface_ref = self._path, self._surface_ref
+        twin._ref_luminance = self._ref_luminance
         assert self._ref_meta is not None or not self._filters
         for name, stack in self._filters.items():
             shape = stack.acc.coverage.shape + (() if stack.channels is None else (stack.channels,))

@@ -52,8 +52,8 @@ from livestack.stages.provenance import FrameRow, frames_hdu
 
 __all__ = ["FLATTEN_MESH", "JPEG_QUALITY", "PNG_COMPRESSION", "SHADOWS_SIGMA", "STAT_SAMPLES",
            "SURFACE_BLACK", "SURFACE_GAMMA", "SURFACE_HEADROOM", "SURFACE_WHITE", "TARGET_BACKGROUND",
-           "StackInfo", "atomic_write", "encode_image", "flatten_background", "preview_array", "preview_bytes",
-           "stretch", "write_composite", "write_fits", "write_preview"]
+           "StackInfo", "atomic_write", "encode_image", "flatten_background", "preview_array",
+           "preview_bytes", "stretch", "write_composite", "write_fits", "write_preview"]
 
 #: Where the sky lands after the stretch, as a fraction of full scale (people like 0.1 to 0.25).
 TARGET_BACKGROUND: float = 0.20
