@@ -13,7 +13,7 @@ Every payload carries ``"v"`` (``SCHEMA_VERSION``), ``"topic"`` and ``"time"`` (
 each topic are listed in ``FIELDS``; a field whose type includes ``None`` may be null. A preview's shape is in
 the payload's ``"preview"`` field (``[rows, columns, channels]``, dtype uint8, C order). A ``display`` event's
 picture is the stack as people see it (stretched, gradient-flattened), encoded as JPEG; its length is the
-payload's ``"bytes"``, its size ``"width"`` by ``"height"``.
+payload's ``"bytes"``, its size ``"width"`` by ``"height"``. A field in ``OPTIONAL`` may be absent (null).
 
 Control (ZeroMQ REP): a request is a JSON object ``{"cmd": NAME, ...}`` with NAME in ``COMMANDS``
 (``set_reference`` takes ``"path"``); the reply is ``{"ok": true, "result": {...}}`` or
@@ -33,6 +33,7 @@ import numpy as np
 __all__ = [
     "COMMANDS",
     "FIELDS",
+    "OPTIONAL",
     "SCHEMA_VERSION",
     "TOPICS",
     "Event",
@@ -141,6 +142,9 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     },
 }
 
+#: Fields a producer may leave out (a reader takes them as null): added after version 1 was first published.
+OPTIONAL: dict[str, frozenset[str]] = {"frame": frozenset({"sharpness"})}
+
 _VERDICTS = ("received", "accepted", "rejected")
 _STATES = ("starting", "waiting", "running", "paused", "stopping")
 _LEVELS = ("info", "warning", "error")
@@ -201,6 +205,8 @@ def validate(payload: Mapping[str, Any]) -> None:
         raise SchemaError(f"{topic} event has no 'time' string")
     for name, types in FIELDS[topic].items():
         if name not in payload:
+            if name in OPTIONAL.get(topic, ()):
+                continue
             raise SchemaError(f"{topic} event lacks the field {name!r}")
         value = payload[name]
         # bool is an int in Python; only accept it where bool is named.

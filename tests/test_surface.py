@@ -281,3 +281,17 @@ def test_the_daemon_switches_to_the_surface_when_the_object_becomes_the_moon(tmp
     assert all(f["sharpness"] is None for f in frames[:3])
     assert all(f["sharpness"] and f["sharpness"] > 0 for f in frames[3:])
     assert (tmp_path / "out" / "Moon" / "stack.fits").exists()
+
+
+def test_frame_events_may_carry_sharpness_or_leave_it_out() -> None:
+    fields: dict[str, Any] = {
+        "seq": 1, "path": "/f.fits", "name": "f.fits", "verdict": "accepted", "reason": None,
+        "date_obs": None, "exptime": 0.01, "object": "Moon", "filter": None, "stars": 0, "fwhm": None,
+        "ellipticity": None, "background": 1000.0, "noise": 10.0, "transform": None, "timings": {},
+        "latency": 0.1, "session": 1}
+    older = events.make_event("frame", **fields)
+    assert "sharpness" not in older.payload
+    surface_frame = events.decode(events.encode(events.make_event("frame", sharpness=74.5, **fields)))
+    assert surface_frame["sharpness"] == 74.5
+    with pytest.raises(events.SchemaError):
+        events.make_event("frame", sharpness="sharp", **fields)
