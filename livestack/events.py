@@ -16,8 +16,9 @@ picture is the stack as people see it (stretched, gradient-flattened), encoded a
 payload's ``"bytes"``, its size ``"width"`` by ``"height"``. A field in ``OPTIONAL`` may be absent (null).
 
 Control (ZeroMQ REP): a request is a JSON object ``{"cmd": NAME, ...}`` with NAME in ``COMMANDS``
-(``set_reference`` takes ``"path"``); the reply is ``{"ok": true, "result": {...}}`` or
-``{"ok": false, "error": "one sentence"}``.
+(``set_reference`` takes ``"path"``; ``remove`` and ``reinclude`` take ``"seq"``, ``"name"`` (one or a list)
+and/or ``"from"``/``"to"`` (ISO times), and an optional ``"reason"``); the reply is
+``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "one sentence"}``.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ __all__ = [
 #: Bumped on any incompatible change of a payload; clients should ignore events of another version.
 SCHEMA_VERSION = 1
 
-TOPICS: tuple[str, ...] = ("frame", "stack", "snapshot", "status", "log", "display")
+TOPICS: tuple[str, ...] = ("frame", "stack", "snapshot", "status", "log", "display", "removal")
 
 #: Control requests the daemon answers.
-COMMANDS: tuple[str, ...] = ("status", "pause", "resume", "snapshot", "reset", "set_reference", "shutdown")
+COMMANDS: tuple[str, ...] = ("status", "pause", "resume", "snapshot", "reset", "set_reference", "shutdown",
+                             "remove", "reinclude", "undo_last")
 
 _NUM = (int, float)
 _OPT_NUM = (int, float, type(None))
@@ -140,6 +142,18 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "height": (int,),
         "bytes": (int,),              # length of the JPEG part
     },
+    "removal": {
+        "id": (int,),                 # the removal's number in the journal, from 1
+        "action": (str,),             # "remove" or "reinclude"
+        "seqs": (list,),              # the frames' journal numbers (frame.seq)
+        "names": (list,),             # their file names
+        "state": (str,),              # "started" (journaled), "done" or "failed"
+        "how": (str,),                # "subtracted" (mean) or "re-integrated" (kappa-sigma, median)
+        "frames": (int,),             # frames in the stack being served
+        "reason": _OPT_STR,           # what the request said
+        "session": (int,),
+        "problems": (list,),          # files that changed or vanished, in words
+    },
 }
 
 #: Fields a producer may leave out (a reader takes them as null): added after version 1 was first published.
@@ -148,6 +162,7 @@ OPTIONAL: dict[str, frozenset[str]] = {"frame": frozenset({"sharpness"})}
 _VERDICTS = ("received", "accepted", "rejected")
 _STATES = ("starting", "waiting", "running", "paused", "stopping")
 _LEVELS = ("info", "warning", "error")
+_REMOVAL_STATES = ("started", "done", "failed")
 
 
 class SchemaError(ValueError):
@@ -217,6 +232,7 @@ def validate(payload: Mapping[str, Any]) -> None:
     _check_enum(payload, "frame", "verdict", _VERDICTS)
     _check_enum(payload, "status", "state", _STATES)
     _check_enum(payload, "log", "level", _LEVELS)
+    _check_enum(payload, "removal", "state", _REMOVAL_STATES)
 
 
 def make_event(topic: str, preview: np.ndarray | None = None, picture: bytes | None = None,
@@ -352,6 +368,8 @@ def decode_request(raw: bytes) -> dict[str, Any]:
         raise SchemaError(f"unknown command {cmd!r}; commands are {', '.join(COMMANDS)}")
     if cmd == "set_reference" and not isinstance(request.get("path"), str):
         raise SchemaError("set_reference needs a 'path' string naming a frame")
+    if cmd in ("remove", "reinclude"):
+        _check_selection(cmd, request)
     return request
 
 
@@ -369,6 +387,23 @@ def _check_jpeg(data: bytes) -> None:
     # The start-of-image and end-of-image markers: a cut or foreign part is refused, not shown half.
     if not (data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"):
         raise SchemaError("a display picture is not a whole JPEG")
+
+
+def _check_selection(cmd: str, request: Mapping[str, Any]) -> None:
+    """``remove``/``reinclude`` name frames by ``seq``, ``name`` or a ``from``/``to`` DATE-OBS range."""
+    seq, name = request.get("seq"), request.get("name")
+    seqs = seq if isinstance(seq, list) else [] if seq is None else [seq]
+    names = name if isinstance(name, list) else [] if name is None else [name]
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in seqs):
+        raise SchemaError(f"{cmd}: 'seq' is a journal number or a list of them")
+    if any(not isinstance(n, str) or not n for n in names):
+        raise SchemaError(f"{cmd}: 'name' is a file name or a list of them")
+    for key in ("from", "to", "reason"):
+        if request.get(key) is not None and not isinstance(request[key], str):
+            raise SchemaError(f"{cmd}: {key!r} is a string")
+    if not seqs and not names and not request.get("from") and not request.get("to"):
+        raise SchemaError(f"{cmd} needs 'seq' (journal numbers), 'name' (file names) or 'from'/'to' "
+                          "(ISO times)")
 
 
 def _names(types: tuple[type, ...]) -> str:

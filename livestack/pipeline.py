@@ -244,6 +244,9 @@ class Stacker:
         self._surface_ref: surface.SurfaceReference | None = None
         self._ref_luminance: np.ndarray | None = None
         self._sharpness_seen: list[float] = []
+        #: The id of the last journaled removal this stack reflects (0: none); kept in its checkpoints, so
+        #: that recovery knows which removals a crash interrupted.
+        self.removals = 0
 
     # -- the two halves of a frame's work -------------------------------------------------------------
 
@@ -519,6 +522,7 @@ class Stacker:
             twin._filters[name] = _FilterStack(name, twin._new_accumulator(shape), stack.channels,
                                                stack.stars, stack.fwhm)
         twin._current = self._current
+        twin.removals = self.removals
         return twin
 
     def use_reference(self, path: str | Path) -> str | None:
@@ -695,7 +699,7 @@ class Stacker:
         meta : dict
         """
         if self._ref_meta is None or self._ref_stars is None:
-            return {}, {"empty": True}
+            return {}, {"empty": True, "removals": self.removals}
         arrays: dict[str, np.ndarray] = {}
         filters: list[dict[str, Any]] = []
         for i, stack in enumerate(self._filters.values()):
@@ -722,6 +726,7 @@ class Stacker:
         meta = {
             "empty": False, "method": self.method, "filters": filters, "current": self._current,
             "path": self._path or "stars",
+            "removals": self.removals,
             "ref": {"path": m.path, "shape": list(m.shape), "time_utc": _iso(m.time_utc),
                     "exptime": m.exptime, "filter": m.filter, "object": m.object, "imagetyp": m.imagetyp,
                     "bayer": m.bayer, "wcs_header": m.wcs_header},
@@ -737,6 +742,7 @@ class Stacker:
             When the checkpoint was made with another stacking method, or by a version that kept one
             stack per target.
         """
+        self.removals = int(meta.get("removals", 0))
         if meta.get("empty", True):
             return
         if meta["method"] != self.method:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import queue
+import shutil
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from astropy.io import fits
 
+from livestack import events
 from livestack.cli import main
 from livestack.config import Config
 from livestack.errors import LivestackError, StateError
 from livestack.live import ledger
+from livestack.live.removal import Removals
 from livestack.live.state import (
     Journal,
     JournalEntry,
@@ -234,3 +240,150 @@ def test_select_names_frames_by_number_name_glob_and_time() -> None:
     with pytest.raises(LivestackError, match="began between"):
         ledger.select(entries, start=ledger.parse_time("2027-01-01T00:00:00"))
     assert ledger.parse_exclusions(["3", "5-7,x.fits", "9-8"]) == ({3, 5, 6, 7, 8, 9}, ["x.fits"])
+
+
+# -- the daemon's removals: exact subtraction, background re-integration, reinclude --------------------------
+
+class _Owner:
+    """The daemon's stack as ``Removals`` sees it: a stacker, its session, a lock, and a swap."""
+
+    def __init__(self, stacker: Stacker) -> None:
+        self.lock = threading.Lock()
+        self.stacker = stacker
+        self.session = 1
+        self.changes = 0
+
+    def swap(self, stacker: Stacker, session: int) -> Stacker:
+        with self.lock:
+            old, self.stacker, self.session = self.stacker, stacker, session
+        return old
+
+
+class _Live:
+    """A worker's side of the daemon, on the test's thread: stacks frames, journals them, runs commands."""
+
+    def __init__(self, root: Path, method: str) -> None:
+        self.config = Config().with_overrides({"stack.method": method})
+        (root / "work").mkdir(parents=True)
+        self.journal = Journal(root / "journal.jsonl")
+        self.owner = _Owner(Stacker(self.config, workdir=root / "work"))
+        self.events: list[events.Event] = []
+        self.posted: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.removals = Removals(self.config, self.journal, self.owner, self.events.append,
+                                 lambda name, args: self.posted.put((name, args)), self._changed)
+
+    def _changed(self, old: Stacker | None) -> None:
+        self.owner.changes += 1
+        if old is not None:
+            old.discard()
+
+    def stack(self, path: Path) -> None:
+        seq = self.journal.next_seq
+        with self.owner.lock:
+            result = self.owner.stacker.process(path)
+        assert result.accepted, result.reason
+        st = path.stat()
+        self.journal.append(JournalEntry(
+            seq=seq, path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, hash=content_hash(path),
+            verdict="accepted", session=1, transform=[float(v) for v in result.transform.matrix.ravel()],
+            reference=result.reference, facts=frame_facts(result)))
+
+    def switch(self) -> None:
+        """Wait for the re-integration to ask for the switch, and do it (as the worker would)."""
+        name, args = self.posted.get(timeout=120)
+        self.removals.handle(name, args)
+
+    def image(self) -> np.ndarray:
+        image = self.owner.stacker.result()
+        assert image is not None
+        return image
+
+    def close(self) -> None:
+        self.removals.close()
+        self.owner.stacker.discard()
+        self.journal.close()
+
+
+@pytest.mark.parametrize("method", ["mean", "kappa-sigma", "median"])
+def test_removing_five_of_thirty_live_equals_a_fresh_stack_of_25_and_reinclude_restores_it(
+        thirty: list[Path], tmp_path: Path, method: str) -> None:
+    live = _Live(tmp_path / "state", method)
+    try:
+        for path in thirty[:27]:
+            live.stack(path)
+        original_27 = live.image()
+        reply = live.removals.handle("remove", {"seq": list(REMOVED[:3]), "name": [thirty[21].name],
+                                                "reason": "satellite"})
+        assert reply["seqs"] == [4, 9, 13, 22]
+        if method == "mean":
+            assert reply["state"] == "done" and live.owner.stacker.count == 23
+        else:
+            assert reply["state"] == "re-integrating"
+            assert live.removals.busy and {r.seq for r in live.removals.rows(1) if r.state == "removing"} == {
+                4, 9, 13, 22}
+        # Frames keep coming while the old stack is served and the new one is built.
+        for path in thirty[27:]:
+            live.stack(path)
+        if method != "mean":
+            live.switch()
+        assert not live.removals.busy
+        # The fifth by its file name, after the first removal finished.
+        live.removals.handle("remove", {"name": thirty[26].name})
+        if method != "mean":
+            live.switch()
+        kept = [p for i, p in enumerate(thirty, start=1) if i not in REMOVED]
+        expected = _fresh(live.config, kept, tmp_path / "fresh")
+        if method == "mean":
+            np.testing.assert_allclose(live.image(), expected, rtol=1e-5)
+        else:
+            assert live.image().astype("<f4").tobytes() == expected.astype("<f4").tobytes()
+        assert live.owner.stacker.count == 25
+        assert live.owner.stacker.exptime == pytest.approx(25 * 10.0)
+        done = [e for e in live.events if e.topic == "removal" and e["state"] == "done"]
+        assert [e["seqs"] for e in done] == [[4, 9, 13, 22], [27]]
+        assert done[0]["how"] == ("subtracted" if method == "mean" else "re-integrated")
+        rows = live.removals.rows(1)
+        assert {r.seq for r in rows if r.state == "removed"} == set(REMOVED)
+        assert next(r for r in rows if r.seq == 4).reason == "satellite"
+        # Put them all back: the original stack of 30.
+        live.removals.handle("reinclude", {"seq": list(REMOVED)})
+        if method != "mean":
+            live.switch()
+        original = _fresh(live.config, thirty, tmp_path / "fresh-30")
+        if method == "mean":
+            np.testing.assert_allclose(live.image(), original, rtol=1e-5)
+        else:
+            assert live.image().astype("<f4").tobytes() == original.astype("<f4").tobytes()
+        assert live.owner.stacker.count == 30 and original_27.shape == original.shape
+        assert live.owner.stacker.removals == 3
+    finally:
+        live.close()
+
+
+def test_a_changed_file_cannot_be_subtracted_silently(thirty: list[Path], tmp_path: Path) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    copies = [Path(shutil.copy2(p, frames / p.name)) for p in thirty[:6]]
+    live = _Live(tmp_path / "state", "mean")
+    try:
+        for path in copies:
+            live.stack(path)
+        before = live.image()
+        with fits.open(copies[3], mode="update") as hdul:
+            hdul[0].header["OBSERVER"] = "someone"  # the same pixels, but not the same file
+        refused = r"sim_0004\.fits cannot be taken out of the mean exactly: the file changed since it was"
+        with pytest.raises(LivestackError, match=refused):
+            live.removals.handle("remove", {"seq": 4})
+        copies[4].unlink()
+        with pytest.raises(LivestackError, match="the file is gone; nothing was removed"):
+            live.removals.handle("remove", {"seq": 5})
+        assert live.journal.removals() == ()
+        np.testing.assert_array_equal(live.image(), before)
+        with pytest.raises(LivestackError, match="no stacked frame has the number 99"):
+            live.removals.handle("remove", {"seq": 99})
+        with pytest.raises(LivestackError, match="no removed frame"):
+            live.removals.handle("reinclude", {"seq": 2})
+        reply = live.removals.handle("undo_last", {})
+        assert reply["seqs"] == [6] and reply["state"] == "done" and live.owner.stacker.count == 5
+    finally:
+        live.close()

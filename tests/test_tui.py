@@ -265,6 +265,46 @@ def test_pause_resume_snapshot_and_reset_keys_send_requests(daemon: FakeDaemon) 
     asyncio.run(scenario())
 
 
+def test_x_chooses_a_frame_asks_then_removes_it_and_the_table_shows_it_removed(daemon: FakeDaemon) -> None:
+    async def scenario() -> None:
+        app = _app(daemon)
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.apply_events([_frame(1, "accepted"), _frame(2, "rejected", reason="clouds"),
+                              _frame(3, "accepted"), _frame(4, "accepted")])
+            table = app.query_one("#frames", DataTable)
+            await pilot.press("x")  # a cursor on the newest frame, nothing sent yet
+            await _wait_for(pilot, lambda: table.cursor_type == "row", "the cursor")
+            assert table.cursor_row == 0 and daemon.requests == []
+            await pilot.press("down", "down")  # f004 -> f003 -> f002 (rejected: not in the stack)
+            await pilot.press("x")
+            await pilot.pause(0.2)
+            assert not isinstance(app.screen, ConfirmScreen) and daemon.requests == []
+            app.apply_events([_frame(5, "accepted")])  # a new frame arrives: the choice stays on f002
+            await pilot.pause(0.1)
+            await pilot.press("down")  # f001
+            await pilot.press("x")
+            await _wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+            assert "f001.fits (frame 1)" in app.screen.question
+            await pilot.press("n")
+            await pilot.pause(0.3)
+            assert daemon.requests == [], "nothing removed after n"
+            await pilot.press("x")
+            await _wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+            await pilot.press("y")
+            await _wait_for(pilot, lambda: len(daemon.requests) == 1, "the remove request")
+            assert daemon.requests[-1] == {"cmd": "remove", "seq": 1}
+            assert table.cursor_type == "none"
+            app.apply_events([events.make_event(
+                "removal", id=1, action="remove", seqs=[1], names=["f001.fits"], state="done", how="subtracted",
+                frames=3, reason=None, session=1, problems=[])])
+            await pilot.pause(0.1)
+            assert "removal of f001.fits: done (subtracted)" in " ".join(_log_text(app).split())
+            rows = app.model.rows()
+            assert [r.status for r in rows if r.key[0] == 1] == ["removed"]
+
+    asyncio.run(scenario())
+
+
 def test_control_without_reply_is_reported_in_the_log() -> None:
     # A REP endpoint where nobody answers: a bound ROUTER that never replies.
     context: zmq.Context[Any] = zmq.Context()

@@ -59,6 +59,8 @@ _HELP = """\
   [b]p[/b]  pause the stack, or resume it when paused
   [b]s[/b]  write a snapshot now (FITS and image)
   [b]r[/b]  reset: start a new stack (asks first; frames on disk are kept)
+  [b]x[/b]  remove a frame from the stack: x shows a cursor in the frame table, arrows choose,
+     x again asks, then removes it (escape hides the cursor; its file stays on disk)
   [b]?[/b]  this help        [b]q[/b]  {quit}
 
 [b]Panels[/b]
@@ -264,6 +266,8 @@ class LivestackApp(App[None]):
         Binding("p", "pause", "pause/resume"),
         Binding("s", "snapshot", "snapshot"),
         Binding("r", "reset", "reset"),
+        Binding("x", "remove", "remove frame", show=False),
+        Binding("escape", "unselect", "hide the cursor", show=False),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "quit", "quit"),
     ]
@@ -430,22 +434,62 @@ class LivestackApp(App[None]):
             answered,
         )
 
+    def action_remove(self) -> None:
+        """First press: a cursor in the frame table; second: ask, then remove the frame under it."""
+        table: DataTable[str | Text] = self.query_one("#frames", DataTable)
+        rows = self.model.rows()
+        if table.cursor_type == "none":
+            if not rows:
+                self.notify("no frame yet", severity="warning")
+                return
+            table.cursor_type = "row"
+            table.can_focus = True
+            table.focus()
+            table.move_cursor(row=0)
+            self.notify("choose a frame with the arrows, then x to remove it (escape: never mind)", timeout=5)
+            return
+        if not 0 <= table.cursor_row < len(rows):
+            return
+        row = rows[table.cursor_row]
+        if row.status != "accepted":
+            self.notify(f"{row.name} is not in the stack ({row.status})", severity="warning")
+            return
+        seq = row.key[0]
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.send_command("remove", seq=seq)
+                self.action_unselect()
+
+        self.push_screen(ConfirmScreen(f"Remove {row.name} (frame {seq}) from the stack? "
+                                       "Its file stays on disk; it can be put back."), answered)
+
+    def action_unselect(self) -> None:
+        """Hide the frame table's cursor."""
+        table: DataTable[str | Text] = self.query_one("#frames", DataTable)
+        if table.cursor_type != "none":
+            table.cursor_type = "none"
+            table.can_focus = False
+            self.set_focus(None)
+
     def action_help(self) -> None:
         """Show the keys and what the panels mean."""
         self.push_screen(HelpScreen(self.attached))
 
-    def send_command(self, cmd: str) -> None:
+    def send_command(self, cmd: str, **fields: Any) -> None:
         """Send a control command from a worker thread; the reply comes back as ``ControlReplied``.
 
         Parameters
         ----------
         cmd : str
-            One of ``events.COMMANDS`` that takes no arguments.
+            One of ``events.COMMANDS``.
+        **fields
+            The request's other fields (``seq`` for ``remove``).
         """
         if self.control is None:
             self.post_message(ControlReplied(cmd, None, "no control endpoint was given"))
             return
-        self._request(cmd)
+        self._request(cmd, fields)
 
     # Workers.
 
@@ -477,14 +521,14 @@ class LivestackApp(App[None]):
             subscriber.close()
 
     @work(thread=True, group="control")
-    def _request(self, cmd: str) -> None:
+    def _request(self, cmd: str, fields: dict[str, Any]) -> None:
         assert self.control is not None
         # A fresh client per request keeps each socket in the one thread that uses it; requests are
         # rare (a key press), so connecting each time costs nothing noticeable.
         with self._control_lock:
             try:
                 with ControlClient(self.control, self._keys, timeout=self.control_timeout) as client:
-                    reply = client.request(cmd)
+                    reply = client.request(cmd, **fields)
             except LivestackError as exc:
                 self.post_message(ControlReplied(cmd, None, str(exc)))
                 return
@@ -500,6 +544,8 @@ class LivestackApp(App[None]):
             self._refresh_counters()
         if event.topic == "stack" and event.preview is not None:
             self.query_one("#preview", PreviewView).show(self.model.preview)
+        if event.topic == "removal":
+            self._refresh_frames()
         if event.topic == "frame":
             self._refresh_frames()
             self._refresh_counters()
@@ -567,10 +613,16 @@ class LivestackApp(App[None]):
 
     def _refresh_frames(self) -> None:
         table: DataTable[str | Text] = self.query_one("#frames", DataTable)
+        # A frame chosen with the cursor stays chosen while new frames push it down.
+        chosen = None
+        if table.cursor_type != "none" and table.row_count:
+            chosen = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
         table.clear()
         name_width = _NAME_WIDTH_COMPACT if self.screen.has_class("-compact") else _NAME_WIDTH
         for row in self.model.rows():
-            table.add_row(*_cells(row, name_width))
+            table.add_row(*_cells(row, name_width), key=f"{row.key[0]}:{row.key[1]}")
+        if chosen is not None and chosen in table.rows:
+            table.move_cursor(row=table.get_row_index(chosen))
 
 
 def run_tui(connect: str, control: str, keys: str | Path | None = None) -> None:
@@ -649,8 +701,8 @@ def _terminal_logging_set_aside() -> Iterator[None]:
 _COLUMNS = ("", "time", "file", "stars", "FWHM", "shift", "rot", "rms", "verdict")
 _NAME_WIDTH = 22
 _NAME_WIDTH_COMPACT = 18
-_VERDICT_STYLES = {"accepted": "green", "rejected": "bold red", "received": "dim"}
-_VERDICT_MARKS = {"accepted": "✓", "rejected": "✗", "received": "…"}
+_VERDICT_STYLES = {"accepted": "green", "rejected": "bold red", "received": "dim", "removed": "yellow"}
+_VERDICT_MARKS = {"accepted": "✓", "rejected": "✗", "received": "…", "removed": "−"}
 
 
 def _cells(row: FrameRow, name_width: int) -> tuple[str | Text, ...]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, tzinfo
 from math import hypot
 from typing import Any
@@ -270,6 +270,21 @@ class Dashboard:
         if p["verdict"] == "rejected":
             return [self._line(event, "warning", f"rejected {p['name']}: {p['reason'] or 'no reason given'}")]
         return []
+
+    def _apply_removal(self, event: events.Event) -> list[LogLine]:
+        p = event.payload
+        names = ", ".join(str(n) for n in p["names"]) or "frames " + ", ".join(str(s) for s in p["seqs"])
+        verb = "removal of" if p["action"] == "remove" else "re-inclusion of"
+        lines = [self._line(event, "error" if p["state"] == "failed" else "info",
+                            f"{verb} {names}: {p['state']}" + (f" ({p['how']})" if p["state"] == "done" else ""))]
+        lines += [self._line(event, "warning", str(problem)) for problem in p["problems"]]
+        if p["state"] == "done":
+            status = "removed" if p["action"] == "remove" else "accepted"
+            seqs = set(p["seqs"])
+            for key, row in list(self.frames.items()):
+                if key[0] in seqs:
+                    self.frames[key] = replace(row, verdict=status, status=status)
+        return lines
 
     def _apply_snapshot(self, event: events.Event) -> list[LogLine]:
         where = event["image"] or event["fits"] or "nowhere"
