@@ -295,8 +295,8 @@ def test_x_chooses_a_frame_asks_then_removes_it_and_the_table_shows_it_removed(d
             assert daemon.requests[-1] == {"cmd": "remove", "seq": 1}
             assert table.cursor_type == "none"
             app.apply_events([events.make_event(
-                "removal", id=1, action="remove", seqs=[1], names=["f001.fits"], state="done", how="subtracted",
-                frames=3, reason=None, session=1, problems=[])])
+                "removal", id=1, action="remove", seqs=[1], names=["f001.fits"], state="done",
+                how="subtracted", frames=3, reason=None, session=1, problems=[])])
             await pilot.pause(0.1)
             assert "removal of f001.fits: done (subtracted)" in " ".join(_log_text(app).split())
             rows = app.model.rows()

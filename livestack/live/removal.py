@@ -65,8 +65,12 @@ class StackOwner(Protocol):
     """The daemon's current stack: changed by the worker only, read by others under ``lock``."""
 
     lock: threading.Lock
-    stacker: Stacker
-    session: int
+
+    @property
+    def stacker(self) -> Stacker: ...
+
+    @property
+    def session(self) -> int: ...
 
     def swap(self, stacker: Stacker, session: int) -> Stacker: ...
 

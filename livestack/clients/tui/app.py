@@ -702,7 +702,7 @@ _COLUMNS = ("", "time", "file", "stars", "FWHM", "shift", "rot", "rms", "verdict
 _NAME_WIDTH = 22
 _NAME_WIDTH_COMPACT = 18
 _VERDICT_STYLES = {"accepted": "green", "rejected": "bold red", "received": "dim", "removed": "yellow"}
-_VERDICT_MARKS = {"accepted": "✓", "rejected": "✗", "received": "…", "removed": "−"}
+_VERDICT_MARKS = {"accepted": "✓", "rejected": "✗", "received": "…", "removed": "○"}
 
 
 def _cells(row: FrameRow, name_width: int) -> tuple[str | Text, ...]:

@@ -275,8 +275,9 @@ class Dashboard:
         p = event.payload
         names = ", ".join(str(n) for n in p["names"]) or "frames " + ", ".join(str(s) for s in p["seqs"])
         verb = "removal of" if p["action"] == "remove" else "re-inclusion of"
-        lines = [self._line(event, "error" if p["state"] == "failed" else "info",
-                            f"{verb} {names}: {p['state']}" + (f" ({p['how']})" if p["state"] == "done" else ""))]
+        how = f" ({p['how']})" if p["state"] == "done" else ""
+        level = "error" if p["state"] == "failed" else "info"
+        lines = [self._line(event, level, f"{verb} {names}: {p['state']}{how}")]
         lines += [self._line(event, "warning", str(problem)) for problem in p["problems"]]
         if p["state"] == "done":
             status = "removed" if p["action"] == "remove" else "accepted"
