@@ -23,6 +23,7 @@ from pathlib import Path
 
 from livestack.errors import LivestackError
 from livestack.live.state import JournalEntry, RemovalRecord, removed_seqs
+from livestack.pipeline import filter_key
 from livestack.stages.provenance import FrameRow
 
 __all__ = ["date_obs", "exptime", "frame_rows", "parse_exclusions", "parse_time", "select", "weight"]
@@ -30,7 +31,7 @@ __all__ = ["date_obs", "exptime", "frame_rows", "parse_exclusions", "parse_time"
 
 def frame_rows(entries: Sequence[JournalEntry], removals: Sequence[RemovalRecord], session: int,
                removing: Iterable[int] = (), excluded: Iterable[int] = (),
-               excluded_reason: str = "excluded") -> tuple[FrameRow, ...]:
+               excluded_reason: str = "excluded", filter: str | None = None) -> tuple[FrameRow, ...]:
     """The ``FRAMES`` rows of one session: every frame journaled for it, in seq order.
 
     Parameters
@@ -44,6 +45,9 @@ def frame_rows(entries: Sequence[JournalEntry], removals: Sequence[RemovalRecord
     excluded : iterable of int
         Seqs left out for another reason (``restack --exclude``): ``removed`` with ``excluded_reason``.
     excluded_reason : str
+    filter : str, optional
+        Only the frames of this filter's stack (``pipeline.filter_key``), and those whose filter is unknown
+        (unreadable files).
 
     Returns
     -------
@@ -59,6 +63,9 @@ def frame_rows(entries: Sequence[JournalEntry], removals: Sequence[RemovalRecord
     rows = []
     for e in entries:
         if e.session != session:
+            continue
+        unreadable = e.verdict != "accepted" and not e.facts.get("exptime") and e.facts.get("stars") is None
+        if filter is not None and not unreadable and filter_key(e.facts.get("filter")) != filter_key(filter):
             continue
         facts = {**e.facts, "path": e.path, "reference": e.reference}
         for name in ("stars", "fwhm", "ellipticity", "background", "noise"):

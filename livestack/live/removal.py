@@ -290,7 +290,7 @@ class Removals:
         with self.stacks.lock:
             stacker.removals = record.id
             if all("exptime" in e.facts for e in kept):
-                stacker.recount((ledger.date_obs(e), ledger.exptime(e)) for e in kept)
+                stacker.recount((ledger.date_obs(e), ledger.exptime(e), e.facts.get("filter")) for e in kept)
         self._changed(old)
 
     def _start(self, record: RemovalRecord) -> None:
