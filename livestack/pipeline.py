@@ -516,6 +516,7 @@ class Stacker:
         twin._ref_stars, twin._ref_meta, twin._last = self._ref_stars, self._ref_meta, self._last
         twin._path, twin._surface_ref = self._path, self._surface_ref
         twin._ref_luminance = self._ref_luminance
+        twin._sharpness_seen = list(self._sharpness_seen)
         assert self._ref_meta is not None or not self._filters
         for name, stack in self._filters.items():
             shape = stack.acc.coverage.shape + (() if stack.channels is None else (stack.channels,))

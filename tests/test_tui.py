@@ -276,12 +276,14 @@ def test_x_chooses_a_frame_asks_then_removes_it_and_the_table_shows_it_removed(d
             await _wait_for(pilot, lambda: table.cursor_type == "row", "the cursor")
             assert table.cursor_row == 0 and daemon.requests == []
             await pilot.press("down", "down")  # f004 -> f003 -> f002 (rejected: not in the stack)
+            await _wait_for(pilot, lambda: table.cursor_row == 2, "the cursor on f002")
             await pilot.press("x")
             await pilot.pause(0.2)
             assert not isinstance(app.screen, ConfirmScreen) and daemon.requests == []
             app.apply_events([_frame(5, "accepted")])  # a new frame arrives: the choice stays on f002
-            await pilot.pause(0.1)
+            await _wait_for(pilot, lambda: table.row_count == 5 and table.cursor_row == 3, "f002 pushed down")
             await pilot.press("down")  # f001
+            await _wait_for(pilot, lambda: table.cursor_row == 4, "the cursor on f001")
             await pilot.press("x")
             await _wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
             assert "f001.fits (frame 1)" in app.screen.question
