@@ -58,7 +58,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from livestack.pipeline import FrameResult, Stacker, expand_paths, order_by_time
-    from livestack.stages.snapshot import write_fits, write_preview
+    from livestack.stages.snapshot import write_snapshot
 
     config = _load(args, {"stack.method": args.method, "align.reference": args.reference,
                           "frames.bayer_pattern": args.bayer, "align.interpolation": args.interpolation,
@@ -92,9 +92,9 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         image = stacker.result()
         if image is not None and stacker.count > 0:
             rows = _result_rows(results)
-            write_fits(fits_path, image, replace(stacker.info(), frames=rows))
-            write_preview(image_path, image, flatten=config.output.flatten_background,
-                          surface=stacker.path == "surface")
+            write_snapshot(fits_path, image, replace(stacker.info(), frames=rows),
+                           image_format=config.output.image_format, flatten=config.output.flatten_background,
+                           surface=stacker.path == "surface")
             if args.frames_csv or config.output.frames_csv:
                 _write_frames_csv(fits_path, rows)
     if args.report:
@@ -139,10 +139,10 @@ def _write_frames_csv(fits_path: Path, rows: Sequence[Any]) -> Path:
 
 
 def _stack_outputs(out: Path, image_format: str, stem: str = "stack") -> tuple[Path, Path]:
-    suffix = ".jpg" if image_format == "jpeg" else ".png"
-    if out.name.lower().endswith(_FITS_OUT):
-        return out, out.with_suffix(suffix)
-    return out / f"{stem}.fits", out / f"{stem}{suffix}"
+    from livestack.stages.snapshot import picture_suffix
+
+    fits_path = out if out.name.lower().endswith(_FITS_OUT) else out / f"{stem}.fits"
+    return fits_path, fits_path.with_suffix(picture_suffix(image_format))
 
 
 _REPORT_COLUMNS = ("file", "verdict", "reason", "m00", "m01", "m02", "m10", "m11", "m12", "rotation_deg",
@@ -174,7 +174,7 @@ def _cmd_restack(args: argparse.Namespace) -> int:
     from livestack.live import ledger
     from livestack.live.state import content_hash, read_journal, removed_seqs
     from livestack.pipeline import Stacker
-    from livestack.stages.snapshot import write_fits, write_preview
+    from livestack.stages.snapshot import write_snapshot
 
     state = Path(args.state_dir)
     journal = state / "journal.jsonl"
@@ -228,8 +228,8 @@ def _cmd_restack(args: argparse.Namespace) -> int:
         if image is None or stacker.count == 0:
             print("livestack: no frame could be stacked; nothing written", file=sys.stderr)
             return 1
-        write_fits(fits_path, image, replace(stacker.info(), frames=rows))
-        write_preview(image_path, image, flatten=config.output.flatten_background)
+        write_snapshot(fits_path, image, replace(stacker.info(), frames=rows),
+                       image_format=config.output.image_format, flatten=config.output.flatten_background)
         if args.frames_csv or config.output.frames_csv:
             _write_frames_csv(fits_path, rows)
     print(f"{stacker.count} of {len(accepted)} frames of session {session} stacked again "

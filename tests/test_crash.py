@@ -164,7 +164,7 @@ def _recover_and_finish(config: Config, frames: list[Path], journaled: int) -> t
     daemon = Daemon(config)
     daemon._recover()
     try:
-        assert daemon._seq == journaled
+        assert daemon._outputs.seq == journaled
         for path in frames[journaled:]:
             daemon.stacker.process(path)
         image = daemon.stacker.result()
@@ -258,12 +258,13 @@ def test_recovery_after_a_reset_continues_the_new_session_even_with_nothing_acce
     daemon = Daemon(config)
     daemon._recover()
     try:
-        assert daemon._session == 2
+        assert daemon.stacks.session == 2
         assert daemon.stacker.count == 0
         assert daemon._journal is not None
         result = daemon.stacker.process(frames[5])
         assert result.accepted
-        daemon._journal.append(_entry(daemon._seq + 1, frames[5], result, session=daemon._session))
+        daemon._journal.append(_entry(daemon._outputs.seq + 1, frames[5], result,
+                                      session=daemon.stacks.session))
     finally:
         assert daemon._journal is not None
         daemon._journal.close()

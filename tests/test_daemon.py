@@ -731,9 +731,9 @@ def test_a_frame_read_ahead_waits_for_commands_and_a_pause(tmp_path: Path, stage
             place(path, watch)
         wait_until(lambda: daemon.status()["queue"] == 3, "three frames queued")
         assert control.request("resume")["ok"]
-        wait_until(lambda: daemon._ahead is not None and daemon._ahead.front.done(),
+        wait_until(lambda: daemon._worker.ahead is not None and daemon._worker.ahead.front.done(),
                    "the second frame read ahead while the first is held")
-        assert daemon._ahead is not None and daemon._ahead.item.path.name == staged[1].name
+        assert daemon._worker.ahead is not None and daemon._worker.ahead.item.path.name == staged[1].name
         assert daemon.status()["queue"] == 2  # read, not stacked: still waiting
         assert control.request("pause")["ok"]
 
@@ -747,7 +747,8 @@ def test_a_frame_read_ahead_waits_for_commands_and_a_pause(tmp_path: Path, stage
         gate.set()
         resetter.join(WAIT)
         assert replies == [{"ok": True, "result": {"session": 2}}]
-        wait_until(lambda: daemon._ahead is None and daemon.status()["queue"] == 2, "the frame put back")
+        wait_until(lambda: daemon._worker.ahead is None and daemon.status()["queue"] == 2,
+                   "the frame put back")
         assert daemon.stacker.count == 0 and daemon.stats.received == 1
         assert control.request("resume")["ok"]
         recorder.wait_for(decided(3), "all three frames")

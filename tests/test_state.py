@@ -476,13 +476,13 @@ if death == "journal":
         return real_write(fd, data)
     os.write = torn_write
 elif death == "manifest":
-    real_atomic, saves = state._atomic_write, [0]
-    def dying_atomic(path, data):
+    real_atomic, saves = state.atomic_write, [0]
+    def dying_atomic(path, data, *mode):
         saves[0] += 1
         if saves[0] > allowed:
             die()
-        real_atomic(path, data)
-    state._atomic_write = dying_atomic
+        real_atomic(path, data, *mode)
+    state.atomic_write = dying_atomic
 
 def add(acc, pixels):
     acc["sum"] += pixels[1:].reshape(shape)

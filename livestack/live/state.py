@@ -65,7 +65,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,11 +75,13 @@ from typing import Any, Literal, Self
 
 import numpy as np
 
+from livestack.atomic import TMP_SUFFIX, atomic_file, atomic_write, fsync_dir
 from livestack.errors import StateError
 
 __all__ = [
     "CHECKPOINTS_KEPT",
     "HASH_BLOCK",
+    "STATE_FILE_MODE",
     "Checkpoint",
     "CheckpointStore",
     "Journal",
@@ -98,6 +99,10 @@ __all__ = [
 #: stay in cache. 1 MiB and 4 MiB measure the same (about 0.06 s for 50 MB on the reference machine).
 HASH_BLOCK = 1 << 20
 
+#: Mode bits of the journal and checkpoints: they name the observer's files and hold the stack, for the
+#: daemon's user only.
+STATE_FILE_MODE = 0o600
+
 #: Checkpoints kept on disk: the newest and one to fall back to if the newest is found damaged.
 CHECKPOINTS_KEPT = 2
 
@@ -110,7 +115,6 @@ _DIGEST_BYTES = 16
 _VERDICTS: tuple[str, ...] = ("accepted", "rejected")
 _MANIFEST = re.compile(r"^ckpt-(\d+)\.json$")
 _ARRAYS = re.compile(r"^ckpt-(\d+)\.npz$")
-_TMP_SUFFIX = ".tmp"
 
 _log = logging.getLogger(__name__)
 
@@ -605,7 +609,8 @@ class Journal:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             created = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                         STATE_FILE_MODE)
         except OSError as exc:
             raise StateError(f"Cannot open the journal {self.path}: {exc.strerror or exc}.") from exc
         try:
@@ -614,7 +619,7 @@ class Journal:
             except BlockingIOError as exc:
                 raise StateError(f"The journal {self.path} is in use by another livestack process.") from exc
             if created:
-                _fsync_dir(self.path.parent)  # the file's name must survive a crash too
+                fsync_dir(self.path.parent)  # the file's name must survive a crash too
             self._load(fd)
         except BaseException:
             os.close(fd)
@@ -819,7 +824,8 @@ class CheckpointStore:
                 "layout": {name: [a.dtype.str, list(a.shape)] for name, a in checked.items()},
                 "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             }
-            _atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+            atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"),
+                         STATE_FILE_MODE)
         except OSError as exc:
             raise StateError(f"Cannot write checkpoint {manifest_path}: {exc.strerror or exc}.") from exc
         try:
@@ -955,7 +961,7 @@ class CheckpointStore:
     def _remove_stale_temporaries(self) -> None:
         # Left by a crash in the middle of a save; nobody else writes here (see Notes).
         for name in os.listdir(self.directory):
-            if name.startswith(".ckpt-") and name.endswith(_TMP_SUFFIX):
+            if name.startswith(".ckpt-") and name.endswith(TMP_SUFFIX):
                 _remove(self.directory / name)
 
 
@@ -1107,44 +1113,11 @@ def _read_all(fd: int) -> bytes:
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     # The same container as np.savez (readable by np.load) but built by hand: np.savez's own keyword
     # arguments ("file", "allow_pickle") would collide with arrays of those names.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-                for name, array in arrays.items():
-                    with archive.open(f"{name}.npy", mode="w", force_zip64=True) as member:
-                        np.lib.format.write_array(member, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(Path(tmp))
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # The same steps as snapshot.atomic_write (temporary name, fsync, os.replace, fsync of the folder),
-    # kept here so that the daemon's memory does not import an output stage and its cv2/astropy.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(Path(tmp))
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with (atomic_file(path, STATE_FILE_MODE) as fh,
+          zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive):
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
 
 
 def _remove(path: Path) -> None:

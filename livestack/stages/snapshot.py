@@ -3,7 +3,11 @@
 Public API:
 
 - ``StackInfo``: frozen facts about a stack that go into the FITS header.
-- ``atomic_write(path, data: bytes)``: temporary name in the same folder, fsync, ``os.replace``.
+- ``write_snapshot(fits_path, image, info, image_format=..., flatten=..., history=...)``: the one writer
+  of a stack snapshot, for the daemon and ``livestack stack``: FITS plus picture (``picture_suffix``), and
+  numbered copies under ``history/`` when asked.
+- ``atomic_write(path, data: bytes)``: re-exported from ``livestack.atomic`` (temporary name in the same
+  folder, fsync, ``os.replace``).
 - ``write_fits(path, image, info)``: float32; colour ``(H, W, 3)`` becomes a 3-plane cube ``(3, H, W)``; the
   ``FRAMES`` provenance table (``stages.provenance``) follows when ``info.frames`` is given.
 - ``stretch(image, surface=False) -> ndarray``: auto-stretched uint8 ``(H, W)`` or ``(H, W, 3)``
@@ -32,11 +36,8 @@ The surface stretch (``surface=True``, for the Moon, the Sun and planets)
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,12 +49,14 @@ import sep
 from astropy.io import fits
 
 from livestack import __version__
+from livestack.atomic import atomic_write
 from livestack.stages.provenance import FrameRow, frames_hdu
 
 __all__ = ["FLATTEN_MESH", "JPEG_QUALITY", "PNG_COMPRESSION", "SHADOWS_SIGMA", "STAT_SAMPLES",
            "SURFACE_BLACK", "SURFACE_GAMMA", "SURFACE_HEADROOM", "SURFACE_WHITE", "TARGET_BACKGROUND",
-           "StackInfo", "atomic_write", "encode_image", "flatten_background", "preview_array",
-           "preview_bytes", "stretch", "write_composite", "write_fits", "write_preview"]
+           "SnapshotFiles", "StackInfo", "atomic_write", "encode_image", "flatten_background",
+           "picture_suffix", "preview_array", "preview_bytes", "stretch", "write_composite", "write_fits",
+           "write_preview", "write_snapshot"]
 
 #: Where the sky lands after the stretch, as a fraction of full scale (people like 0.1 to 0.25).
 TARGET_BACKGROUND: float = 0.20
@@ -120,42 +123,76 @@ class StackInfo:
     cards: tuple[tuple[str, Any, str], ...] = ()
 
 
-def atomic_write(path: str | Path, data: bytes | bytearray | memoryview) -> None:
-    """Write a file so that readers see either the old file or the whole new one, never a part.
+@dataclass(frozen=True)
+class SnapshotFiles:
+    """Where a snapshot went: the FITS file and the picture beside it."""
 
-    The bytes go to a hidden temporary file in the same folder (``.<name>.<random>.tmp``, a name that
-    folder watchers ignore), are flushed and fsynced, then renamed over ``path`` with ``os.replace``;
-    finally the folder is fsynced so the rename survives a power cut.
+    fits: Path
+    picture: Path
+
+
+def picture_suffix(image_format: str) -> str:
+    """The picture's file suffix for an ``[output] image_format`` (``"jpeg"`` or ``"png"``).
 
     Parameters
     ----------
-    path : str or Path
-        The file to create or replace.
-    data : bytes-like
-        The whole content.
+    image_format : {"jpeg", "png"}
+
+    Returns
+    -------
+    str
+        ``".jpg"`` or ``".png"``.
+    """
+    return ".jpg" if image_format == "jpeg" else ".png"
+
+
+def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *, image_format: str = "jpeg",
+                   flatten: bool = False, history: bool = False, surface: bool = False) -> SnapshotFiles:
+    """Write a stack snapshot: the FITS file, then the picture beside it (same name, picture suffix).
+
+    Each file appears whole (``atomic_write``); a failure leaves the previous snapshot's files as they
+    were. This is the only place a stack snapshot is written, by the daemon and by ``livestack stack``.
+
+    Parameters
+    ----------
+    fits_path : str or Path
+        The FITS file (``stack.fits``); its folder must exist.
+    image : ndarray
+        The stack, ``(H, W)`` or ``(H, W, 3)``, NaN where no frame covered.
+    info : StackInfo
+    image_format : {"jpeg", "png"}
+        The picture's format.
+    flatten : bool
+        Remove sky gradients from the picture (never from the FITS file); ignored for a surface.
+    history : bool
+        Also keep numbered copies, ``history/<stem>-<NCOMBINE:04d>.fits`` and picture, beside the FITS file.
+    surface : bool
+        Stretch the picture as a bright surface (Moon, Sun, planets; see ``stretch``).
+
+    Returns
+    -------
+    SnapshotFiles
+        The FITS file and picture written (not the history copies).
 
     Raises
     ------
     OSError
-        When the folder is not writable or the disk is full; the temporary file is removed and an
-        existing ``path`` is left as it was.
+        When a file cannot be written (disk full, permissions).
     """
-    path = Path(path)
-    folder = path.parent
-    mode = _mode_for(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(folder)
+    fits_path = Path(fits_path)
+    picture = fits_path.with_suffix(picture_suffix(image_format))
+    flat = flatten and not surface
+    picture_bytes = encode_image(stretch(flatten_background(image) if flat else image, surface),
+                                 picture.suffix)
+    write_fits(fits_path, image, info)
+    atomic_write(picture, picture_bytes)
+    if history:
+        folder = fits_path.parent / "history"
+        folder.mkdir(exist_ok=True)
+        stem = f"{fits_path.stem}-{info.ncombine:04d}"
+        write_fits(folder / f"{stem}.fits", image, info)
+        atomic_write(folder / f"{stem}{picture.suffix}", picture_bytes)
+    return SnapshotFiles(fits_path, picture)
 
 
 def write_fits(path: str | Path, image: np.ndarray, info: StackInfo) -> None:
@@ -497,26 +534,6 @@ _TIME_KEYS = frozenset({"DATE-OBS", "DATE-END", "DATE-BEG", "DATE-AVG", "MJD-OBS
 
 #: Converts a median absolute deviation into the sigma of a Gaussian.
 _MAD_TO_SIGMA = 1.4826
-
-#: Mode bits of a new file (rw-r--r--): previews and stacks are read by viewers and web servers.
-_NEW_FILE_MODE = 0o644
-
-
-def _mode_for(path: Path) -> int:
-    """Keep the mode of the file being replaced; a new file gets ``_NEW_FILE_MODE``."""
-    try:
-        return path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        return _NEW_FILE_MODE
-
-
-def _fsync_directory(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _fits_time(moment: datetime) -> str:
     if moment.tzinfo is not None:

@@ -1,0 +1,308 @@
+"""The frame worker: takes frames and commands from the inbox, in order, and is the only thread that stacks.
+
+Per frame: stat and hash the file, skip it if its content was judged before (the journal's memory), read it
+and find its stars (``Stacker.prepare``, ahead of time on the read-ahead thread when frames are waiting),
+then align, warp and accumulate it (``Stacker.commit``), journal the verdict (fsync), and publish it. The
+worker owns everything here: the inbox's frame taken early, the journal's memory of judged frames, the
+counters, and the stack's changes (through ``Stacks``, whose lock lets the writer read it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from livestack import events
+from livestack.config import Config
+from livestack.errors import LivestackError
+from livestack.live.inbox import Command, Inbox, Queued
+from livestack.live.recovery import Resumed
+from livestack.live.reports import frame_event, journal_entry
+from livestack.live.stacks import Stacks
+from livestack.live.state import Journal, content_hash
+from livestack.live.writer import Outputs
+from livestack.pipeline import REJECTED, FrameResult, Prepared, Stacker
+
+__all__ = ["DaemonStats", "Worker"]
+
+log = logging.getLogger("livestack.live.worker")
+
+
+@dataclass
+class DaemonStats:
+    """Counters the daemon publishes (changed by the worker only; read by others)."""
+
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    #: Frames stacked (or rejected) whose read and star search ran ahead, on the read-ahead thread.
+    read_ahead: int = 0
+    last_latency: float | None = None
+    latencies: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Front:
+    """The first half of a frame's work, which can run ahead: its file's identity, content and stars.
+
+    ``st`` is None when the file disappeared; ``digest`` is None when (path, size, mtime) was known, and
+    ``prepared`` None when the frame was known or a duplicate when this was computed (the worker decides
+    again when it commits the frame: the frame before it may have had the same content).
+    """
+
+    st: os.stat_result | None
+    digest: str | None = None
+    prepared: Prepared | FrameResult | None = None
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A frame taken from the inbox early, its first half under way on the read-ahead thread."""
+
+    item: Queued
+    front: Future[_Front]
+
+
+class Worker:
+    """The worker thread's state and loop.
+
+    Parameters
+    ----------
+    config : Config
+    inbox : Inbox
+    stacks : Stacks
+    outputs : Outputs
+    journal : Journal
+    memory : Resumed
+        What the journal says about frames already judged; the worker owns it from now on.
+    emit : callable
+        Queues an event for publication.
+    stop : threading.Event
+        Set when the daemon is asked to stop: the worker finishes the frame in hand and returns.
+    """
+
+    def __init__(self, config: Config, inbox: Inbox, stacks: Stacks, outputs: Outputs, journal: Journal,
+                 memory: Resumed, emit: Callable[[events.Event], None], stop: threading.Event) -> None:
+        self.config = config
+        self.inbox = inbox
+        self.stacks = stacks
+        self.outputs = outputs
+        self.journal = journal
+        self.emit = emit
+        self._stop = stop
+        self._known = memory.known
+        self._hashes = memory.hashes
+        self.stats = DaemonStats(received=memory.received, accepted=memory.accepted, rejected=memory.rejected)
+        #: "waiting" or "running"; read by ``status``.
+        self.state = "waiting"
+        #: time.monotonic() of the loop's last turn, and of the start of the frame in hand (None between).
+        self.heartbeat = time.monotonic()
+        self.busy_since: float | None = None
+        # Reads the next frame while this one is stacked (its thread starts with the first job).
+        self._readahead = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, initializer=_name_thread, initargs=("livestack-readahead",))
+        #: The frame taken early; only the worker touches it.
+        self.ahead: Ahead | None = None
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Take frames and commands in order; with a backlog, the next frame is read while this one stacks.
+
+        A frame taken early (``ahead``) is the next in observation order when it is taken: a frame arriving
+        afterwards with an earlier DATE-OBS comes after it, as it would if it arrived while that frame was
+        being stacked. Commands waiting go before it (a reset or a new reference: it is stacked into the new
+        session; its first half does not depend on the stack). A pause puts it back into the inbox, its
+        read dropped: it is read again after the resume, in order among whatever arrived meanwhile. A stop
+        leaves it unstacked and unjournaled, to be found again by the next start's scan.
+        """
+        while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
+            ahead = self.ahead
+            front: Future[_Front] | None = None
+            if ahead is not None:
+                command = self.inbox.get_command()
+                if command is not None:
+                    self._run_command(command)
+                    continue
+                self.ahead = None
+                if self.inbox.paused:
+                    ahead.front.cancel()
+                    self.inbox.put_back(ahead.item)
+                    continue
+                self.inbox.release_ahead()
+                item, front = ahead.item, ahead.front
+            else:
+                got = self.inbox.get(0.5)
+                if got is None:
+                    self.outputs.maybe_checkpoint(idle=True)
+                    continue
+                if isinstance(got, Command):
+                    self._run_command(got)
+                    continue
+                item = got
+            self.busy_since = time.monotonic()
+            try:
+                self._take(item, front)
+            except (OSError, LivestackError) as exc:
+                log.error("%s could not be processed: %s", item.path, exc)
+            finally:
+                self.busy_since = None
+        self.outputs.final()
+
+    def close(self) -> None:
+        """After the thread ended: drop a frame read ahead (not journaled: the next start finds it again)."""
+        self._readahead.shutdown(wait=True, cancel_futures=True)
+        self.ahead = None
+
+    # -- one frame ------------------------------------------------------------------------------------
+
+    def _front(self, item: Queued, stacker: Stacker) -> _Front:
+        """Stat, hash and prepare a frame unless it is known or a duplicate by now (any thread).
+
+        On the read-ahead thread this reads ``_known`` and ``_hashes`` while the worker may add to them
+        (single lookups, safe); it only skips work, the worker checks again before stacking.
+        """
+        try:
+            st = item.path.stat()
+        except FileNotFoundError:
+            return _Front(None)
+        if (str(item.path), st.st_size, st.st_mtime_ns) in self._known:
+            return _Front(st)
+        digest = content_hash(item.path)
+        if digest in self._hashes:
+            return _Front(st, digest)
+        return _Front(st, digest, self._prepare(item, stacker))
+
+    def _read_ahead(self) -> None:
+        """Take the next waiting frame, if any, and start its first half on the read-ahead thread."""
+        if self.ahead is not None or self._stop.is_set():
+            return
+        item = self.inbox.take_ahead()
+        if item is not None:
+            self.ahead = Ahead(item, self._readahead.submit(self._front, item, self.stacks.stacker))
+
+    def _take(self, item: Queued, front: Future[_Front] | None = None) -> None:
+        path = item.path
+        first = front.result() if front is not None else self._front(item, self.stacks.stacker)
+        st = first.st
+        if st is None:
+            log.warning("%s disappeared before it could be stacked", path)
+            return
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key in self._known:
+            return
+        digest = first.digest if first.digest is not None else content_hash(path)
+        if digest in self._hashes:  # again: the frame just before this one may have had its content
+            self.stats.duplicates += 1
+            log.info("%s has the content of a frame already seen; counted once", path.name)
+            self._known[key] = digest
+            return
+        self.state = "running"
+        self.stats.received += 1
+        seq = self.outputs.seq + 1
+        self.emit(frame_event(seq, path, "received", None, None, self.stacks.session))
+        prepared = first.prepared
+        if prepared is None:
+            prepared = self._prepare(item, self.stacks.stacker)
+        elif front is not None:
+            self.stats.read_ahead += 1
+        # While this frame is aligned, warped and accumulated (which release the GIL), read the next one.
+        self._read_ahead()
+        if isinstance(prepared, Prepared):
+            self._maybe_new_session(prepared)
+        with self.stacks.lock:
+            result = self.stacks.stacker.commit(prepared)
+        self.outputs.seq = seq
+        self.journal.append(journal_entry(seq, path, st, digest, result, self.stacks.session,
+                                          time.time() - item.completed))
+        self._known[key] = digest
+        self._hashes.add(digest)
+        if result.accepted:
+            self.stats.accepted += 1
+        else:
+            self.stats.rejected += 1
+        self.stacks.changed()
+        latency = time.time() - item.completed
+        self.stats.last_latency = latency
+        self.stats.latencies.append(latency)
+        self.emit(frame_event(seq, path, result.verdict, result, latency, self.stacks.session))
+        if result.accepted:
+            self.outputs.stacked()
+        self.outputs.maybe_checkpoint(idle=False)
+        depth, _ = self.inbox.depth_and_lag()
+        if depth == 0:
+            self.state = "waiting"
+
+    def _prepare(self, item: Queued, stacker: Stacker) -> Prepared | FrameResult:
+        """Read a frame and find its stars; anything wrong with the file rejects it with a reason.
+
+        Any thread: ``Stacker.prepare`` uses only the configuration, never the stack.
+        """
+        if item.problem is not None:
+            return FrameResult(str(item.path), REJECTED, item.problem, None, None, None, MappingProxyType({}))
+        try:
+            return stacker.prepare(item.path)
+        except Exception as exc:
+            # A file the reader or the star finder chokes on is a bad frame, not the end of the worker
+            # (which would stop stacking for good, and again after every restart).
+            log.error("%s could not be read: %s", item.path, exc, exc_info=True)
+            reason = " ".join(f"{item.path} cannot be read ({type(exc).__name__}: {exc})".split())
+            return FrameResult(str(item.path), REJECTED, reason, None, None, None, MappingProxyType({}))
+
+    # -- sessions and commands ------------------------------------------------------------------------
+
+    def _maybe_new_session(self, prepared: Prepared) -> None:
+        stacker = self.stacks.stacker
+        ref = stacker.reference_meta
+        obj = prepared.frame.meta.object
+        if (self.config.stack.new_session_on_object and ref is not None and stacker.count > 0
+                and obj and ref.object and obj.strip().lower() != ref.object.strip().lower()):
+            log.warning("OBJECT changed from %s to %s: starting a new stack", ref.object, obj)
+            self._new_session(None)
+
+    def _run_command(self, command: Command) -> None:
+        try:
+            if command.name == "reset":
+                self._new_session(None)
+                command.future.set_result({"session": self.stacks.session})
+            elif command.name == "set_reference":
+                path = Path(command.args["path"])
+                self._new_session(path)
+                command.future.set_result({"session": self.stacks.session, "reference": str(path)})
+            else:
+                command.future.set_exception(LivestackError(f"unknown command {command.name}"))
+        except LivestackError as exc:
+            command.future.set_exception(exc)
+
+    def _new_session(self, reference: Path | None) -> None:
+        """Close the current stack (final snapshot) and start an empty one."""
+        session = self.stacks.session + 1
+        fresh = self.stacks.new_stacker(session)
+        if reference is not None:
+            problem = fresh.use_reference(reference)
+            if problem:
+                raise LivestackError(f"{reference} cannot be the reference: {problem}")
+        if self.stacks.stacker.count > 0:
+            self.outputs.queue_snapshot("session end")
+        old = self.stacks.swap(fresh, session)
+        self.outputs.session_started()
+        self.outputs.checkpoint()
+        # After the old stack's last snapshot and the new session's checkpoint (the writer runs jobs in
+        # order): the old median cube is no longer needed by anything.
+        self.outputs.writer.submit(old.discard)
+        self.outputs.stack_event()
+        log.info("session %d started%s", session, f" with reference {reference}" if reference else "")
+
+
+def _name_thread(name: str) -> None:
+    threading.current_thread().name = name

@@ -1,0 +1,218 @@
+"""Snapshots, previews and checkpoints: decided on the worker thread, computed and written on the writer's.
+
+- ``Writer``: the writer thread; runs jobs in the order they were queued, so a session's last snapshot and
+  the next session's first checkpoint land in order. A job's failure is logged, never the end of the thread.
+- ``Outputs``: owned by the worker; counts frames and seconds since the last snapshot and checkpoint, copies
+  what must be consistent with the journal (a checkpoint's arrays) while it holds the stack, and queues the
+  rest (stacking the snapshot, stretching the preview) for the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from livestack import events
+from livestack.config import Config
+from livestack.errors import LivestackError
+from livestack.live.reports import stack_event
+from livestack.live.stacks import Stacks
+from livestack.live.state import CheckpointStore
+from livestack.pipeline import Stacker
+from livestack.stages.snapshot import preview_array, write_snapshot
+
+__all__ = ["EMPTY_STACK", "Outputs", "Writer"]
+
+log = logging.getLogger("livestack.live.writer")
+
+#: What a checkpoint of an empty stack holds (the store wants at least one array; ``meta`` says empty).
+EMPTY_STACK = {"empty": np.zeros(1, dtype=np.uint8)}
+
+Job = Callable[[], object]
+
+
+class Writer:
+    """The writer thread: runs queued jobs one after the other until ``close``."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (any thread)."""
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        """Let the thread finish the jobs queued so far, then return."""
+        self._jobs.put(None)
+
+    def run(self) -> None:
+        """The thread's body."""
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except LivestackError as exc:
+                log.warning("%s", exc)
+            except OSError as exc:
+                log.error("could not write to disk: %s", exc)
+            except ValueError as exc:
+                log.error("a snapshot or checkpoint failed: %s", exc, exc_info=True)
+
+
+class Outputs:
+    """When to snapshot and checkpoint, and the jobs that do it; used by the worker thread only.
+
+    Parameters
+    ----------
+    config : Config
+    stacks : Stacks
+    store : CheckpointStore
+    writer : Writer
+    emit : callable
+        Queues an event for publication.
+    """
+
+    def __init__(self, config: Config, stacks: Stacks, store: CheckpointStore, writer: Writer,
+                 emit: Callable[[events.Event], None]) -> None:
+        self.config = config
+        self.stacks = stacks
+        self.store = store
+        self.writer = writer
+        self.emit = emit
+        #: The journal seq of the last frame decided (checkpoints are taken as of it).
+        self.seq = 0
+        #: Session 1, empty, is where a fresh state folder starts anyway.
+        self.checkpointed_session = 1
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        self._last_preview = 0.0
+
+    # -- after each frame -----------------------------------------------------------------------------
+
+    def stacked(self) -> None:
+        """A frame was added: publish the stack, snapshot and checkpoint when due."""
+        self._since_snapshot += 1
+        self._since_checkpoint += 1
+        self.stack_event()
+        self.maybe_snapshot()
+
+    def maybe_snapshot(self) -> None:
+        o = self.config.output
+        due_frames = o.every_frames > 0 and self._since_snapshot >= o.every_frames
+        due_time = o.every_seconds > 0 and time.monotonic() - self._last_snapshot >= o.every_seconds
+        if due_frames or due_time:
+            self.queue_snapshot("interval")
+
+    def maybe_checkpoint(self, idle: bool) -> None:
+        s = self.config.state
+        if self._since_checkpoint == 0:
+            return
+        if (self._since_checkpoint >= s.checkpoint_every_frames
+                or time.monotonic() - self._last_checkpoint >= s.checkpoint_every_seconds or idle):
+            self.checkpoint()
+
+    # -- snapshots ------------------------------------------------------------------------------------
+
+    def queue_snapshot(self, reason: str) -> None:
+        """Snapshot the current stack on the writer thread (even if the worker swaps it meanwhile)."""
+        self._since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        stacker, session = self.stacks.stacker, self.stacks.session
+        self.writer.submit(lambda: self.write_snapshot(reason, stacker, session))
+
+    def session_started(self) -> None:
+        self._since_snapshot = 0
+
+    def write_snapshot(self, reason: str, stacker: Stacker | None = None,
+                       session: int | None = None) -> dict[str, Any]:
+        """Writer thread: take the stack under the lock, write FITS and picture outside it."""
+        if stacker is None or session is None:
+            with self.stacks.lock:  # the worker swaps the stacker and the session together under it
+                stacker, session = self.stacks.stacker, self.stacks.session
+        view = self.stacks.view(stacker, session, image=True)
+        info = view.info
+        if view.image is None or info.ncombine == 0:
+            raise LivestackError("the stack is empty: nothing to snapshot yet")
+        folder = self.stacks.folder(stacker)
+        folder.mkdir(parents=True, exist_ok=True)
+        o = self.config.output
+        files = write_snapshot(folder / "stack.fits", view.image, info, image_format=o.image_format,
+                               flatten=o.flatten_background, history=o.history,
+                               surface=stacker.path == "surface")
+        self.emit(events.make_event("snapshot", fits=str(files.fits), image=str(files.picture),
+                                    frames=info.ncombine, session=view.session, reason=reason))
+        return {"fits": str(files.fits), "image": str(files.picture), "frames": info.ncombine}
+
+    def requested_snapshot(self, future: Future[dict[str, Any]]) -> None:
+        """Writer thread: a snapshot for a control request; a failure is the reply, not a lost request."""
+        try:
+            future.set_result(self.write_snapshot("request"))
+        except (LivestackError, OSError) as exc:
+            future.set_exception(exc)
+
+    # -- stack events ---------------------------------------------------------------------------------
+
+    def stack_event(self) -> None:
+        """Publish the stack: at once without a preview, or with one from the writer every so often."""
+        interval = self.config.network.preview_interval
+        now = time.monotonic()
+        stacker, session = self.stacks.stacker, self.stacks.session
+        if interval > 0 and stacker.count > 0 and now - self._last_preview >= interval:
+            self._last_preview = now
+            self.writer.submit(lambda: self._preview_event(stacker, session))
+        else:
+            self.emit(stack_event(self.stacks.view(stacker, session)))
+
+    def _preview_event(self, stacker: Stacker, session: int) -> None:
+        """Writer thread: the stack event with its preview, counts and picture from one view."""
+        view = self.stacks.view(stacker, session, image=True)
+        preview = snr = None
+        if view.image is not None:
+            preview = preview_array(view.image, max_side=self.config.network.preview_size,
+                                    flatten=self.config.output.flatten_background)
+            snr = stacker.snr(view.image)
+        self.emit(stack_event(view, preview, snr))
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Copy the stack's state now (consistent with the journal) and let the writer save it."""
+        with self.stacks.lock:
+            arrays, meta = self.stacks.stacker.checkpoint()  # copies of the accumulators' arrays
+        session = self.stacks.session
+        meta = {**meta, "session": session}
+        seq, store = self.seq, self.store
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        if not arrays:
+            if session == self.checkpointed_session:
+                return  # an empty stack, and its session is on disk already: nothing the journal lacks
+            # A new, still empty session (a reset): record it, or a restart would resume the old stack.
+            arrays = EMPTY_STACK
+        self.checkpointed_session = session
+        self.writer.submit(lambda: store.save(seq, session, arrays, meta))
+
+    def checkpoint_now(self) -> None:
+        """Save a checkpoint on this thread (after recovery, before any other thread runs)."""
+        arrays, meta = self.stacks.stacker.checkpoint()
+        session = self.stacks.session
+        self.store.save(self.seq, session, arrays or EMPTY_STACK, {**meta, "session": session})
+        self.checkpointed_session = session
+
+    def final(self) -> None:
+        """At the worker's end: the last checkpoint and snapshot."""
+        self.checkpoint()
+        if self.stacks.stacker.count > 0:
+            self.queue_snapshot("shutdown")
+
+
