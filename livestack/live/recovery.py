@@ -120,9 +120,10 @@ def _remove_orphan_cubes(config: Config, stacks: Stacks, checkpointed: bool) -> 
     # A crash before the session's first checkpoint leaves a median cube that nothing names: its frames
     # were just stacked again into a new cube. Left alone, each such crash costs the disk up to
     # checkpoint_every_frames frames.
-    current = stacks.stacker.checkpoint()[1].get("acc_text", {}).get("cube")
+    meta = stacks.stacker.checkpoint()[1]
+    current = {f.get("acc_text", {}).get("cube") for f in meta.get("filters", ())}
     for stray in workdir.glob("median-*.cube"):
-        if stray.name != current:
+        if stray.name not in current:
             try:
                 stray.unlink()
             except OSError as exc:

@@ -220,22 +220,24 @@ class Worker:
         self._read_ahead()
         if isinstance(prepared, Prepared):
             self._maybe_new_session(prepared)
+        # The frame's verdict is journaled and published before the lock lets the writer see the stack with
+        # it: a snapshot or a preview never counts a frame whose event has not gone out.
         with self.stacks.lock:
             result = self.stacks.stacker.commit(prepared)
-        self.outputs.seq = seq
-        self.journal.append(journal_entry(seq, path, st, digest, result, self.stacks.session,
-                                          time.time() - item.completed))
-        self._known[key] = digest
-        self._hashes.add(digest)
-        if result.accepted:
-            self.stats.accepted += 1
-        else:
-            self.stats.rejected += 1
+            self.outputs.seq = seq
+            self.journal.append(journal_entry(seq, path, st, digest, result, self.stacks.session,
+                                              time.time() - item.completed))
+            self._known[key] = digest
+            self._hashes.add(digest)
+            if result.accepted:
+                self.stats.accepted += 1
+            else:
+                self.stats.rejected += 1
+            latency = time.time() - item.completed
+            self.stats.last_latency = latency
+            self.stats.latencies.append(latency)
+            self.emit(frame_event(seq, path, result.verdict, result, latency, self.stacks.session))
         self.stacks.changed()
-        latency = time.time() - item.completed
-        self.stats.last_latency = latency
-        self.stats.latencies.append(latency)
-        self.emit(frame_event(seq, path, result.verdict, result, latency, self.stacks.session))
         if result.accepted:
             self.outputs.stacked()
         self.outputs.maybe_checkpoint(idle=False)

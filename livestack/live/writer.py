@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -96,6 +97,9 @@ class Outputs:
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
         self._last_preview = 0.0
+        # Stack events queued on the writer and not yet published (the worker adds, the writer subtracts).
+        self._routed = 0
+        self._routed_lock = threading.Lock()
 
     # -- after each frame -----------------------------------------------------------------------------
 
@@ -163,25 +167,40 @@ class Outputs:
     # -- stack events ---------------------------------------------------------------------------------
 
     def stack_event(self) -> None:
-        """Publish the stack: at once without a preview, or with one from the writer every so often."""
+        """Publish the stack: at once without a preview, or with one from the writer every so often.
+
+        While a preview is on its way, later stack events go through the writer too (cheap jobs, no
+        picture): the writer runs jobs in order and takes each view after the last, so subscribers see the
+        counts of a session only grow.
+        """
         interval = self.config.network.preview_interval
         now = time.monotonic()
         stacker, session = self.stacks.stacker, self.stacks.session
-        if interval > 0 and stacker.count > 0 and now - self._last_preview >= interval:
+        preview = interval > 0 and stacker.count > 0 and now - self._last_preview >= interval
+        if preview:
             self._last_preview = now
-            self.writer.submit(lambda: self._preview_event(stacker, session))
+        with self._routed_lock:
+            routed = preview or self._routed > 0
+            if routed:
+                self._routed += 1
+        if routed:
+            self.writer.submit(lambda: self._routed_event(stacker, session, preview))
         else:
             self.emit(stack_event(self.stacks.view(stacker, session)))
 
-    def _preview_event(self, stacker: Stacker, session: int) -> None:
-        """Writer thread: the stack event with its preview, counts and picture from one view."""
-        view = self.stacks.view(stacker, session, image=True)
-        preview = snr = None
-        if view.image is not None:
-            preview = preview_array(view.image, max_side=self.config.network.preview_size,
-                                    flatten=self.config.output.flatten_background)
-            snr = stacker.snr(view.image)
-        self.emit(stack_event(view, preview, snr))
+    def _routed_event(self, stacker: Stacker, session: int, with_preview: bool) -> None:
+        """Writer thread: a stack event (with its preview when asked), counts and picture from one view."""
+        try:
+            view = self.stacks.view(stacker, session, image=with_preview)
+            preview = snr = None
+            if view.image is not None:
+                preview = preview_array(view.image, max_side=self.config.network.preview_size,
+                                        flatten=self.config.output.flatten_background)
+                snr = stacker.snr(view.image)
+            self.emit(stack_event(view, preview, snr))
+        finally:
+            with self._routed_lock:
+                self._routed -= 1
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
