@@ -244,7 +244,8 @@ def test_the_daemon_switches_to_the_surface_when_the_object_becomes_the_moon(tmp
     config = Config(base=tmp_path).with_overrides({
         "watch.folder": str(watch), "output.folder": str(tmp_path / "out"), "watch.settle": 0.3,
         "watch.poll_interval": 0.1, "network.publish": "tcp://127.0.0.1:*",
-        "network.control": "tcp://127.0.0.1:*", "output.image_format": "png"})
+        "network.control": "tcp://127.0.0.1:*", "output.image_format": "png",
+        "network.preview_interval": 0.05})
     stars = simulate(tmp_path / "m42", SimConfig(frames=3, interval=10, size=SIZE, n_stars=200, seed=7,
                                                   object_name="M42"), sleep=lambda _s: None)
     moon = simulate(tmp_path / "moon", _moon(frames=4, fixed_pattern=0.5, interval=10,
@@ -281,6 +282,13 @@ def test_the_daemon_switches_to_the_surface_when_the_object_becomes_the_moon(tmp
     assert all(f["sharpness"] is None for f in frames[:3])
     assert all(f["sharpness"] and f["sharpness"] > 0 for f in frames[3:])
     assert (tmp_path / "out" / "Moon" / "stack.fits").exists()
+    # The Moon's pictures are stretched as a surface, not as a sky (which would darken it to the sky's grey):
+    # the snapshot's picture and the previews on the bus.
+    picture = cv2.imread(str(tmp_path / "out" / "Moon" / "stack.png"), cv2.IMREAD_GRAYSCALE)
+    assert picture is not None and np.median(picture) > 70
+    previews = [e.preview for e in seen
+                if e.topic == "stack" and e["object"] == "Moon" and e.preview is not None]
+    assert previews and np.median(previews[-1]) > 70
 
 
 def test_frame_events_may_carry_sharpness_or_leave_it_out() -> None:

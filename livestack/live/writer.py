@@ -195,7 +195,8 @@ class Outputs:
             preview = snr = None
             if view.image is not None:
                 preview = preview_array(view.image, max_side=self.config.network.preview_size,
-                                        flatten=self.config.output.flatten_background)
+                                        flatten=self.config.output.flatten_background,
+                                        surface=stacker.path == "surface")
                 snr = stacker.snr(view.image)
             self.emit(stack_event(view, preview, snr))
         finally:
