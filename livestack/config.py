@@ -59,6 +59,7 @@ class WatchConfig:
     poll_interval: float = _key(1.0, "seconds between polls when polling", minimum=0.0, exclusive_min=True)
     reconcile_interval: float = _key(30.0, "seconds between full scans that catch what events missed",
                                      minimum=0.0, exclusive_min=True)
+    follow_symlinks: bool = _key(False, "read frames through symbolic links that lead outside the folder")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class FramesConfig:
     bayer_pattern: str = _key("", "Bayer pattern for cameras that write none ('' = from the header; "
                               "MONO = treat every frame as mono)",
                               choices=("", "RGGB", "BGGR", "GRBG", "GBRG", "MONO"))
+    max_megapixels: float = _key(100.0, "largest frame read (width x height, megapixels); larger ones are "
+                                 "rejected from their header", minimum=0.0, exclusive_min=True)
 
 
 @dataclass(frozen=True)

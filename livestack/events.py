@@ -361,6 +361,11 @@ def decode_request(raw: bytes) -> dict[str, Any]:
         request = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SchemaError("the request is not JSON") from exc
+    except RecursionError as exc:
+        raise SchemaError("the request is nested too deeply to be read") from exc
+    except ValueError as exc:
+        # Python refuses integers of more than 4300 digits (int_max_str_digits), the only other ValueError.
+        raise SchemaError("the request holds a number too long to be read") from exc
     if not isinstance(request, dict):
         raise SchemaError('the request is not a JSON object like {"cmd": "status"}')
     cmd = request.get("cmd")

@@ -231,6 +231,7 @@ class Stacker:
             min_matched_fraction=a.min_matched_fraction, max_rms=a.max_rms, min_spread=a.min_spread,
             match_radius=a.match_radius, max_stars=a.max_stars, triangle_stars=a.triangle_stars)
         self._bayer = config.frames.bayer_pattern or None
+        self._max_pixels = round(config.frames.max_megapixels * 1e6)
         self._named_reference = config.path(a.reference) if a.reference else None
         self._aligns = config.stack.method not in UNALIGNED_METHODS
         self._ref_stars: Stars | None = None
@@ -264,7 +265,7 @@ class Stacker:
         """
         t0 = time.perf_counter()
         try:
-            frame = read_frame(path, bayer_pattern=self._bayer)
+            frame = read_frame(path, bayer_pattern=self._bayer, max_pixels=self._max_pixels)
         except FrameError as exc:
             return FrameResult(str(path), REJECTED, str(exc), None, None, None,
                                MappingProxyType({"read": time.perf_counter() - t0}))

@@ -296,6 +296,7 @@ def test_events_follow_the_schema_and_control_pauses_resumes_snapshots_and_reset
 
         for path in staged[:3]:
             place(path, watch)
+        stream.wait_for("frame", lambda p: p["name"] == staged[2].name and p["verdict"] == "accepted")
         stream.wait_for("stack", lambda p: p["frames"] == 3, "with 3 frames")
         accepted = [e.payload for e in stream.seen if e.topic == "frame" and e["verdict"] == "accepted"]
         assert [p["name"] for p in accepted] == [p.name for p in staged[:3]]

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from socket import create_connection
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ import zmq.auth
 from livestack import events
 from livestack.errors import LivestackError, NetworkError
 from livestack.live.net import (
+    CONTROL_MAX_MESSAGE,
     CONTROL_MAX_REQUEST,
     PUBLISH_HWM,
     Security,
@@ -366,28 +368,62 @@ def test_control_answers_every_request_and_survives_bad_input(ctx: Clients) -> N
         assert ask(req, b'{"cmd": "status"}') == {"ok": True, "result": {"state": "paused"}}
 
 
-def test_an_oversized_request_is_cut_off_and_others_still_served(ctx: Clients) -> None:
+def test_an_oversized_request_gets_an_error_reply_and_others_still_served(ctx: Clients) -> None:
+    with SocketHub(ANY, ANY) as hub, Serving(hub, Daemon()):
+        req = requester(ctx, hub.control.endpoint)
+        for size in (CONTROL_MAX_REQUEST + 1, 100_000, 10_000_000):
+            big = b'{"cmd": "status", "pad": "' + b"x" * size + b'"}'
+            reply = ask(req, big, timeout_ms=10_000)
+            assert reply == {"ok": False, "error": f"the request is {len(big):,} bytes; requests are at "
+                                                   f"most {CONTROL_MAX_REQUEST:,} bytes"}
+        assert ask(req, b'{"cmd": "status"}') == {"ok": True, "result": {"state": "running"}}
+
+
+def test_a_request_beyond_what_zeromq_takes_is_cut_off_and_others_still_served(ctx: Clients) -> None:
     with SocketHub(ANY, ANY) as hub, Serving(hub, Daemon()):
         flood = requester(ctx, hub.control.endpoint)
-        huge = b'{"cmd": "status", "pad": "' + b"x" * (CONTROL_MAX_REQUEST + 1) + b'"}'
-        assert ask(flood, huge, timeout_ms=1000) is None
+        assert ask(flood, b"x" * (CONTROL_MAX_MESSAGE + 1), timeout_ms=1000) is None
         req = requester(ctx, hub.control.endpoint)
         assert ask(req, b'{"cmd": "status"}') == {"ok": True, "result": {"state": "running"}}
 
 
-def test_a_handler_bug_still_gets_a_reply_and_is_raised(ctx: Clients) -> None:
+def test_a_handler_bug_gets_a_reply_and_its_traceback_is_logged(
+        ctx: Clients, caplog: pytest.LogCaptureFixture) -> None:
     with SocketHub(ANY, ANY) as hub:
         req = requester(ctx, hub.control.endpoint)
         assert hub.control.poll_once(Daemon(), 0) is False
         req.send(b'{"cmd": "shutdown"}')
-        with pytest.raises(RuntimeError, match="a bug in the handler"):
-            hub.control.poll_once(Daemon(), 5000)
+        assert hub.control.poll_once(Daemon(), 5000) is True
         assert req.poll(5000, zmq.POLLIN)
-        assert json.loads(req.recv()) == {"ok": False, "error": "the daemon failed to answer this request"}
+        assert json.loads(req.recv()) == {
+            "ok": False, "error": "the daemon failed to answer this request (RuntimeError)"}
+        assert "a bug in the handler" in caplog.text and "Traceback" in caplog.text
         # The REP socket is back to receiving.
         req.send(b'{"cmd": "status"}')
         assert hub.control.poll_once(Daemon(), 5000) is True
         assert json.loads(req.recv())["ok"] is True
+
+
+def test_killer_messages_get_a_sentence_and_the_server_goes_on(ctx: Clients) -> None:
+    killers: list[tuple[bytes, str]] = [
+        (b'{"cmd": "status", "n": ' + b"9" * 5000 + b"}", "the request holds a number too long to be read"),
+        (b'{"cmd": "status", "n": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+         "the request is nested too deeply to be read"),
+        (b"[" * 30_000, "the request"),
+    ]
+    with SocketHub(ANY, ANY) as hub, Serving(hub, Daemon()) as serving:
+        req = requester(ctx, hub.control.endpoint)
+        for message, error in killers:
+            reply = ask(req, message)
+            assert reply is not None and reply["ok"] is False and reply["error"].startswith(error), reply
+        # Plain TCP garbage to the control port: not ZeroMQ at all.
+        host, port = hub.control.endpoint.removeprefix("tcp://").rsplit(":", 1)
+        rng = np.random.default_rng(7)
+        with create_connection((host, int(port)), timeout=5) as raw:
+            raw.sendall(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+            time.sleep(0.2)
+        assert serving.thread.is_alive()
+        assert ask(req, b'{"cmd": "status"}') == {"ok": True, "result": {"state": "running"}}
 
 
 def test_bind_failures_name_the_endpoint(tmp_path: Path) -> None:

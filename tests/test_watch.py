@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -76,6 +77,8 @@ class Delivery:
     size: int  # the file's size when the callback ran
     state: FitsState  # what check_fits said when the callback ran
     at: float  # time.monotonic() of the callback
+    completed: float  # the watcher's "known whole since" (wall clock)
+    wall: float  # time.time() of the callback
 
 
 class Recorder:
@@ -85,8 +88,9 @@ class Recorder:
         self.frames: queue.Queue[Delivery] = queue.Queue()
         self.problems: queue.Queue[tuple[Path, str]] = queue.Queue()
 
-    def on_frame(self, path: Path) -> None:
-        self.frames.put(Delivery(path, path.stat().st_size, check_fits(path).state, time.monotonic()))
+    def on_frame(self, path: Path, completed: float) -> None:
+        self.frames.put(Delivery(path, path.stat().st_size, check_fits(path).state, time.monotonic(),
+                                 completed, time.time()))
 
     def on_problem(self, path: Path, reason: str) -> None:
         self.problems.put((path, reason))
@@ -480,22 +484,50 @@ def test_stale_incomplete_file_reported_then_delivered_when_finished(
     _, recorder = watch(stale_after=0.6)
     data = fits_bytes()
     path = tmp_path / "stalled.fits"
-    path.write_bytes(data[:5000])
-    problem_path, reason = recorder.problems.get(timeout=DEADLINE)
-    assert problem_path == path and "still being written: 5,000 of" in reason
-    recorder.assert_quiet(0.1)
-    with open(path, "ab") as handle:  # the writer comes back and finishes
-        handle.write(data[5000:])
+    with open(path, "wb") as handle:  # the writer stalls with the file open
+        handle.write(data[:5000])
+        handle.flush()
+        problem_path, reason = recorder.problems.get(timeout=DEADLINE)
+        assert problem_path == path and "still being written: 5,000 of" in reason
+        assert reason.startswith("truncated: incomplete and unchanged for 0.6 s")
+        recorder.assert_quiet(0.1)
+        handle.write(data[5000:])  # the writer comes back and finishes
     (delivery,) = recorder.take()
     assert delivery.size == len(data)
+
+
+@pytest.mark.parametrize("how", ["closed", "renamed"])
+def test_a_file_closed_short_is_reported_at_once_and_delivered_when_completed(
+        tmp_path: Path, watch: Start, how: str) -> None:
+    # stale_after far beyond the deadline: only the writer's close can make the report come in time.
+    _, recorder = watch(stale_after=600.0)
+    data = fits_bytes()
+    path = tmp_path / "cut.fits"
+    if how == "closed":
+        path.write_bytes(data[:5000])
+    else:
+        write_atomic(path, data[:5000])
+    started = time.monotonic()
+    problem_path, reason = recorder.problems.get(timeout=DEADLINE)
+    assert time.monotonic() - started < 5.0
+    assert problem_path == path
+    assert reason == f"truncated: its writer closed it at 5,000 of {len(data):,} bytes"
+    recorder.assert_quiet(0.2)
+    with open(path, "ab") as handle:  # the copy is resumed and finished
+        handle.write(data[5000:])
+    (delivery,) = recorder.take(timeout=5.0)
+    assert delivery.path == path and delivery.size == len(data) and delivery.state is FitsState.COMPLETE
+    assert recorder.problems.empty()
 
 
 def test_file_removed_before_complete_is_dropped(tmp_path: Path,
                                                  watch: Start) -> None:
     _, recorder = watch(stale_after=0.5)
     path = tmp_path / "aborted.fits"
-    path.write_bytes(fits_bytes()[:4000])
-    path.unlink()
+    with open(path, "wb") as handle:  # the writer gives up and removes its file before closing it
+        handle.write(fits_bytes()[:4000])
+        handle.flush()
+        path.unlink()
     write_atomic(tmp_path / "next.fits", fits_bytes())
     (delivery,) = recorder.take()
     assert delivery.path.name == "next.fits"
@@ -506,7 +538,7 @@ def test_file_removed_before_complete_is_dropped(tmp_path: Path,
 def test_failing_callback_does_not_stop_the_watch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     delivered: queue.Queue[Path] = queue.Queue()
 
-    def on_frame(path: Path) -> None:
+    def on_frame(path: Path, completed: float) -> None:
         delivered.put(path)
         if path.name == "first.fits":
             raise RuntimeError("the daemon's queue is full")
@@ -524,7 +556,7 @@ def test_stop_joins_promptly(tmp_path: Path, polling: bool) -> None:
     before = set(threading.enumerate())
     # Default timings (1 s polls, 2 s settle, 30 s reconcile) with a candidate pending: stop must not
     # wait for any of them.
-    watcher = Watcher(WatchConfig(tmp_path, polling=polling), lambda path: None)
+    watcher = Watcher(WatchConfig(tmp_path, polling=polling), lambda path, completed: None)
     with watcher:
         (tmp_path / "pending.fits").write_bytes(fits_bytes()[:3000])
         assert len(set(threading.enumerate()) - before) >= 2  # an observer and the worker at least
@@ -534,3 +566,156 @@ def test_stop_joins_promptly(tmp_path: Path, polling: bool) -> None:
     watcher.stop()  # a second stop is harmless
     with pytest.raises(RuntimeError):
         watcher.start()
+
+
+# -- what the writer's completion means, and the watched folder replaced ------------------------------------
+
+
+@pytest.mark.parametrize("style", ["chmod after close", "utime after close"])
+def test_a_metadata_change_after_the_close_does_not_restart_the_settle_wait(
+        tmp_path: Path, watch: Start, style: str) -> None:
+    # shutil.copy ends with a chmod, shutil.copy2 and some copy tools with a utime, after the close.
+    _, recorder = watch(settle=30.0)
+    path = tmp_path / "copied.fits"
+    path.write_bytes(fits_bytes())
+    closed = time.time()
+    if style == "chmod after close":
+        os.chmod(path, 0o640)
+    else:
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    (delivery,) = recorder.take(timeout=5.0)
+    assert delivery.size == path.stat().st_size and delivery.state is FitsState.COMPLETE
+    # Whole from the close: not later than the writer's last call returned (plus the event's trip).
+    assert delivery.completed <= time.time() and delivery.completed - closed < 0.1
+    recorder.assert_quiet()
+
+
+def test_a_file_moved_in_from_outside_is_whole_at_once(tmp_path: Path, watch: Start) -> None:
+    root = tmp_path / "frames"
+    beside = tmp_path / "beside"
+    root.mkdir()
+    beside.mkdir()
+    _, recorder = watch(root=root, settle=30.0)
+    (beside / "m.fits").write_bytes(fits_bytes())
+    os.rename(beside / "m.fits", root / "m.fits")
+    moved = time.time()
+    (delivery,) = recorder.take(timeout=5.0)
+    assert delivery.path == root / "m.fits"
+    assert moved - 0.5 < delivery.completed <= moved + 0.1
+
+
+def test_when_polling_completed_is_the_last_change_not_the_end_of_the_settle_wait(
+        tmp_path: Path, watch: Start) -> None:
+    _, recorder = watch(polling=True, settle=1.0)
+    path = tmp_path / "polled.fits"
+    path.write_bytes(fits_bytes())
+    written = time.time()
+    (delivery,) = recorder.take()
+    assert delivery.wall - written >= 1.0  # it did wait for the settle time, and says so
+    assert written - 0.1 <= delivery.completed <= written + 0.05
+
+
+@pytest.mark.parametrize("polling", MODES)
+@pytest.mark.parametrize("how", ["deleted and made again", "swapped with mv"])
+def test_the_watched_folder_replaced_is_followed(tmp_path: Path, watch: Start, polling: bool,
+                                                 how: str) -> None:
+    root = tmp_path / "frames"
+    root.mkdir()
+    _, recorder = watch(polling, root=root, settle=SETTLE if polling else 30.0)
+    write_atomic(root / "before.fits", fits_bytes(seed=1))
+    assert recorder.take()[0].path == root / "before.fits"
+    if how == "deleted and made again":
+        for child in root.iterdir():
+            child.unlink()
+        root.rmdir()
+        root.mkdir()
+        (root / "after.fits").write_bytes(fits_bytes(seed=2))
+    else:
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        (fresh / "after.fits").write_bytes(fits_bytes(seed=2))
+        os.rename(root, tmp_path / "old")
+        os.rename(fresh, root)
+    replaced = time.monotonic()
+    (delivery,) = recorder.take(timeout=5.0)
+    assert delivery.path == root / "after.fits" and delivery.state is FitsState.COMPLETE
+    if not polling:
+        assert delivery.at - replaced < 2.0  # noticed within a second or two, not at a reconcile
+    # And the new folder is watched from then on.
+    write_atomic(root / "later.fits", fits_bytes(seed=3))
+    assert recorder.take()[0].path == root / "later.fits"
+    recorder.assert_quiet()
+
+
+def test_the_watched_folder_gone_for_a_while_is_watched_again(tmp_path: Path, watch: Start,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "frames"
+    root.mkdir()
+    _, recorder = watch(root=root)
+    root.rmdir()
+    time.sleep(1.0)  # several looks at the folder while it is missing: nothing breaks
+    root.mkdir()
+    write_atomic(root / "back.fits", fits_bytes())
+    assert recorder.take()[0].path == root / "back.fits"
+    assert "is gone" in caplog.text
+
+
+# -- what is not a regular file --------------------------------------------------------------------------
+
+
+def _make_hostile(root: Path, outside: Path) -> dict[str, str]:
+    """Things named like frames that must never be opened; each with the words its report must hold."""
+    os.mkfifo(root / "pipe.fits")
+    (root / "folder.fits").mkdir()
+    os.symlink(root / "missing.fits.nothing", root / "dangling.fits")
+    os.symlink("loop.fits", root / "loop.fits")  # a link to itself: a loop from the start
+    os.symlink("/dev/urandom", root / "random.fits")
+    (outside / "elsewhere.fits").write_bytes(fits_bytes(seed=4))
+    os.symlink(outside / "elsewhere.fits", root / "outside.fits")
+    return {"pipe.fits": "FIFO", "folder.fits": "a folder", "dangling.fits": "to nothing",
+            "loop.fits": "loops", "random.fits": "outside the watched folder",
+            "outside.fits": "outside the watched folder"}
+
+
+@pytest.mark.parametrize("when", ["at start", "while watching"])
+def test_what_is_not_a_regular_file_is_reported_never_opened(tmp_path: Path, watch: Start, when: str) -> None:
+    root = tmp_path / "frames"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    expected: dict[str, str] = {}
+    if when == "at start":
+        expected = _make_hostile(root, outside)
+    _, recorder = watch(root=root)
+    if when == "while watching":
+        expected = _make_hostile(root, outside)
+    # A link inside the folder to a frame inside it is followed.
+    write_atomic(root / "real.fits", fits_bytes(seed=5))
+    os.symlink(root / "real.fits", root / "alias.fits")
+    got = {d.path.name for d in recorder.take(2)}
+    assert got == {"real.fits", "alias.fits"}
+    reports: dict[str, str] = {}
+    deadline = time.monotonic() + DEADLINE
+    while len(reports) < len(expected) and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            path, reason = recorder.problems.get(timeout=0.2)
+            assert path.name not in reports, f"{path.name} reported twice"
+            reports[path.name] = reason
+    assert sorted(reports) == sorted(expected)
+    for name, words in expected.items():
+        assert words in reports[name], (name, reports[name])
+    recorder.assert_quiet()
+    assert recorder.problems.empty()
+
+
+def test_a_link_outside_is_followed_when_configured(tmp_path: Path, watch: Start) -> None:
+    root = tmp_path / "frames"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    _, recorder = watch(root=root, follow_symlinks=True)
+    (outside / "elsewhere.fits").write_bytes(fits_bytes())
+    os.symlink(outside / "elsewhere.fits", root / "outside.fits")
+    (delivery,) = recorder.take()
+    assert delivery.path == root / "outside.fits" and delivery.state is FitsState.COMPLETE
+    assert recorder.problems.empty()

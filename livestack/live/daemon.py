@@ -54,8 +54,9 @@ log = logging.getLogger("livestack.live.daemon")
 HEARTBEAT_LIMIT = 30.0
 #: Seconds a control request waits for the worker or writer before replying with an error.
 CONTROL_TIMEOUT = 20.0
-#: Seconds a frame file may stay incomplete and unchanged before it is rejected as truncated (an interrupted
-#: copy); if it grows again later it is taken as a new file.
+#: Seconds a frame file may stay incomplete, unchanged and not closed by its writer before it is rejected as
+#: truncated (a writer that hung; one its writer closed short is rejected at once); if it grows again later it
+#: is taken as a new file.
 STALE_AFTER = 120.0
 
 
@@ -191,7 +192,7 @@ class Daemon:
             watch.WatchConfig(root=self.watch_dir, patterns=w.patterns, recursive=w.recursive,
                               polling=w.polling, settle=w.settle, poll_interval=w.poll_interval,
                               reconcile_interval=w.reconcile_interval, stale_after=STALE_AFTER,
-                              ignore_dirs=ignore_dirs),
+                              ignore_dirs=ignore_dirs, follow_symlinks=w.follow_symlinks),
             on_frame=self._on_file, on_problem=self._on_problem)
         self._watcher.start()
         self._state = "running"
@@ -343,18 +344,18 @@ class Daemon:
 
     # -- the watcher's callbacks ----------------------------------------------------------------------
 
-    def _on_file(self, path: Path) -> None:
-        """Watcher callback: queue a complete file in observation order."""
+    def _on_file(self, path: Path, completed: float) -> None:
+        """Watcher callback: queue a complete file in observation order, with when it was known whole."""
         try:
             observed = read_meta(path, self.config.frames.bayer_pattern or None).time_utc
         except Exception:
             # The time only orders the inbox; the worker rejects a file that cannot be read, with the reason.
             observed = None
-        self._inbox.put_frame(path, observed)
+        self._inbox.put_frame(path, observed, completed=completed)
 
     def _on_problem(self, path: Path, reason: str) -> None:
-        """Watcher callback: a file stayed incomplete (an interrupted copy); the worker rejects it."""
-        self._inbox.put_frame(path, None, problem=f"truncated: {reason}")
+        """Watcher callback: a file that cannot be a frame as it is (truncated, not a regular file ...)."""
+        self._inbox.put_frame(path, None, problem=reason)
 
     # -- threads --------------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from livestack import events
 from livestack.errors import LivestackError, NetworkError
 
 __all__ = [
+    "CONTROL_MAX_MESSAGE",
     "CONTROL_MAX_REQUEST",
     "PUBLISH_HWM",
     "ControlServer",
@@ -55,9 +56,18 @@ __all__ = [
 #: this is minutes of history; a larger queue only delays how soon a stalled viewer catches up.
 PUBLISH_HWM = 1000
 
-#: Largest control request accepted, in bytes. Requests are tiny JSON objects; a peer that sends more is
-#: disconnected by ZeroMQ before the daemon allocates the message.
+#: Largest control request read, in bytes. Requests are tiny JSON objects; a larger one gets an error reply
+#: without being parsed.
 CONTROL_MAX_REQUEST = 64 * 1024
+
+#: Largest message ZeroMQ takes on the control socket, in bytes: a peer that sends more is disconnected
+#: before the daemon allocates the message (no reply can reach it). Between ``CONTROL_MAX_REQUEST`` and this
+#: a request still gets its error reply.
+CONTROL_MAX_MESSAGE = 16 * 1024 * 1024
+
+#: Messages ZeroMQ queues per control peer before it stops reading from that peer: with
+#: ``CONTROL_MAX_MESSAGE`` this bounds what one peer can make the daemon hold.
+CONTROL_RCVHWM = 4
 
 _log = logging.getLogger(__name__)
 
@@ -289,7 +299,11 @@ class ControlServer:
 
     Use it from one thread only (the daemon's control thread). Requests are decoded with
     :func:`livestack.events.decode_request`; a malformed request (not JSON, binary garbage, several parts,
-    an unknown command) gets an error reply and never reaches the handler.
+    an unknown command, more than ``CONTROL_MAX_REQUEST`` bytes, a number too long or nesting too deep to
+    read) gets an error reply and never reaches the handler. Nothing a peer sends makes it raise: garbage
+    that is not ZeroMQ at all (a port scanner, an HTTP request) is dropped by ZeroMQ, a message over
+    ``CONTROL_MAX_MESSAGE`` disconnects its peer, and a handler's failure becomes an error reply (logged with
+    its traceback).
     """
 
     def __init__(self, socket: zmq.Socket[Any]) -> None:
@@ -314,10 +328,6 @@ class ControlServer:
         poll_ms : int
             How long to wait for a request before checking ``stop`` again.
 
-        Raises
-        ------
-        Exception
-            Any other exception of the handler, after the request got an error reply.
         """
         while not stop.is_set():
             self.poll_once(handler, poll_ms)
@@ -341,26 +351,27 @@ class ControlServer:
         ------
         NetworkError
             When the control server has been closed.
-        Exception
-            Any exception of the handler other than ``LivestackError`` and ``ValueError``, after the request
-            got an error reply.
         """
         if self._socket.closed:
             raise NetworkError("the control server is closed")
         if not self._socket.poll(timeout_ms, zmq.POLLIN):
             return False
-        parts = self._socket.recv_multipart(zmq.NOBLOCK)
-        reply = events.error_reply("the daemon failed to answer this request")
         try:
-            reply = self._answer(parts, handler)
-        finally:
-            # A REP socket must reply before it can receive again, even when the handler has a bug.
-            self._reply(reply)
+            parts = self._socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            # Readable without a message: a peer that connected and failed the ZeroMQ handshake (bytes that
+            # are not ZMTP), or one that left. Nothing to answer.
+            return False
+        # A REP socket must reply before it can receive again, whatever went wrong.
+        self._reply(self._answer(parts, handler))
         return True
 
     def _answer(self, parts: list[bytes], handler: Callable[[dict[str, Any]], bytes]) -> bytes:
         if len(parts) != 1:
             return events.error_reply(f"a request is one JSON message, this one has {len(parts)} parts")
+        if len(parts[0]) > CONTROL_MAX_REQUEST:
+            return events.error_reply(f"the request is {len(parts[0]):,} bytes; requests are at most "
+                                      f"{CONTROL_MAX_REQUEST:,} bytes")
         try:
             request = events.decode_request(parts[0])
         except events.SchemaError as exc:
@@ -369,6 +380,11 @@ class ControlServer:
             return handler(request)
         except (LivestackError, ValueError) as exc:
             return events.error_reply(str(exc) or type(exc).__name__)
+        except Exception as exc:
+            # A bug, not the requester's fault: the traceback goes to the log, the requester gets a sentence,
+            # and the control thread goes on (one request must never silence the daemon).
+            _log.error("a control request failed: %r", parts[0][:200], exc_info=True)
+            return events.error_reply(f"the daemon failed to answer this request ({type(exc).__name__})")
 
     def _reply(self, reply: bytes) -> None:
         try:
@@ -376,6 +392,8 @@ class ControlServer:
         except zmq.Again:
             # The requester's queue is full or it is gone; REP drops the reply and is ready for the next.
             _log.debug("control reply dropped: the requester is not reading")
+        except zmq.ZMQError as exc:
+            _log.warning("control reply not sent: %s", exc.strerror)
 
 
 class SocketHub:
@@ -461,7 +479,8 @@ class SocketHub:
         if kind == zmq.PUB:
             socket.sndhwm = PUBLISH_HWM
         else:
-            socket.maxmsgsize = CONTROL_MAX_REQUEST
+            socket.maxmsgsize = CONTROL_MAX_MESSAGE
+            socket.rcvhwm = CONTROL_RCVHWM
         if keys is not None:
             # CURVE options only apply to connections made after they are set: set them before bind.
             socket.curve_secretkey = keys[1]

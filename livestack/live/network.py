@@ -7,6 +7,7 @@ dropped); the network thread is the only one that touches the ZeroMQ sockets (``
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -19,6 +20,8 @@ from livestack.live.notify import Notifier, watchdog_interval
 from livestack.live.reports import status_line
 
 __all__ = ["EVENT_BACKLOG", "NETWORK_POLL_MS", "STATUS_PERIOD", "EventQueue", "Network"]
+
+log = logging.getLogger("livestack.live.network")
 
 #: Seconds between ``status`` events.
 STATUS_PERIOD = 1.0
@@ -96,18 +99,24 @@ class Network:
         ping = watchdog_interval()
         next_ping = 0.0
         while True:
-            self.hub.control.poll_once(self.handle, timeout_ms=NETWORK_POLL_MS)
-            self._drain()
-            now = time.monotonic()
-            if now >= next_status:
-                next_status = now + STATUS_PERIOD
-                status = self.status()
-                self._publish(events.make_event("status", **status))
-                if self.ready.is_set():
-                    self.notifier.status(status_line(status))
-            if ping is not None and now >= next_ping and self.ready.is_set() and self.healthy():
-                next_ping = now + ping
-                self.notifier.watchdog()
+            try:
+                self.hub.control.poll_once(self.handle, timeout_ms=NETWORK_POLL_MS)
+                self._drain()
+                now = time.monotonic()
+                if now >= next_status:
+                    next_status = now + STATUS_PERIOD
+                    status = self.status()
+                    self._publish(events.make_event("status", **status))
+                    if self.ready.is_set():
+                        self.notifier.status(status_line(status))
+                if ping is not None and now >= next_ping and self.ready.is_set() and self.healthy():
+                    next_ping = now + ping
+                    self.notifier.watchdog()
+            except Exception:
+                # Nothing a client sends may end this thread (it carries every event and all control): log
+                # the traceback and go on, after a pause so that a persistent fault cannot spin a core.
+                log.exception("the network loop failed; it goes on")
+                time.sleep(NETWORK_POLL_MS / 1000)
             if self._done.is_set():
                 self._drain()
                 self._publish(events.make_event("status", **self.status()))

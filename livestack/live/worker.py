@@ -10,8 +10,10 @@ counters, and the stack's changes (through ``Stacks``, whose lock lets the write
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -172,12 +174,27 @@ class Worker:
         On the read-ahead thread this reads ``_known`` and ``_hashes`` while the worker may add to them
         (single lookups, safe); it only skips work, the worker checks again before stacking.
         """
+        if item.problem is not None:
+            # Never opened: it may be a FIFO, a device or a link to one. Its identity is its name, its
+            # status and the problem, so that the same problem is journaled once.
+            try:
+                st = item.path.lstat()
+            except FileNotFoundError:
+                return _Front(None)
+            if (str(item.path), st.st_size, st.st_mtime_ns) in self._known:
+                return _Front(st)
+            return _Front(st, _problem_digest(item.path, st, item.problem), self._prepare(item, stacker))
         try:
             st = item.path.stat()
         except FileNotFoundError:
             return _Front(None)
         if (str(item.path), st.st_size, st.st_mtime_ns) in self._known:
             return _Front(st)
+        if not stat.S_ISREG(st.st_mode):
+            # Replaced by something else since the watcher looked: reading it could block or never end.
+            reason = "not a regular file any more"
+            rejected = FrameResult(str(item.path), REJECTED, reason, None, None, None, MappingProxyType({}))
+            return _Front(st, _problem_digest(item.path, st, reason), rejected)
         digest = content_hash(item.path)
         if digest in self._hashes:
             return _Front(st, digest)
@@ -304,6 +321,12 @@ class Worker:
         self.outputs.writer.submit(old.discard)
         self.outputs.stack_event()
         log.info("session %d started%s", session, f" with reference {reference}" if reference else "")
+
+
+def _problem_digest(path: Path, st: os.stat_result, reason: str) -> str:
+    """The journal identity of a file rejected without being read: its name, status and the problem."""
+    identity = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{reason}".encode()
+    return "problem-" + hashlib.blake2b(identity, digest_size=16).hexdigest()
 
 
 def _name_thread(name: str) -> None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import stat
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -66,7 +67,10 @@ from astropy.wcs import WCS
 
 from livestack.errors import FrameError
 
-__all__ = ["BAYER_PATTERNS", "FITS_SUFFIXES", "Frame", "FrameMeta", "debayer", "read_frame", "read_meta"]
+__all__ = [
+    "BAYER_PATTERNS", "FITS_SUFFIXES", "MAX_PIXELS", "Frame", "FrameMeta", "debayer", "read_frame",
+    "read_meta",
+]
 
 #: File name endings recognised as frames (lower case; compared case-insensitively).
 FITS_SUFFIXES: tuple[str, ...] = (
@@ -80,6 +84,11 @@ BAYER_PATTERNS: tuple[str, ...] = ("RGGB", "BGGR", "GRBG", "GBRG")
 
 #: ``bayer_pattern`` value that forces a frame to be read as mono, whatever its header says.
 MONO: str = "MONO"
+
+#: The largest image ``read_frame`` reads by default, in pixels: well above the largest camera sensors in
+#: use (62 MP). Reading one costs up to 16 bytes a pixel at the peak for a colour frame (RGB and luminance
+#: in float32, plus the raw data): 1.6 GB at this size.
+MAX_PIXELS: int = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -175,7 +184,8 @@ def read_meta(path: str | Path, bayer_pattern: str | None = None) -> FrameMeta:
     return _meta_from_header(path, header, override)
 
 
-def read_frame(path: str | Path, bayer_pattern: str | None = None) -> Frame:
+def read_frame(path: str | Path, bayer_pattern: str | None = None,
+               max_pixels: int = MAX_PIXELS) -> Frame:
     """Read a frame: header, pixels as float32, debayered to RGB when it is a colour mosaic.
 
     Parameters
@@ -185,6 +195,10 @@ def read_frame(path: str | Path, bayer_pattern: str | None = None) -> Frame:
     bayer_pattern : str or None
         The colour filter pattern at array element ``[0, 0]`` for cameras whose header gives none; it
         overrides the header. ``'MONO'`` reads a frame as mono. See the module docstring.
+    max_pixels : int
+        The largest image (width x height) read. The header's size is checked before any pixel is read or
+        any array allocated, so a file that claims more (a sparse file, a corrupt or hostile header) costs
+        nothing but its header.
 
     Returns
     -------
@@ -194,8 +208,9 @@ def read_frame(path: str | Path, bayer_pattern: str | None = None) -> Frame:
     Raises
     ------
     FrameError
-        With one sentence naming the file and the problem: empty, not FITS, truncated, no image HDU,
-        not 2-D, unsupported BITPIX, every pixel NaN, or an unknown Bayer pattern.
+        With one sentence naming the file and the problem: not a regular file, empty, not FITS, larger than
+        ``max_pixels``, truncated, no image HDU, not 2-D, unsupported BITPIX, every pixel NaN, or an unknown
+        Bayer pattern.
     """
     path = Path(path)
     override = _check_pattern_argument(bayer_pattern, path)
@@ -207,6 +222,7 @@ def read_frame(path: str | Path, bayer_pattern: str | None = None) -> Frame:
                 hdu = hdul[index]
                 header = hdu.header.copy()
                 meta = _meta_from_header(path, header, override)
+                _check_pixels(meta.shape, max_pixels, path)
                 bitpix = _check_bitpix(header, path)
                 _check_complete(hdul, index, header, bitpix, path)
                 mosaic, integral = _pixels_to_float32(hdu, header, bitpix, meta.shape)
@@ -326,11 +342,24 @@ def _check_pattern_argument(bayer_pattern: str | None, path: Path) -> str | None
 
 def _check_not_empty(path: Path) -> None:
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as exc:
         raise FrameError(f"{path} cannot be opened ({exc.strerror or exc}).") from exc
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        # Opening a FIFO blocks until a writer comes; a device can be read for ever.
+        raise FrameError(f"{path} is not a regular file, so it is not read.")
+    if st.st_size == 0:
         raise FrameError(f"{path} is empty (0 bytes).")
+
+
+def _check_pixels(shape: tuple[int, int], max_pixels: int, path: Path) -> None:
+    """Refuse an image larger than ``max_pixels`` before any of its pixels is read."""
+    rows, cols = shape
+    if rows * cols > max_pixels:
+        raise FrameError(
+            f"{path} holds a {cols} x {rows} image ({rows * cols / 1e6:.0f} megapixels), more than the "
+            f"{max_pixels / 1e6:g} megapixels livestack reads (frames.max_megapixels)."
+        )
 
 
 def _image_hdu_index(hdul: fits.HDUList, path: Path) -> int:
