@@ -59,8 +59,11 @@ def _errors(frame: Any, transform: Transform) -> tuple[float, float]:
     return math.hypot(dx - tx, dy - ty), abs(rotation)
 
 
-def test_lunar_translations_and_rotations_up_to_5_degrees_are_recovered() -> None:
-    session = _register_session(_moon(fixed_pattern=0.0, rotation_per_frame=0.45))
+@pytest.mark.parametrize("fixed_pattern", [0.0, 3.0])
+def test_lunar_translations_and_rotations_up_to_5_degrees_are_recovered(fixed_pattern: float) -> None:
+    # The sensor's fixed pattern at 3x the texture's contrast (columns, amplifier glow, dust, gain and
+    # per-pixel offsets) and 500 hot pixels, or none of it but the hot pixels.
+    session = _register_session(_moon(fixed_pattern=fixed_pattern, rotation_per_frame=0.45))
     assert session[-1][0].rotation_deg == pytest.approx(-4.95)
     for frame, found in session:
         assert found.transform is not None, f"frame {frame.index}: {found.reason}"
@@ -77,19 +80,12 @@ def test_the_fixed_pattern_at_three_times_the_texture_never_yields_zero() -> Non
     naive, _ = cv2.phaseCorrelate(frames[0].data.astype(np.float64), frames[1].data.astype(np.float64))
     assert math.hypot(*naive) < 0.5 < 2.0 < math.hypot(*frames[1].centre_shift)
 
-    accepted = 0
     for frame, found in _register_session(config):
-        if math.hypot(*frame.centre_shift) < 2.0:
-            continue
-        if found.transform is None:
-            assert found.reason
-            continue
-        accepted += 1
+        assert found.transform is not None, f"frame {frame.index}: {found.reason}"
         dx, dy = found.transform.centre_shift(frame.data.shape)
         assert math.hypot(dx, dy) > 1.0, f"frame {frame.index} locked at zero"
         shift_error, rotation_error = _errors(frame, found.transform)
-        assert shift_error <= 0.3 and rotation_error <= 0.05, frame.index
-    assert accepted >= 8
+        assert shift_error <= 0.1 and rotation_error <= 0.05, frame.index
 
 
 def test_blank_and_cloud_covered_frames_are_rejected_with_a_reason() -> None:

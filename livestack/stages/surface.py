@@ -86,7 +86,7 @@ SHARPNESS_SCALE = 1e6
 #: Tukey window: fraction of each side that is tapered.
 TAPER = 0.2
 #: Frequencies below this many cycles per (working) pixel are flat-field scales, not detail.
-LOW_CUT = 1.0 / 48.0
+LOW_CUT = 1.0 / 64.0
 #: The noise floor of the power spectrum is its median over radii from this fraction of Nyquist up.
 NOISE_FLOOR_FROM = 0.75
 #: Radial bins of the power spectrum.
@@ -266,6 +266,8 @@ def measure(image: np.ndarray, defects: np.ndarray | None = None,
     bad = ~np.isfinite(lum)
     if bad.any():
         lum[bad] = np.float32(np.median(lum[~bad])) if (~bad).any() else np.float32(0.0)
+    # Banding first: a bright column is a line of single-pixel outliers to the spike test.
+    lum = _remove_line_offsets(lum)
     med3 = cv2.medianBlur(lum, 3)
     offset = lum - med3
     sigma = _mad_sigma(offset)
