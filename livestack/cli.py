@@ -1,4 +1,5 @@
-"""The ``livestack`` command: stack, restack, compose, simulate, run, demo, tui, web, keys, config."""
+"""The ``livestack`` command: stack, restack, compose, photometry, simulate, run, demo, tui, web, keys,
+config."""
 
 from __future__ import annotations
 
@@ -314,6 +315,86 @@ def _composite_info(headers: Sequence[Any], recipe: str) -> Any:
                      filter=recipe, wcs_header=wcs)
 
 
+# -- livestack photometry ------------------------------------------------------------------------------
+
+def _cmd_photometry(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from livestack.live.state import content_hash, read_journal, removed_seqs
+    from livestack.pipeline import FrameResult, Stacker, photometry_setup
+    from livestack.stages.align import Transform
+    from livestack.stages.frames import read_meta
+    from livestack.stages.photometry import Photometer, write_lightcurve
+
+    state = Path(args.folder)
+    if not (state / "journal.jsonl").is_file() and (state / ".livestack-state" / "journal.jsonl").is_file():
+        state = state / ".livestack-state"  # an output folder, with its state inside
+    journal = state / "journal.jsonl"
+    if not journal.is_file():
+        raise LivestackError(f"{args.folder} holds no journal.jsonl: name a daemon's state or output folder")
+    entries, removals = read_journal(journal)
+    sessions = sorted({e.session for e in entries if e.verdict == "accepted"})
+    if not sessions:
+        raise LivestackError(f"the journal {journal} has no stacked frame")
+    session = sessions[-1] if args.session is None else args.session
+    if session not in sessions:
+        raise LivestackError(f"session {session} has no stacked frame; sessions: "
+                             f"{', '.join(map(str, sessions))}")
+    config = _load(args, {"photometry.targets": args.target, "photometry.comparisons": args.comparisons,
+                          "photometry.gain": args.gain, "photometry.site": args.site})
+    if not config.photometry.targets:
+        raise LivestackError("name at least one --target ('x,y' on the reference, or 'sky RA DEC')")
+    removed = removed_seqs(removals, session)
+    kept = [e for e in entries if e.session == session and e.verdict == "accepted" and e.seq not in removed]
+    references = [e for e in kept if e.reference]
+    wcs = read_meta(references[0].path).wcs_header if references else None
+    stacker = Stacker(config)
+    photometer: Photometer | None = None
+    setup = None
+    skipped = 0
+    for e in kept:
+        assert e.transform is not None
+        try:
+            if content_hash(e.path) != e.hash:
+                raise OSError("its content changed since it was stacked")
+        except OSError as exc:
+            skipped += 1
+            print(f"livestack: left out {e.path}: {exc}", file=sys.stderr)
+            continue
+        prepared = stacker.prepare(e.path)
+        if isinstance(prepared, FrameResult):
+            skipped += 1
+            print(f"livestack: left out {e.path}: {prepared.reason}", file=sys.stderr)
+            continue
+        transform = Transform.from_matrix(np.asarray(e.transform, dtype=np.float64).reshape(2, 3), "journal")
+        if setup is None:
+            try:
+                setup = photometry_setup(config, prepared, transform, wcs)
+            except ValueError as exc:
+                raise LivestackError(str(exc)) from exc
+            assert setup is not None
+            for note in setup.notes:
+                print(f"livestack: {note}", file=sys.stderr)
+            photometer = Photometer(setup.plan, setup.time_scale)
+        assert photometer is not None
+        fwhm = prepared.quality.fwhm
+        photometer.add(e.seq, Path(e.path).name, setup.time(prepared.frame.meta),
+                       setup.plan.cut(prepared.frame.luminance, transform.matrix, fwhm), fwhm)
+    if photometer is None or setup is None:
+        print("livestack: no frame could be measured; nothing written", file=sys.stderr)
+        return 1
+    out = write_lightcurve(Path(args.output), photometer.curve, setup.describe())
+    for star in setup.plan.targets:
+        points = [r for r in photometer.curve.rows if r.target == star.name and not r.flags]
+        mags = np.array([r.magnitude for r in points], dtype=np.float64)
+        spread = f"{np.nanstd(mags) * 1000:.1f} mmag rms" if mags.size > 1 else "one point"
+        print(f"{star.name}: {len(points)} clean points, {spread}", file=sys.stderr)
+    print(f"{len(kept) - skipped} frames of session {session} measured against "
+          f"{len(setup.plan.comparisons)} comparison stars ({setup.time_scale}); wrote {out}",
+          file=sys.stderr)
+    return 0 if not skipped else 1
+
+
 # -- livestack simulate --------------------------------------------------------------------------------
 
 #: OBJECT written for each simulated target.
@@ -531,7 +612,7 @@ class _DemoPrinter:
 def _cmd_tui(args: argparse.Namespace) -> int:
     from livestack.clients.tui.app import run_tui
 
-    run_tui(args.connect, args.control, Path(args.keys) if args.keys else None)
+    run_tui(args.connect, args.control, Path(args.keys) if args.keys else None, lightcurve_bin=args.bin)
     return 0
 
 
@@ -744,6 +825,21 @@ def _parser() -> argparse.ArgumentParser:
                     help="also write the FRAMES table as CSV beside the FITS")
     rs.set_defaults(func=_cmd_restack)
 
+    ph = sub.add_parser("photometry", help="light curves of chosen stars, measured again from a journal")
+    ph.add_argument("folder", metavar="STATE_OR_OUTPUT_DIR",
+                    help="the daemon's state folder (holds journal.jsonl) or its output folder")
+    ph.add_argument("--target", action="append", metavar="SPEC",
+                    help="a star: 'x,y' on the reference or 'sky RA DEC' (degrees), optionally 'NAME=...'; "
+                         "repeat for more (default: [photometry] targets)")
+    ph.add_argument("-o", "--output", default="lightcurve.ecsv", metavar="FILE",
+                    help="the light curve, ECSV (or CSV for a .csv name; default: lightcurve.ecsv)")
+    ph.add_argument("--comparisons", type=int, metavar="N", help="comparison stars chosen automatically")
+    ph.add_argument("--gain", type=float, metavar="E_PER_ADU", help="electrons per ADU")
+    ph.add_argument("--site", metavar="LAT,LON[,H]", help="observatory, for BJD_TDB times")
+    ph.add_argument("--session", type=int, metavar="N", help="session to measure (default: the last)")
+    ph.add_argument("--config", metavar="FILE", help="configuration file (default: built-in defaults)")
+    ph.set_defaults(func=_cmd_photometry)
+
     m = sub.add_parser("simulate", help="write simulated camera frames at a cadence")
     m.add_argument("outdir", metavar="OUTDIR")
     m.add_argument("--frames", type=int, default=20)
@@ -806,6 +902,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--connect", default="tcp://127.0.0.1:5555", metavar="ENDPOINT", help="event socket")
     t.add_argument("--control", default="tcp://127.0.0.1:5556", metavar="ENDPOINT", help="control socket")
     t.add_argument("--keys", metavar="DIR", help="folder with client.key_secret and server.key (CURVE)")
+    t.add_argument("--bin", type=int, default=1, metavar="N",
+                   help="photometry points averaged per point of the light curve (default 1)")
     t.set_defaults(func=_cmd_tui)
 
     w = sub.add_parser("web", help="the viewer in the browser, for a running daemon, local or remote")

@@ -25,6 +25,7 @@ __all__ = [
     "FramesConfig",
     "NetworkConfig",
     "OutputConfig",
+    "PhotometryConfig",
     "StackConfig",
     "StateConfig",
     "WatchConfig",
@@ -38,10 +39,10 @@ _DEFAULT_PATTERNS = ("*.fit", "*.fits", "*.fts", "*.fit.fz", "*.fits.fz", "*.fts
 
 
 def _key(default: Any, doc: str, *, choices: tuple[Any, ...] | None = None, minimum: float | None = None,
-         maximum: float | None = None, exclusive_min: bool = False) -> Any:
-    """A configuration key: its default, description and bounds."""
+         maximum: float | None = None, exclusive_min: bool = False, may_be_empty: bool = False) -> Any:
+    """A configuration key: its default, description and bounds (``may_be_empty`` for a list)."""
     meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum,
-            "exclusive_min": exclusive_min}
+            "exclusive_min": exclusive_min, "may_be_empty": may_be_empty}
     return field(default=default, metadata=meta)
 
 
@@ -217,6 +218,30 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class PhotometryConfig:
+    """``[photometry]``: light curves of chosen stars, measured on every accepted frame."""
+
+    targets: tuple[str, ...] = _key(
+        (), "stars to measure: 'x,y' on the reference frame or 'sky RA DEC' in degrees (needs a WCS), each "
+            "optionally 'NAME=...'; [] = no photometry", may_be_empty=True)
+    comparisons: int = _key(10, "comparison stars, chosen as the brightest clean ones of the reference",
+                            minimum=1)
+    exclude: tuple[str, ...] = _key((), "known variables never used as comparisons (same forms as targets)",
+                                    may_be_empty=True)
+    aperture: float = _key(2.0, "aperture radius, in FWHM of each frame", minimum=0.0, exclusive_min=True)
+    annulus_inner: float = _key(3.0, "background annulus inner radius, in FWHM", minimum=0.0,
+                                exclusive_min=True)
+    annulus_outer: float = _key(5.0, "background annulus outer radius, in FWHM", minimum=0.0,
+                                exclusive_min=True)
+    gain: float = _key(0.0, "electrons per ADU (0 = GAIN or EGAIN from the header, else 1, with a warning)",
+                       minimum=0.0)
+    saturation: float = _key(0.0, "ADU at which the sensor clips (0 = SATURATE or DATAMAX from the header, "
+                                  "else a plateau at the reference's maximum)", minimum=0.0)
+    site: str = _key("", "observatory 'latitude,longitude[,height]' (degrees, east positive; metres) for "
+                         "BJD_TDB times ('' = SITELAT/SITELONG from the header; unknown = JD UTC)")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``base`` is the folder relative paths are resolved against."""
 
@@ -230,6 +255,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    photometry: PhotometryConfig = field(default_factory=PhotometryConfig)
     base: Path = field(default=Path("."), compare=False)
 
     def path(self, value: str) -> Path:
@@ -362,8 +388,11 @@ def _check(label: str, hint: Any, raw: Any, meta: Mapping[str, Any], source: str
             raise ConfigError(f"{source}: {label} must be a string, not {raw!r}")
         value = raw
     else:  # tuple[str, ...]
-        if not isinstance(raw, list | tuple) or not all(isinstance(v, str) for v in raw) or not raw:
-            raise ConfigError(f"{source}: {label} must be a non-empty list of strings, not {raw!r}")
+        empty_ok = bool(meta.get("may_be_empty"))
+        strings = isinstance(raw, list | tuple) and all(isinstance(v, str) for v in raw)
+        if not strings or not (raw or empty_ok):
+            kind = "a list of strings" if empty_ok else "a non-empty list of strings"
+            raise ConfigError(f"{source}: {label} must be {kind}, not {raw!r}")
         value = tuple(raw)
     choices = meta.get("choices")
     if choices is not None and value not in choices:

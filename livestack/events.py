@@ -52,7 +52,8 @@ __all__ = [
 #: Bumped on any incompatible change of a payload; clients should ignore events of another version.
 SCHEMA_VERSION = 1
 
-TOPICS: tuple[str, ...] = ("frame", "stack", "snapshot", "status", "log", "display", "removal")
+TOPICS: tuple[str, ...] = ("frame", "stack", "snapshot", "status", "log", "display", "removal",
+                          "photometry")
 
 #: Control requests the daemon answers.
 COMMANDS: tuple[str, ...] = ("status", "pause", "resume", "snapshot", "reset", "set_reference", "shutdown",
@@ -153,6 +154,19 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "reason": _OPT_STR,           # what the request said
         "session": (int,),
         "problems": (list,),          # files that changed or vanished, in words
+    },
+    "photometry": {
+        "seq": (int,),                # the frame's sequence number (as in its frame event)
+        "name": (str,),               # the frame's file name
+        "obs_time": _OPT_NUM,         # mid-exposure, a Julian date in time_scale (null without a time)
+        "time_scale": (str,),         # "JD_UTC" or "BJD_TDB"
+        "fwhm": _OPT_NUM,             # the frame's FWHM, pixels
+        "aperture": _NUM,             # aperture radius used, pixels
+        "comparisons": (int,),        # comparison stars of the plan
+        "targets": (list,),           # [{"name", "magnitude", "error", "flux", "flux_err", "x", "y",
+                                      #   "comparisons", "flags"}]: magnitude relative to the ensemble
+        "object": _OPT_STR,
+        "session": (int,),
     },
 }
 

@@ -32,12 +32,22 @@ from livestack.stages.align import AlignParams, Transform, align
 from livestack.stages.compose import Composite, canonical_filter, compose, parse_weights
 from livestack.stages.detect import Quality, Stars, detect
 from livestack.stages.frames import FITS_SUFFIXES, Frame, FrameMeta, read_frame, read_meta
+from livestack.stages.photometry import (
+    PhotometryParams,
+    PhotometryPlan,
+    Star,
+    mid_exposure_time,
+    parse_target,
+)
+from livestack.stages.photometry import plan_photometry as _plan_photometry
+from livestack.stages.photometry import saturation_level as _saturation_level
 from livestack.stages.snapshot import StackInfo
 from livestack.stages.stack import Accumulator, make_accumulator
 from livestack.stages.warp import warp
 
-__all__ = ["UNALIGNED_METHODS", "FilterSummary", "FrameResult", "Prepared", "Stacker", "build_composite",
-           "expand_paths", "filter_key", "frame_facts", "order_by_time"]
+__all__ = ["UNALIGNED_METHODS", "FilterSummary", "FrameResult", "PhotometrySetup", "Prepared", "Stacker",
+           "build_composite", "expand_paths", "filter_key", "frame_facts", "order_by_time",
+           "photometry_setup"]
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -923,6 +933,148 @@ class Stacker:
         t2 = time.perf_counter()
         timings["warp"] = t1 - t0
         timings["stack"] = t2 - t1
+
+
+@dataclass(frozen=True)
+class PhotometrySetup:
+    """What photometry needs for a night, decided once on the first accepted frame.
+
+    Attributes
+    ----------
+    plan : PhotometryPlan
+        Targets and comparisons on the reference frame.
+    sky : tuple of float or None
+        The first target's (RA, Dec) in degrees, when the reference has a WCS.
+    site : tuple of float or None
+        (latitude, longitude east, height m), from the configuration or the header.
+    notes : tuple of str
+        Assumptions worth one log line (gain or site unknown ...).
+    """
+
+    plan: PhotometryPlan
+    sky: tuple[float, float] | None
+    site: tuple[float, float, float] | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def time_scale(self) -> str:
+        """``"BJD_TDB"`` when the sky position and the site are known, else ``"JD_UTC"``."""
+        return "BJD_TDB" if self.sky is not None and self.site is not None else "JD_UTC"
+
+    def describe(self) -> dict[str, Any]:
+        """The plan in words and numbers, for a light curve file's header."""
+        params = self.plan.params
+        return {
+            "targets": [{"name": s.name, "x": s.x, "y": s.y} for s in self.plan.targets],
+            "comparisons": [{"name": s.name, "x": s.x, "y": s.y} for s in self.plan.comparisons],
+            "aperture_fwhm": params.aperture, "annulus_fwhm": [params.annulus_inner, params.annulus_outer],
+            "gain": params.gain, "saturation": params.saturation if np.isfinite(params.saturation) else None,
+            "positions": "pixels on the reference frame (x = column, y = row, from 0)",
+            "magnitude": "-2.5 log10(target flux / ensemble flux of the comparisons)",
+            "sky": list(self.sky) if self.sky is not None else None,
+            "site": list(self.site) if self.site is not None else None,
+        }
+
+    def time(self, meta: FrameMeta) -> float:
+        """Mid-exposure of a frame in ``time_scale`` (NaN when its header gives no time)."""
+        if meta.time_utc is None:
+            return float("nan")
+        return mid_exposure_time(meta.time_utc, meta.exptime, self.sky, self.site)[0]
+
+
+def photometry_setup(config: Config, prepared: Prepared, transform: Transform,
+                     reference_wcs: str | None) -> PhotometrySetup | None:
+    """Decide the photometry of a night from its first accepted frame.
+
+    Parameters
+    ----------
+    config : Config
+        Uses ``[photometry]``.
+    prepared : Prepared
+        The first accepted frame (read and detected): comparisons are chosen among its stars.
+    transform : Transform
+        Its transform onto the reference (the identity for the reference itself).
+    reference_wcs : str or None
+        The reference's WCS cards, for targets given on the sky.
+
+    Returns
+    -------
+    PhotometrySetup or None
+        None when no target is configured.
+
+    Raises
+    ------
+    ValueError
+        One sentence, when a target or the site cannot be read.
+    """
+    p = config.photometry
+    if not p.targets:
+        return None
+    header = _header_numbers(prepared.frame.meta.path, ("GAIN", "EGAIN", "SATURATE", "DATAMAX", "SITELAT",
+                                                        "SITELONG", "SITEELEV"))
+    notes: list[str] = []
+    gain = p.gain or header.get("GAIN") or header.get("EGAIN")
+    if not gain:
+        gain = 1.0
+        notes.append("photometry: no GAIN in the header or the configuration; errors assume 1 e-/ADU.")
+    image = prepared.frame.luminance
+    saturation = _saturation_level(image, p.saturation or header.get("SATURATE") or header.get("DATAMAX"))
+    params = PhotometryParams(aperture=p.aperture, annulus_inner=p.annulus_inner,
+                              annulus_outer=p.annulus_outer, gain=float(gain), saturation=saturation)
+    targets = [parse_target(spec, reference_wcs, name=f"T{i + 1}") for i, spec in enumerate(p.targets)]
+    excluded = [parse_target(spec, reference_wcs) for spec in p.exclude]
+    matrix = transform.matrix
+    inverse = PhotometryPlan(stars=tuple(targets) + tuple(excluded), params=params).positions_on(matrix)
+    local = _plan_photometry([], image, prepared.stars, prepared.quality.fwhm, p.comparisons, params,
+                             exclude=[(float(x), float(y)) for x, y in inverse])
+    on_reference = transform.apply(np.array([[s.x, s.y] for s in local.stars]).reshape(-1, 2))
+    comparisons = tuple(Star(s.name, float(x), float(y), s.role)
+                        for s, (x, y) in zip(local.stars, on_reference, strict=True))
+    if len(comparisons) < p.comparisons:
+        notes.append(f"photometry: {len(comparisons)} clean comparison stars found of the "
+                     f"{p.comparisons} asked for.")
+    sky = None
+    if reference_wcs:
+        from astropy.io import fits as _fits
+        from astropy.wcs import WCS
+
+        wcs = WCS(_fits.Header.fromstring(reference_wcs))
+        ra, dec = wcs.all_pix2world([[targets[0].x, targets[0].y]], 0)[0]
+        sky = (float(ra), float(dec))
+    site = _site(p.site, header)
+    if site is None or sky is None:
+        notes.append("photometry: times are JD UTC at mid-exposure (BJD_TDB needs a WCS and the site).")
+    return PhotometrySetup(plan=PhotometryPlan(stars=tuple(targets) + comparisons, params=params), sky=sky,
+                           site=site, notes=tuple(notes))
+
+
+def _header_numbers(path: str, keys: tuple[str, ...]) -> dict[str, float]:
+    from astropy.io import fits as _fits
+
+    try:
+        header = _fits.getheader(path)
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, float] = {}
+    for key in keys:
+        value = header.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def _site(text: str, header: Mapping[str, float]) -> tuple[float, float, float] | None:
+    if text.strip():
+        try:
+            parts = [float(v) for v in text.replace(",", " ").split()]
+        except ValueError:
+            parts = []
+        if len(parts) not in (2, 3):
+            raise ValueError(f"[photometry] site must be 'latitude,longitude[,height]', not {text!r}.")
+        return parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0
+    if "SITELAT" in header and "SITELONG" in header:
+        return header["SITELAT"], header["SITELONG"], header.get("SITEELEV", 0.0)
+    return None
 
 
 def expand_paths(items: Iterable[str]) -> list[Path]:

@@ -67,7 +67,9 @@ __all__ = [
     "FilterBand",
     "SimConfig",
     "SimFrame",
+    "Transit",
     "field_stars",
+    "frame_fwhm",
     "parse_filters",
     "render_frame",
     "render_stars",
@@ -174,6 +176,44 @@ _COMMENTS: Mapping[str, str] = MappingProxyType({
 
 
 @dataclass(frozen=True)
+class Transit:
+    """A star of the field that dims as a planet crosses it (a trapezoid in time).
+
+    Attributes
+    ----------
+    x, y : float
+        Position on the reference frame (frame 0), pixels.
+    flux : float
+        Total flux out of transit, ADU.
+    depth : float
+        Fractional loss of light at mid-transit (0.02 for 2%).
+    mid : float
+        Mid-transit, seconds after the start of frame 0.
+    duration : float
+        First to fourth contact, seconds.
+    ingress : float
+        First to second contact, seconds (at most half the duration).
+    """
+
+    x: float
+    y: float
+    flux: float
+    depth: float
+    mid: float
+    duration: float
+    ingress: float
+
+    def factor(self, t: float) -> float:
+        """Share of the star's light seen at ``t`` seconds after the start of frame 0."""
+        edge = abs(t - self.mid) - (self.duration / 2.0 - self.ingress)
+        if edge <= 0:
+            return 1.0 - self.depth
+        if edge >= self.ingress:
+            return 1.0
+        return 1.0 - self.depth * (1.0 - edge / self.ingress)
+
+
+@dataclass(frozen=True)
 class SimConfig:
     """A simulated observing session.
 
@@ -241,6 +281,10 @@ class SimConfig:
         Number of hot pixels on the sensor; None for ``HOT_PIXEL_FRACTION`` of the pixels.
     blank_frames : tuple of int
         Frames with nothing in view (the sky or the sensor alone): a cap, a cloud bank, a slew.
+    seeing_jitter : float
+        Relative RMS change of the FWHM from frame to frame (seeing that comes and goes); 0 keeps ``fwhm``.
+    transit : Transit or None
+        A star that dims in a transit, for light curves; its time is the frame's mid-exposure.
 
     Raises
     ------
@@ -274,6 +318,8 @@ class SimConfig:
     fixed_pattern: float = 1.0
     hot_pixels: int | None = None
     blank_frames: tuple[int, ...] = ()
+    seeing_jitter: float = 0.0
+    transit: Transit | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from a CLI or a notebook; store tuples so the value stays immutable and hashable.
@@ -312,6 +358,11 @@ class SimConfig:
             problems.append(f"chunk_rate must be > 0 bytes/s, not {self.chunk_rate}")
         if not self.exptime > 0:
             problems.append(f"exptime must be > 0 seconds, not {self.exptime}")
+        if not 0 <= self.seeing_jitter < 0.5:
+            problems.append(f"seeing_jitter must be in [0, 0.5), not {self.seeing_jitter}")
+        if self.transit is not None and not (0 <= self.transit.depth < 1 and self.transit.duration > 0
+                                             and 0 < self.transit.ingress <= self.transit.duration / 2):
+            problems.append("transit needs 0 <= depth < 1 and 0 < ingress <= duration / 2")
         if self.subdir_every < 0:
             problems.append(f"subdir_every must be >= 0, not {self.subdir_every}")
         if self.target not in TARGETS:
@@ -459,7 +510,7 @@ def field_stars(config: SimConfig, index: int) -> FieldStars:
     """
     _check_index(config, index)
     width, height = config.size
-    margin = _stamp_half(config.fwhm, WIND_ELONGATION) + 1.0
+    margin = _stamp_half(config.fwhm * (1.0 + 4.0 * config.seeing_jitter), WIND_ELONGATION) + 1.0
     inverse = true_matrix(config, index)
     corners = np.array([[-margin, -margin], [width - 1 + margin, -margin],
                         [-margin, height - 1 + margin], [width - 1 + margin, height - 1 + margin]])
@@ -470,12 +521,24 @@ def field_stars(config: SimConfig, index: int) -> FieldStars:
     parts = [_tile_stars(config.seed, density, tx, ty)
              for ty in range(ty0, ty1 + 1) for tx in range(tx0, tx1 + 1)]
     sky = np.concatenate(parts, axis=0) if parts else np.empty((0, 6))
+    if config.transit is not None:
+        tr = config.transit
+        seen = tr.flux * tr.factor(index * config.interval + config.exptime / 2.0)
+        sky = np.vstack([sky, [tr.x, tr.y, seen, 1.0, 1.0, 1.0]])
     forward = _forward(config, index)
     xy = sky[:, :2] @ forward[:, :2].T + forward[:, 2]
     keep = ((xy[:, 0] >= -margin) & (xy[:, 0] <= width - 1 + margin)
             & (xy[:, 1] >= -margin) & (xy[:, 1] <= height - 1 + margin))
     return FieldStars(x=_frozen(xy[keep, 0]), y=_frozen(xy[keep, 1]), flux=_frozen(sky[keep, 2]),
                       rgb=_frozen(sky[keep, 3:6]))
+
+
+def frame_fwhm(config: SimConfig, index: int) -> float:
+    """The stars' FWHM on one frame: ``fwhm`` changed by the seeing jitter, deterministically."""
+    if config.seeing_jitter == 0:
+        return config.fwhm
+    change = np.random.default_rng([config.seed, _TAG_EVENT, index, 1]).standard_normal()
+    return config.fwhm * float(np.clip(1.0 + config.seeing_jitter * change, 0.5, 2.0))
 
 
 def render_frame(config: SimConfig, index: int) -> SimFrame:
@@ -517,7 +580,7 @@ def render_frame(config: SimConfig, index: int) -> SimFrame:
         elongation, angle = WIND_ELONGATION, float(events.uniform(0.0, 180.0))
     cell = _cell_channels(config.bayer)
     site_gain = None if cell is None else stars.rgb[:, cell]
-    light = _render_moffat(shape, stars.x, stars.y, flux, fwhm=config.fwhm, beta=MOFFAT_BETA,
+    light = _render_moffat(shape, stars.x, stars.y, flux, fwhm=frame_fwhm(config, index), beta=MOFFAT_BETA,
                            elongation=elongation, angle_deg=angle, site_gain=site_gain)
 
     sky_factor = 1.0 if band is None else band.sky * band.exposure

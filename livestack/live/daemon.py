@@ -38,6 +38,7 @@ from livestack.live.inbox import Command, Inbox
 from livestack.live.net import Security, SocketHub
 from livestack.live.network import EventQueue, Network
 from livestack.live.notify import Notifier
+from livestack.live.photometry import Photometry
 from livestack.live.recovery import resume
 from livestack.live.stacks import Stacks
 from livestack.live.state import CheckpointStore, Journal
@@ -119,6 +120,7 @@ class Daemon:
         self._outputs: Outputs | None = None
         self._worker: Worker | None = None
         self._network: Network | None = None
+        self._photometry = Photometry(config, self._events.emit)
         self._log_handler = _EventLogHandler(self._events.emit)
 
     # -- what others read -----------------------------------------------------------------------------
@@ -186,6 +188,7 @@ class Daemon:
         self._spawn("livestack-network", network.run)
         self._spawn("livestack-writer", self._writer.run)
         self._spawn("livestack-worker", worker.run)
+        self._photometry.start()
         w = self.config.watch
         ignore_dirs = tuple(p for p in (self.output_dir, self.state_dir) if _inside(p, self.watch_dir))
         self._watcher = watch.Watcher(
@@ -208,7 +211,7 @@ class Daemon:
         self._outputs = Outputs(self.config, self.stacks, store, self._writer, self._events.emit)
         memory = resume(self.config, self._journal, store, self.stacks, self._outputs)
         self._worker = Worker(self.config, self._inbox, self.stacks, self._outputs, self._journal, memory,
-                              self._events.emit, self._stop)
+                              self._events.emit, self._stop, self._photometry)
         return self._worker
 
     def _remove_stale_temporaries(self) -> None:
@@ -244,6 +247,7 @@ class Daemon:
             self._worker.close()
         self._writer.close()
         self._join("livestack-writer")
+        self._photometry.stop()  # the last points measured and published, the light curves written
         # Nothing will answer a request still waiting for the worker or the writer now.
         self._closed.set_result(None)
         if self._network is not None:

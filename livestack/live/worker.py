@@ -26,6 +26,7 @@ from livestack import events
 from livestack.config import Config
 from livestack.errors import LivestackError
 from livestack.live.inbox import Command, Inbox, Queued
+from livestack.live.photometry import Photometry
 from livestack.live.recovery import Resumed
 from livestack.live.reports import frame_event, journal_entry
 from livestack.live.stacks import Stacks
@@ -90,10 +91,13 @@ class Worker:
         Queues an event for publication.
     stop : threading.Event
         Set when the daemon is asked to stop: the worker finishes the frame in hand and returns.
+    photometry : Photometry, optional
+        Given each accepted frame's stamps; it measures them on its own thread.
     """
 
     def __init__(self, config: Config, inbox: Inbox, stacks: Stacks, outputs: Outputs, journal: Journal,
-                 memory: Resumed, emit: Callable[[events.Event], None], stop: threading.Event) -> None:
+                 memory: Resumed, emit: Callable[[events.Event], None], stop: threading.Event,
+                 photometry: Photometry | None = None) -> None:
         self.config = config
         self.inbox = inbox
         self.stacks = stacks
@@ -101,6 +105,7 @@ class Worker:
         self.journal = journal
         self.emit = emit
         self._stop = stop
+        self.photometry = photometry
         self._known = memory.known
         self._hashes = memory.hashes
         self.stats = DaemonStats(received=memory.received, accepted=memory.accepted, rejected=memory.rejected)
@@ -257,10 +262,22 @@ class Worker:
         self.stacks.changed()
         if result.accepted:
             self.outputs.stacked()
+            if self.photometry is not None and isinstance(prepared, Prepared):
+                self._measure(seq, prepared, result)
         self.outputs.maybe_checkpoint(idle=False)
         depth, _ = self.inbox.depth_and_lag()
         if depth == 0:
             self.state = "waiting"
+
+    def _measure(self, seq: int, prepared: Prepared, result: FrameResult) -> None:
+        """Hand an accepted frame's stars to the photometry thread; a failure costs a point, not the frame."""
+        assert self.photometry is not None
+        ref = self.stacks.stacker.reference_meta
+        try:
+            self.photometry.frame(seq, prepared, result, self.stacks.session, self.stacks.folder(),
+                                  ref.wcs_header if ref is not None else None)
+        except Exception:
+            log.exception("photometry of %s could not be started", prepared.frame.meta.path)
 
     def _prepare(self, item: Queued, stacker: Stacker) -> Prepared | FrameResult:
         """Read a frame and find its stars; anything wrong with the file rejects it with a reason.

@@ -31,7 +31,7 @@ from textual.worker import get_current_worker
 from livestack import events
 from livestack.clients.bus import ClientKeys, ControlClient, Subscriber
 from livestack.clients.tui.model import SERIES, Dashboard, FrameRow, LogLine, format_clock
-from livestack.clients.tui.widgets import Plot, PreviewView
+from livestack.clients.tui.widgets import LightCurveView, Plot, PreviewView, bin_points
 from livestack.errors import LivestackError
 
 __all__ = [
@@ -50,7 +50,7 @@ __all__ = [
 #: How long one wait of the receiving worker lasts: the bound on noticing a cancellation or staleness.
 _RECV_TIMEOUT_S = 0.25
 #: What the dashboard shows; the ``display`` pictures (for web viewers) would only cost a remote link.
-_TOPICS = ("frame", "stack", "snapshot", "status", "log")
+_TOPICS = ("frame", "stack", "snapshot", "status", "log", "photometry")
 
 ConnectionState = Literal["connecting", "connected", "stale", "failed", "offline"]
 
@@ -245,6 +245,8 @@ class LivestackApp(App[None]):
     attached : bool
         The daemon runs in this process (``livestack run --tui``, ``livestack demo``) and stops when the
         dashboard quits; the help says so.
+    lightcurve_bin : int
+        Photometry points averaged per point of the light curve (it also bins to fit its width).
 
     Attributes
     ----------
@@ -283,6 +285,7 @@ class LivestackApp(App[None]):
         tz: tzinfo | None = None,
         control_timeout: float = 2.0,
         attached: bool = False,
+        lightcurve_bin: int = 1,
     ) -> None:
         super().__init__()
         if stale_after <= 0:
@@ -292,6 +295,7 @@ class LivestackApp(App[None]):
         self.stale_after = stale_after
         self.control_timeout = control_timeout
         self.attached = attached
+        self.lightcurve_bin = max(1, lightcurve_bin)
         self.heard = threading.Event()
         self._keys = None if keys is None else ClientKeys.load(keys)
         self._clock = clock
@@ -323,6 +327,10 @@ class LivestackApp(App[None]):
                 preview = PreviewView(id="preview")
                 preview.border_title = "stack"
                 yield preview
+                curve = LightCurveView(id="lightcurve")
+                curve.border_title = "light curve"
+                curve.display = False  # until the first photometry event
+                yield curve
                 log = RichLog(id="log", max_lines=500, min_width=20, wrap=True, markup=False, highlight=False)
                 log.border_title = "log"
                 yield log
@@ -552,6 +560,18 @@ class LivestackApp(App[None]):
             if event["verdict"] == "accepted":
                 for name in SERIES:
                     self.query_one(f"#plot-{name}", Plot).plot(self.model.series[name])
+        if event.topic == "photometry" and self.model.lightcurves:
+            name, points = next(iter(self.model.lightcurves.items()))  # the first target
+            curve = self.query_one("#lightcurve", LightCurveView)
+            curve.display = True
+            curve.border_title = f"light curve · {name} · {self.model.time_scale or ''}"
+            if points:
+                latest = points[-1]
+                curve.border_subtitle = f"{latest[1]:+.4f} ± {latest[2]:.4f} mag"
+            if self.lightcurve_bin > 1:
+                curve.plot(bin_points(list(points), -(-len(points) // self.lightcurve_bin)))
+            else:
+                curve.plot(points)
 
     def _write_log(self, line: LogLine) -> None:
         styles = {"info": "", "warning": "yellow", "error": "bold red"}
@@ -625,7 +645,7 @@ class LivestackApp(App[None]):
             table.move_cursor(row=table.get_row_index(chosen))
 
 
-def run_tui(connect: str, control: str, keys: str | Path | None = None) -> None:
+def run_tui(connect: str, control: str, keys: str | Path | None = None, lightcurve_bin: int = 1) -> None:
     """Run the dashboard in this terminal until the user quits.
 
     Parameters
@@ -636,13 +656,15 @@ def run_tui(connect: str, control: str, keys: str | Path | None = None) -> None:
         The daemon's control endpoint, e.g. ``tcp://127.0.0.1:5556``.
     keys : str, Path or None
         A folder with ``client.key_secret`` and ``server.key``; None for plain sockets.
+    lightcurve_bin : int
+        Photometry points averaged per point of the light curve.
 
     Raises
     ------
     NetworkError
         When the key folder is unusable (before the terminal is taken over).
     """
-    run_app(LivestackApp(connect, control, keys))
+    run_app(LivestackApp(connect, control, keys, lightcurve_bin=lightcurve_bin))
 
 
 def run_app(

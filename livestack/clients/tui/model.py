@@ -97,6 +97,10 @@ class Dashboard:
         Frame rows by key, oldest first, at most ``FRAME_ROWS``.
     series : dict of str to deque of float
         The plotted values of accepted frames, per name in ``SERIES``.
+    lightcurves : dict of str to deque of (float, float, float)
+        ``(time, magnitude, error)`` of each photometry target's clean points, in arrival order.
+    time_scale : str or None
+        The light curves' time scale (``JD_UTC`` or ``BJD_TDB``), from the latest photometry event.
     """
 
     def __init__(self, tz: tzinfo | None = None) -> None:
@@ -107,6 +111,8 @@ class Dashboard:
         self.frames: OrderedDict[tuple[int, str], FrameRow] = OrderedDict()
         self.series: dict[str, deque[float]] = {name: deque(maxlen=_SERIES_LENGTH) for name in SERIES}
         self.last_frame: Mapping[str, Any] | None = None
+        self.lightcurves: dict[str, deque[tuple[float, float, float]]] = {}
+        self.time_scale: str | None = None
         # (event time in seconds, frames received so far) from recent status events, for the rate.
         self._received_samples: deque[tuple[float, int]] = deque()
 
@@ -286,6 +292,19 @@ class Dashboard:
                 if key[0] in seqs:
                     self.frames[key] = replace(row, verdict=status, status=status)
         return lines
+
+    def _apply_photometry(self, event: events.Event) -> list[LogLine]:
+        self.time_scale = str(event["time_scale"])
+        when = _number(event["obs_time"])
+        for target in event["targets"]:
+            if not isinstance(target, Mapping):
+                continue
+            mag, err = _number(target.get("magnitude")), _number(target.get("error"))
+            name = str(target.get("name", "?"))
+            points = self.lightcurves.setdefault(name, deque(maxlen=_SERIES_LENGTH))
+            if when is not None and mag is not None and err is not None and not target.get("flags"):
+                points.append((when, mag, err))
+        return []
 
     def _apply_snapshot(self, event: events.Event) -> list[LogLine]:
         where = event["image"] or event["fits"] or "nowhere"

@@ -1,4 +1,5 @@
-"""Widgets the dashboard needs beyond Textual's: the stack preview in half blocks, a labelled plot."""
+"""Widgets the dashboard needs beyond Textual's: the stack preview in half blocks, a labelled plot, a light
+curve with error bars."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Sparkline, Static
 
-__all__ = ["HALF_BLOCK", "Plot", "PreviewView", "fit_preview"]
+__all__ = ["HALF_BLOCK", "LightCurveView", "Plot", "PreviewView", "bin_points", "fit_preview"]
 
 #: The upper half block: its foreground paints the upper pixel of a cell, its background the lower one.
 HALF_BLOCK = "▀"
@@ -190,6 +191,90 @@ class Plot(Horizontal):
     def _text(self, latest: float | None) -> str:
         value = "\u2013" if latest is None else f"{latest:{self.fmt}}{self.unit}"
         return f"{self.title} {value}"
+
+
+def bin_points(points: Sequence[tuple[float, float, float]],
+               columns: int) -> list[tuple[float, float, float]]:
+    """Average ``(time, magnitude, error)`` points down to at most ``columns``, consecutive points together.
+
+    Each bin's magnitude is the inverse-variance weighted mean of its points and its error that mean's error,
+    so a binned point is as certain as its points together are.
+    """
+    if columns <= 0 or not points:
+        return []
+    data = np.asarray(points, dtype=np.float64)
+    starts, _counts = _bins(len(data), min(columns, len(data)))
+    out = []
+    for chunk in np.split(data, starts[1:]):
+        weights = 1.0 / np.maximum(chunk[:, 2], 1e-9) ** 2
+        mean = float(np.sum(weights * chunk[:, 1]) / weights.sum())
+        out.append((float(chunk[:, 0].mean()), mean, float(1.0 / np.sqrt(weights.sum()))))
+    return out
+
+
+class LightCurveView(Widget):
+    """A target's differential magnitude over the night: a dot per column, its error bar above and below.
+
+    Brighter is up (smaller magnitudes at the top), as astronomers draw light curves. With more points than
+    columns, consecutive points are binned (``bin_points``).
+    """
+
+    DEFAULT_CSS = """
+    LightCurveView {
+        width: 1fr;
+        height: 8;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self._points: list[tuple[float, float, float]] = []
+
+    @property
+    def points(self) -> list[tuple[float, float, float]]:
+        """The points shown (before binning)."""
+        return self._points
+
+    def plot(self, points: Sequence[tuple[float, float, float]]) -> None:
+        """Show ``(time, magnitude, error)`` points."""
+        self._points = list(points)
+        self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        """Draw one line of cells (Textual's line API)."""
+        width, height = self.size.width, self.size.height
+        base = self.rich_style
+        rows = self._draw(width, height)
+        if 0 <= y < len(rows):
+            return Strip([Segment(rows[y], base)], width)
+        return Strip.blank(width, base)
+
+    def _draw(self, width: int, height: int) -> list[str]:
+        if width <= 0 or height <= 0:
+            return []
+        if not self._points:
+            lines = [" " * width] * height
+            lines[height // 2] = "no photometry yet"[:width].center(width)
+            return lines
+        binned = bin_points(self._points, width)
+        mags = np.array([p[1] for p in binned])
+        errs = np.array([p[2] for p in binned])
+        low, high = float(np.min(mags - errs)), float(np.max(mags + errs))
+        if high - low < 1e-4:
+            low, high = low - 5e-5, high + 5e-5
+        cells = [[" "] * width for _ in range(height)]
+
+        def row_of(mag: float) -> int:  # brighter (smaller) magnitudes at the top
+            return round((mag - low) / (high - low) * (height - 1))
+
+        left = (width - len(binned)) // 2
+        for i, (mag, err) in enumerate(zip(mags, errs, strict=True)):
+            col = left + i
+            top, bottom, centre = row_of(mag - err), row_of(mag + err), row_of(mag)
+            for r in range(top, bottom + 1):
+                cells[r][col] = "│"
+            cells[centre][col] = "●"
+        return ["".join(line) for line in cells]
 
 
 def _bins(size: int, parts: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,12 +20,15 @@ from typing import Any
 
 from livestack import events
 
-__all__ = ["HISTORY", "PICTURES_KEPT", "STALE_AFTER", "Picture", "StackView", "Viewer", "stack_key"]
+__all__ = ["HISTORY", "LIGHTCURVE_POINTS", "PICTURES_KEPT", "STALE_AFTER", "Picture", "StackView", "Viewer",
+           "stack_key"]
 
 #: Accepted frames whose FWHM and background a stack's plots keep.
 HISTORY = 240
 #: Pictures kept per stack: the newest, and the one before it for a page that was told about it a moment ago.
 PICTURES_KEPT = 2
+#: Photometry points kept per target (a long night of one-minute frames).
+LIGHTCURVE_POINTS = 1000
 #: Seconds without any event (the daemon sends ``status`` every second) before the daemon counts as gone.
 STALE_AFTER = 3.5
 
@@ -136,6 +139,9 @@ class Viewer:
         self._boot = secrets.token_hex(4)
         self._count = 0
         self.last_event: float | None = None
+        #: Photometry targets' clean points, ``[obs_time, magnitude, error]``, the newest last.
+        self.lightcurves: dict[str, list[list[float]]] = {}
+        self.time_scale: str | None = None
 
     # -- events in -----------------------------------------------------------------------------------
 
@@ -150,7 +156,8 @@ class Viewer:
         Returns
         -------
         list of (str, dict)
-            Messages for the pages: ``status``, ``stack``, ``frame``, ``picture``, ``log``; often one.
+            Messages for the pages: ``status``, ``stack``, ``frame``, ``picture``, ``photometry``, ``log``;
+            often one.
         """
         now = self._clock()
         self.last_event = now
@@ -189,6 +196,18 @@ class Viewer:
                                "fwhm": p["fwhm"], "background": p["background"], "stars": p["stars"]})]
         if event.topic == "display" and event.picture is not None:
             return [("picture", self._add_picture(event, now))]
+        if event.topic == "photometry":
+            self.time_scale = p["time_scale"]
+            points = []
+            for target in p["targets"]:
+                point = [p["obs_time"], target.get("magnitude"), target.get("error")]
+                if target.get("flags") or not all(isinstance(v, int | float) for v in point):
+                    continue
+                curve = self.lightcurves.setdefault(str(target.get("name")), [])
+                curve.append(point)
+                del curve[:-LIGHTCURVE_POINTS]
+                points.append({"target": str(target.get("name")), "point": point})
+            return [("photometry", {"time_scale": self.time_scale, "points": points})] if points else []
         if event.topic == "log" and p["level"] in ("warning", "error"):
             return [("log", {"level": p["level"], "message": p["message"]})]
         return []
@@ -244,7 +263,8 @@ class Viewer:
         """
         now = self._clock()
         return {"caption": self.caption, "control": control, "bus": self.bus_state(), "status": self.status,
-                "stacks": [v.full(now) for v in self.stacks.values()]}
+                "stacks": [v.full(now) for v in self.stacks.values()],
+                "lightcurves": self.lightcurves, "time_scale": self.time_scale}
 
 
 _STATUS_FIELDS = ("state", "queue", "received", "accepted", "rejected", "exptime", "frames", "object",

@@ -29,6 +29,8 @@
     open: false,
     everOpen: false,
     lastMessage: performance.now(),
+    curves: new Map(),      // photometry target -> [[time, magnitude, error], ...]
+    timeScale: null,
   };
 
   // -- the event stream ----------------------------------------------------------------------------------
@@ -84,8 +86,21 @@
         });
       }
       state.stacks = stacks;
+      state.curves = new Map(Object.entries(d.lightcurves || {}));
+      state.timeScale = d.time_scale;
       if (d.control && token) checkControl();
       render();
+      renderCurve();
+    },
+    photometry(m) {
+      state.timeScale = m.time_scale;
+      for (const { target, point } of m.points) {
+        if (!state.curves.has(target)) state.curves.set(target, []);
+        const curve = state.curves.get(target);
+        curve.push(point);
+        if (curve.length > 1000) curve.splice(0, curve.length - 1000);
+      }
+      renderCurve();
     },
     status(s) { state.status = s; state.bus = "live"; renderCounts(); showConnection(); },
     stack(s) { mergeStack(s); render(); },
@@ -183,6 +198,47 @@
     const n = values.length - 1 || 1;
     line.setAttribute("points", points.map(([i, v]) =>
       `${(100 * i / n).toFixed(2)},${(22 - 20 * (v - lo) / span).toFixed(2)}`).join(" "));
+  }
+
+  // The first photometry target's light curve: a dot per point (binned to at most 100), its error bar
+  // through it; brighter (smaller magnitudes) up, as astronomers draw them.
+  const SVG = "http://www.w3.org/2000/svg";
+  function renderCurve() {
+    const figure = $("curve");
+    const entry = state.curves.entries().next();
+    if (entry.done || entry.value[1].length === 0) { figure.hidden = true; return; }
+    const [name, raw] = entry.value;
+    figure.hidden = false;
+    const per = Math.ceil(raw.length / 100);
+    const points = [];
+    for (let i = 0; i < raw.length; i += per) {
+      const chunk = raw.slice(i, i + per);
+      const w = chunk.map((p) => 1 / (p[2] * p[2]));
+      const sw = w.reduce((a, b) => a + b, 0);
+      points.push([chunk.reduce((a, p) => a + p[0], 0) / chunk.length,
+        chunk.reduce((a, p, k) => a + w[k] * p[1], 0) / sw, 1 / Math.sqrt(sw)]);
+    }
+    const lo = Math.min(...points.map((p) => p[1] - p[2]));
+    const hi = Math.max(...points.map((p) => p[1] + p[2]));
+    const t0 = points[0][0];
+    const tspan = points[points.length - 1][0] - t0 || 1;
+    const y = (m) => (2 + 26 * (m - lo) / ((hi - lo) || 1e-4)).toFixed(2);
+    const x = (t) => (points.length === 1 ? 50 : 2 + 96 * (t - t0) / tspan).toFixed(2);
+    const svg = $("plot-curve");
+    const marks = [];
+    for (const [t, m, e] of points) {
+      const bar = document.createElementNS(SVG, "line");
+      bar.setAttribute("x1", x(t)); bar.setAttribute("x2", x(t));
+      bar.setAttribute("y1", y(m - e)); bar.setAttribute("y2", y(m + e));
+      const dot = document.createElementNS(SVG, "circle");
+      dot.setAttribute("cx", x(t)); dot.setAttribute("cy", y(m)); dot.setAttribute("r", "0.9");
+      marks.push(bar, dot);
+    }
+    svg.replaceChildren(...marks);
+    const last = raw[raw.length - 1];
+    $("curve-name").textContent = name;
+    $("curve-last").textContent = `${last[1] >= 0 ? "+" : ""}${last[1].toFixed(3)} \u00b1 ${last[2].toFixed(3)} mag`;
+    figure.title = `${name}: differential magnitude (${state.timeScale || "JD"}), ${raw.length} points`;
   }
 
   function renderSelector() {
