@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from livestack import events
+from livestack.clients.bus import Subscriber
 from livestack.clients.web.app import WebSettings
 from livestack.clients.web.model import PICTURES_KEPT, Viewer, stack_key
 from livestack.clients.web.server import WebServer, is_loopback_host, parse_listen
@@ -234,16 +235,34 @@ def wait_for(condition: Any, what: str) -> Any:
         time.sleep(0.05)
 
 
-def test_api_refuses_control_without_the_token(daemon: Daemon) -> None:
+def test_api_serves_pictures_for_good_and_refuses_control_without_the_token(
+        daemon: Daemon, frames: list[Path]) -> None:
     with serving(daemon, TOKEN) as server:
         base = server.url
+        for path in frames[:2]:
+            os.replace(path, daemon.watch_dir / path.name)
+
+        def stacked_picture() -> dict[str, Any] | None:
+            state = json.loads(http(base + "api/state")[2])
+            stacks = [s for s in state["stacks"] if s["picture"] and s["picture"]["frames"] == 2]
+            return stacks[0] if stacks else None
+
+        view = wait_for(stacked_picture, "a picture of the 2-frame stack")
+        assert view["target"] == "SIM-FIELD"
+        code, headers, body = http(base + view["picture"]["url"])
+        assert code == 200 and headers["content-type"] == "image/jpeg"
+        assert "immutable" in headers["cache-control"] and "max-age=31536000" in headers["cache-control"]
+        image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert max(image.shape[:2]) == 256 and image.shape[:2] == (view["picture"]["height"],
+                                                                   view["picture"]["width"])
+        assert http(base + view["picture"]["url"], headers={"If-None-Match": headers["etag"]})[0] == 304
+        assert http(base + "pictures/0000-1.jpg")[0] == 404
         page = http(base)
         assert page[0] == 200 and b"viewer.js" in page[2]
         assert "script-src 'self'" in page[1]["content-security-policy"]
         assert http(base + "static/viewer.js")[0] == 200
-        assert http(base + "pictures/0000-1.jpg")[0] == 404
 
-    # Control: nothing without the token, a wrong one, or a GET; the daemon keeps stacking.
+        # Control: nothing without the token, a wrong one, or a GET; the daemon keeps stacking.
         for headers_ in ({}, {"Authorization": "Bearer wrong-token-here"}, {"Authorization": TOKEN},
                          {"Authorization": f"Basic {TOKEN}"}):
             code, _, body = http(base + "api/control/pause", "POST", headers_)
@@ -279,7 +298,7 @@ def test_event_stream_says_hello_then_follows_the_daemon(daemon: Daemon, frames:
             name = ""
             os.replace(frames[0], daemon.watch_dir / frames[0].name)
             deadline = time.monotonic() + WAIT
-            while not ("stack" in seen and any(f["verdict"] == "accepted" for f in seen.get("frame", []))):
+            while not ("picture" in seen and any(f["verdict"] == "accepted" for f in seen.get("frame", []))):
                 assert time.monotonic() < deadline, f"stream gave only {sorted(seen)}"
                 line = reader.readline().rstrip(b"\r\n")
                 if line.startswith(b"event: "):
@@ -287,7 +306,7 @@ def test_event_stream_says_hello_then_follows_the_daemon(daemon: Daemon, frames:
                 elif line.startswith(b"data: "):
                     seen.setdefault(name, []).append(json.loads(line[6:]))
             assert seen["hello"][0]["caption"] == "Clear skies" and seen["hello"][0]["control"] is False
-            assert seen["stack"][-1]["target"] == "SIM-FIELD" and seen["stack"][-1]["frames"] == 1
+            assert seen["picture"][-1]["picture"]["url"].startswith("pictures/")
 
 
 def test_listen_addresses_are_checked_and_beyond_loopback_warned_about(
@@ -328,6 +347,26 @@ def test_web_command_checks_its_token_and_address(tmp_path: Path) -> None:
     assert short.returncode == 2 and "at least 12 characters" in short.stderr
     bad = run("--listen", "nowhere")
     assert bad.returncode == 2 and "not HOST:PORT" in bad.stderr
+
+
+def test_subscriber_can_leave_out_the_pictures(daemon: Daemon, frames: list[Path]) -> None:
+    with (Subscriber(daemon.publish_endpoint, topics=("frame", "stack", "status")) as sub,
+          Subscriber(daemon.publish_endpoint) as everything):
+        time.sleep(0.3)
+        os.replace(frames[0], daemon.watch_dir / frames[0].name)
+        seen: set[str] = set()
+        deadline = time.monotonic() + WAIT
+        while "display" not in seen:
+            assert time.monotonic() < deadline, f"no display event, only {seen}"
+            event = everything.recv(0.2)
+            if event is not None:
+                seen.add(event.topic)
+        topics = set()
+        while (event := sub.recv(0.3)) is not None:
+            topics.add(event.topic)
+        assert "frame" in topics and "display" not in topics
+    with pytest.raises(Exception, match="unknown topics pictures"):
+        Subscriber("tcp://127.0.0.1:1", topics=("pictures",))
 
 
 def _viewer_url(process: subprocess.Popen[str]) -> str:
@@ -378,12 +417,13 @@ def test_demo_and_run_serve_the_viewer_beside_their_daemon(tmp_path: Path, comma
         url = _viewer_url(process)
         assert url.startswith("http://127.0.0.1:")
 
-        def stacked() -> dict[str, Any] | None:
+        def pictured() -> dict[str, Any] | None:
             state = json.loads(http(url + "api/state")[2])
-            return state if any(s["frames"] >= 1 for s in state["stacks"]) else None
+            return state if any(s["picture"] for s in state["stacks"]) else None
 
-        state = wait_for(stacked, "a stack in the viewer")
+        state = wait_for(pictured, "a picture in the viewer")
         assert state["caption"] == "From the command line" and state["control"] is False
+        assert all(s["frames"] >= 1 for s in state["stacks"] if s["picture"])
         # The demo's camera finishes, and the viewer stays for the audience until a signal.
         if command == "demo":
             wait_for(lambda: json.loads(http(url + "api/state")[2])["status"]["received"] == 3,
@@ -394,3 +434,77 @@ def test_demo_and_run_serve_the_viewer_beside_their_daemon(tmp_path: Path, comma
         status = _stop(process, signal.SIGINT if command == "demo" else signal.SIGTERM)
     assert status == 0
     assert list((tmp_path / "out").rglob("stack.fits"))
+
+
+def _read_events(conn: socket.socket, until: str, seconds: float) -> list[tuple[str, str]]:
+    """(event, data) pairs from a raw event stream, until a data line holds ``until`` or time is up."""
+    conn.settimeout(0.5)
+    buffer = b""
+    out: list[tuple[str, str]] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            chunk = conn.recv(1 << 16)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        buffer += chunk
+        *messages, buffer = buffer.split(b"\n\n")
+        for message in messages:
+            lines = dict(line.split(": ", 1) for line in message.decode().splitlines() if ": " in line)
+            if "event" in lines:
+                out.append((lines["event"], lines.get("data", "")))
+        if out and until in out[-1][1]:
+            break
+    return out
+
+
+def test_a_page_that_stops_reading_holds_up_no_other(tmp_path: Path) -> None:
+    import zmq
+
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.bind("tcp://127.0.0.1:*")
+    endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+    server = WebServer(WebSettings(endpoint, "tcp://127.0.0.1:1"), "127.0.0.1:0")
+    server.start()
+    host, port = server.url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    stalled = socket.socket()
+    reader = socket.socket()
+    try:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for conn in (stalled, reader):
+            conn.connect((host, int(port)))
+            conn.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        # ZeroMQ's subscription takes a moment: publish heartbeats until the reading page hears one.
+        heard: list[tuple[str, str]] = []
+        while not any(name == "status" for name, _ in heard):
+            pub.send_multipart(events.encode(status(1)))
+            heard = _read_events(reader, '"state"', 1.0)
+        # About 8 MB of warnings, far beyond what the kernel buffers for the page that does not read.
+        blob = "x" * 2000
+        for i in range(4000):
+            pub.send_multipart(events.encode(events.make_event("log", level="warning",
+                                                               message=f"{i} {blob}", logger="t")))
+            if i % 50 == 49:
+                time.sleep(0.005)  # within the subscriber's queue, as a real daemon's pace is
+        time.sleep(0.3)
+        pub.send_multipart(events.encode(events.make_event("log", level="warning", message="the end",
+                                                           logger="t")))
+        started = time.monotonic()
+        got = _read_events(reader, "the end", WAIT)
+        assert got and "the end" in got[-1][1], "the reading page never got the last message"
+        assert time.monotonic() - started < 5.0
+        # The page that stopped reading was dropped behind, not queued for: when it reads again it gets a
+        # fresh hello instead of the whole backlog.
+        late = _read_events(stalled, "the end", 10.0)
+        names = [name for name, _ in late]
+        assert names.count("hello") >= 2, names[:5]
+        assert names.count("log") < sum(name == "log" for name, _ in got) - 500
+    finally:
+        stalled.close()
+        reader.close()
+        server.stop()
+        pub.close(linger=0)
+        context.term()

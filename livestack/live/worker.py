@@ -152,6 +152,7 @@ class Worker:
                 got = self.inbox.get(0.5)
                 if got is None:
                     self.outputs.maybe_checkpoint(idle=True)
+                    self.outputs.maybe_display()
                     continue
                 if isinstance(got, Command):
                     self._run_command(got)

@@ -1,10 +1,10 @@
-"""Snapshots, previews and checkpoints: decided on the worker thread, computed and written on the writer's.
+"""Snapshots, previews, pictures and checkpoints: decided on the worker thread, made on the writer's.
 
 - ``Writer``: the writer thread; runs jobs in the order they were queued, so a session's last snapshot and
   the next session's first checkpoint land in order. A job's failure is logged, never the end of the thread.
 - ``Outputs``: owned by the worker; counts frames and seconds since the last snapshot and checkpoint, copies
   what must be consistent with the journal (a checkpoint's arrays) while it holds the stack, and queues the
-  rest (stacking the snapshot, stretching the preview) for the writer.
+  rest (stacking the snapshot, stretching the preview and the viewers' picture) for the writer.
 """
 
 from __future__ import annotations
@@ -26,11 +26,15 @@ from livestack.live.reports import stack_event
 from livestack.live.stacks import Stacks
 from livestack.live.state import CheckpointStore
 from livestack.pipeline import Stacker
-from livestack.stages.snapshot import preview_array, write_snapshot
+from livestack.stages.snapshot import encode_image, preview_array, write_snapshot
 
 __all__ = ["EMPTY_STACK", "Outputs", "Writer"]
 
 log = logging.getLogger("livestack.live.writer")
+
+#: Seconds after which the last ``display`` picture is published again when nothing newer came: a viewer
+#: that starts (or restarts) while the stack is quiet gets the picture without waiting for a frame.
+DISPLAY_REPEAT = 15.0
 
 #: What a checkpoint of an empty stack holds (the store wants at least one array; ``meta`` says empty).
 EMPTY_STACK = {"empty": np.zeros(1, dtype=np.uint8)}
@@ -97,6 +101,11 @@ class Outputs:
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
         self._last_preview = 0.0
+        # The viewers' picture: due after a change (the worker decides), made by the writer, which keeps
+        # the last one to repeat. None until the first: a stack restored at start is pictured too.
+        self._display_due = False
+        self._last_display = 0.0
+        self._display: events.Event | None = None
         # Stack events queued on the writer and not yet published (the worker adds, the writer subtracts).
         self._routed = 0
         self._routed_lock = threading.Lock()
@@ -108,6 +117,8 @@ class Outputs:
         self._since_snapshot += 1
         self._since_checkpoint += 1
         self.stack_event()
+        self._display_due = True
+        self.maybe_display()
         self.maybe_snapshot()
 
     def maybe_snapshot(self) -> None:
@@ -202,6 +213,41 @@ class Outputs:
         finally:
             with self._routed_lock:
                 self._routed -= 1
+
+    # -- the viewers' picture -------------------------------------------------------------------------
+
+    def maybe_display(self) -> None:
+        """Queue the stack's picture for viewers when it changed and ``[web] display_interval`` allows (the
+        last change of a burst is pictured once the interval has passed: call this when idle too); repeat
+        the last picture of this session every ``DISPLAY_REPEAT`` seconds while nothing changes."""
+        interval = self.config.web.display_interval
+        now = time.monotonic()
+        if interval <= 0 or now - self._last_display < interval:
+            return
+        stacker, session = self.stacks.stacker, self.stacks.session
+        last = self._display
+        if stacker.count > 0 and (self._display_due or last is None):
+            self._display_due = False
+            self._last_display = now
+            self.writer.submit(lambda: self._make_display(stacker, session))
+        elif last is not None and last["session"] == session and now - self._last_display >= DISPLAY_REPEAT:
+            self._last_display = now
+            self.emit(last)
+
+    def _make_display(self, stacker: Stacker, session: int) -> None:
+        """Writer thread: the stretched stack as a JPEG (at most ``[web] display_size`` pixels), published."""
+        view = self.stacks.view(stacker, session, image=True)
+        if view.image is None or view.info.ncombine == 0:
+            return
+        side = self.config.web.display_size or max(view.image.shape[:2])
+        pixels = preview_array(view.image, max_side=side, flatten=self.config.output.flatten_background,
+                               surface=stacker.path == "surface")
+        info = view.info
+        self._display = events.make_event(
+            "display", picture=encode_image(pixels, "jpeg"), object=info.object, filter=info.filter,
+            session=session, frames=info.ncombine, exptime=info.exptime, width=pixels.shape[1],
+            height=pixels.shape[0])
+        self.emit(self._display)
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
