@@ -230,7 +230,8 @@ def _cmd_restack(args: argparse.Namespace) -> int:
             print("livestack: no frame could be stacked; nothing written", file=sys.stderr)
             return 1
         write_snapshot(fits_path, image, replace(stacker.info(), frames=rows),
-                       image_format=config.output.image_format, flatten=config.output.flatten_background)
+                       image_format=config.output.image_format, flatten=config.output.flatten_background,
+                       surface=stacker.path == "surface")
         if args.frames_csv or config.output.frames_csv:
             _write_frames_csv(fits_path, rows)
     print(f"{stacker.count} of {len(accepted)} frames of session {session} stacked again "

@@ -94,7 +94,7 @@ RADIAL_BINS = 64
 #: Polar grid of the Fourier-Mellin step: angles over 180 degrees, and radii.
 POLAR_ANGLES = 720
 POLAR_RADII = 96
-#: Degrees either side of the spectrum's axes left out of the polar correlation.
+#: Degrees either side of the spectrum's ky = 0 axis (the column pattern's) left out of the polar correlation.
 AXIS_MASK = 3.0
 #: A side-lobe region excludes this many pixels around a peak (at least; scaled with the peak's width).
 PEAK_EXCLUSION = 4
@@ -355,13 +355,15 @@ def register(ref: SurfaceReference, frame: SurfaceFrame, guess: Transform | None
                                       f"another target")
     work = frame.work
     spectrum = np.fft.rfft2((work - np.float32(work.mean())) * ref.window)
-    angle = _rotation(ref, spectrum, work.shape)
+    angles = _rotations(ref, spectrum, work.shape)
     filtered = _dog(work, ref.sigma_high, ref.sigma_low)
 
     # Candidate turns: the Fourier-Mellin estimate and the guess's (a slowly turning field); the most
     # confident phase correlation wins; a turn by 180 degrees is tried when neither is confident.
-    candidates = [angle] if guess is None or abs(guess.rotation - angle) < MIN_DEROTATION else [
-        angle, guess.rotation]
+    candidates: list[float] = []
+    for turn in (*([] if guess is None else [guess.rotation]), *angles):
+        if all(abs(turn - c) >= MIN_DEROTATION for c in candidates):
+            candidates.append(turn)
     coarse: np.ndarray | None = None
     confidence = math.nan
     reason: str | None = None
@@ -452,15 +454,15 @@ def _spikes(lum: np.ndarray, offset: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _remove_line_offsets(work: np.ndarray) -> np.ndarray:
-    """Subtract each column's and each row's mean: the sensor's banding, whatever its scale.
+    """Subtract each column's mean: the sensor's column pattern, whatever its scale.
 
-    This empties the two axes of the image's spectrum, which carry a negligible share of a two-dimensional
-    scene's detail but all of a column or row pattern's.
+    This empties one axis of the image's spectrum, which carries a negligible share of a two-dimensional
+    scene's detail but all of a column pattern's. Rows are left alone: row noise changes from frame to frame
+    (it is no fixed pattern), and a planet's belts often lie along the rows.
     """
     out = np.array(work, dtype=np.float32)
     level = np.float32(out.mean())
     out -= out.mean(axis=0, keepdims=True)
-    out -= out.mean(axis=1, keepdims=True)
     out += level
     return out
 
@@ -502,8 +504,8 @@ def _passband(spectrum: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray,
     k_half = float(passing.max()) if passing.size else float(centres[1])
     weights = np.interp(k, centres, wiener).astype(np.float32)
     weights *= (1.0 - np.exp(-0.5 * (k / LOW_CUT) ** 2)).astype(np.float32)
+    # ky = 0: what is constant down the columns, the column pattern (removed from the images already).
     weights[0, :] = 0.0
-    weights[:, 0] = 0.0
     return weights, k_half
 
 
@@ -546,17 +548,27 @@ def _polar(magnitude: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     grid -= grid.mean(axis=0, keepdims=True)
     spread = grid.std(axis=0, keepdims=True)
     grid = grid / np.maximum(spread, np.float32(1e-12))
-    # The spectrum's axes carry the window's leakage and the removed banding, fixed to the sensor: they
-    # would vote for no turn.
+    # The ky = 0 axis carries the removed column pattern, fixed to the sensor: it would vote for no turn.
     degrees = np.degrees(angles)
-    grid[(np.abs(degrees) < AXIS_MASK) | (np.abs(degrees + 90.0) < AXIS_MASK)] = 0.0
+    grid[np.abs(degrees) < AXIS_MASK] = 0.0
     return np.asarray(grid, dtype=np.float32)
 
 
-def _rotation(ref: SurfaceReference, spectrum: np.ndarray, shape: tuple[int, ...]) -> float:
-    """Fourier-Mellin: the turn (degrees, in (-90, 90]) that best matches the polar magnitudes."""
+def _rotations(ref: SurfaceReference, spectrum: np.ndarray, shape: tuple[int, ...]) -> list[float]:
+    """Fourier-Mellin: turns (degrees, in (-90, 90]) that match the polar magnitudes.
+
+    The first correlates the frame's polar magnitudes with the reference's; the sensor's fixed pattern, the
+    same in both at the same frequencies, pulls it towards no turn. The second correlates the frame's minus
+    the reference's, where that pattern cancels: the target's turn leaves a peak there (pushed a little away
+    from zero by the trough the subtraction leaves at zero).
+    """
     polar = _polar(np.abs(spectrum) * ref.weights, shape)
-    cross = np.fft.rfft(ref.polar, axis=0) * np.conj(np.fft.rfft(polar, axis=0))
+    reference_rings = np.fft.rfft(ref.polar, axis=0)
+    return [_angular_peak(reference_rings * np.conj(np.fft.rfft(frame, axis=0)))
+            for frame in (polar, polar - ref.polar)]
+
+
+def _angular_peak(cross: np.ndarray) -> float:
     score = np.fft.irfft(cross.sum(axis=1), n=POLAR_ANGLES)
     peak = int(np.argmax(score))
     left, right = score[(peak - 1) % POLAR_ANGLES], score[(peak + 1) % POLAR_ANGLES]
