@@ -4,8 +4,14 @@ The simulator writes a short 8.3 MP sequence (uint16 FITS, drift and slow rotati
 takes all of them (``Stacker.process``: read, detect, align, warp, accumulate), timed per frame. Then frames
 are taken out one by one the way the daemon does it: check the file's content hash against the journal's,
 then ``Stacker.subtract_known`` (read, warp with the journaled transform, subtract), timed per frame.
-Finally a re-integration of the remaining frames (``fork`` + ``add_known``, what kappa-sigma and median do),
+Then a re-integration of the remaining frames (``fork`` + ``add_known``, what kappa-sigma and median do),
 timed per frame, for comparison.
+
+Finally, for kappa-sigma, the frame path while a re-integration runs: a kappa-sigma stack of the first half of
+the frames is re-integrated on a background thread (as ``live.removal`` does) while the foreground stacks the
+second half into the old stack (``Stacker.process``); each foreground frame's time is printed beside the same
+frames stacked with nothing in the background. Were the frame path blocked, a frame would wait for the whole
+re-integration.
 
 The first two frames warm up (reference, numba compilation) and are not counted. Prints a Markdown table.
 
@@ -19,9 +25,12 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+import numpy as np
 
 from livestack.config import Config
 from livestack.live.state import content_hash
@@ -64,6 +73,7 @@ def main() -> None:
             t0 = time.perf_counter()
             fork.add_known(path, matrix)
             rebuild_times.append(time.perf_counter() - t0)
+        background = _frame_path_during_reintegration(paths)
     counted = stack_times[2:]
     median_stack = statistics.median(counted)
     print(f"{width}x{height} ({width * height / 1e6:.1f} MP), {len(counted)} frames counted, "
@@ -76,6 +86,53 @@ def main() -> None:
                          ("re-integrate: add a frame with its known transform", rebuild_times)):
         m = statistics.median(times)
         print(f"| {label} | {m * 1e3:.0f} ms | {m / median_stack:.2f} |")
+    quiet, busy, duration = background
+    print(f"\nKappa-sigma: frame path alone vs while a re-integration of {len(paths) // 2} frames runs "
+          f"({duration:.2f} s in the background)\n")
+    print("| frame | alone | during the re-integration |")
+    print("| --- | --- | --- |")
+    for i, (a, b) in enumerate(zip(quiet, busy, strict=True), start=len(paths) // 2 + 1):
+        print(f"| {i} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms |")
+
+
+def _frame_path_during_reintegration(paths: list[Path]) -> tuple[list[float], list[float], float]:
+    """Per-frame times of the second half of ``paths``: alone, then while the first half re-integrates."""
+    half = len(paths) // 2
+    config = Config().with_overrides({"stack.method": "kappa-sigma"})
+    times: list[list[float]] = []
+    duration = 0.0
+    for with_background in (False, True):
+        stacker = Stacker(config)
+        transforms = []
+        for path in paths[:half]:
+            result = stacker.process(path)
+            assert result.transform is not None
+            transforms.append(result.transform.matrix.copy())
+        fork = stacker.fork()
+        done = threading.Event()
+        started = time.perf_counter()
+
+        def reintegrate(fork: Stacker = fork, transforms: list[np.ndarray] = transforms,
+                        done: threading.Event = done) -> None:
+            for path, matrix in zip(paths[:half], transforms, strict=True):
+                fork.add_known(path, matrix)
+            done.set()
+
+        thread = threading.Thread(target=reintegrate, name="bench-reintegrate")
+        if with_background:
+            thread.start()
+        own = []
+        for path in paths[half:]:
+            t0 = time.perf_counter()
+            stacker.process(path)
+            own.append(time.perf_counter() - t0)
+        if with_background:
+            thread.join()
+            duration = time.perf_counter() - started
+            if not done.is_set():
+                raise SystemExit("the re-integration did not finish")
+        times.append(own)
+    return times[0], times[1], duration
 
 
 if __name__ == "__main__":

@@ -95,9 +95,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             rows = _result_rows(results)
             write_snapshot(fits_path, image, replace(stacker.info(), frames=rows),
                            image_format=config.output.image_format, flatten=config.output.flatten_background,
-                           surface=stacker.path == "surface")
-            if args.frames_csv or config.output.frames_csv:
-                _write_frames_csv(fits_path, rows)
+                           surface=stacker.path == "surface",
+                           frames_csv=args.frames_csv or config.output.frames_csv)
     if args.report:
         _write_report(Path(args.report), results)
     accepted = [r for r in results if r.accepted]
@@ -127,16 +126,6 @@ def _result_rows(results: Sequence[Any]) -> tuple[Any, ...]:
             digest = ""
         rows.append(FrameRow.from_facts(seq, digest, r.verdict, r.reason, frame_facts(r)))
     return tuple(rows)
-
-
-def _write_frames_csv(fits_path: Path, rows: Sequence[Any]) -> Path:
-    """The ``FRAMES`` rows as CSV beside the snapshot: ``stack.fits`` -> ``stack.frames.csv``."""
-    from livestack.stages.provenance import frames_csv
-    from livestack.stages.snapshot import atomic_write
-
-    path = fits_path.with_suffix(".frames.csv")
-    atomic_write(path, frames_csv(rows))
-    return path
 
 
 def _stack_outputs(out: Path, image_format: str, stem: str = "stack") -> tuple[Path, Path]:
@@ -231,9 +220,8 @@ def _cmd_restack(args: argparse.Namespace) -> int:
             return 1
         write_snapshot(fits_path, image, replace(stacker.info(), frames=rows),
                        image_format=config.output.image_format, flatten=config.output.flatten_background,
-                       surface=stacker.path == "surface")
-        if args.frames_csv or config.output.frames_csv:
-            _write_frames_csv(fits_path, rows)
+                       surface=stacker.path == "surface",
+                       frames_csv=args.frames_csv or config.output.frames_csv)
     print(f"{stacker.count} of {len(accepted)} frames of session {session} stacked again "
           f"({config.stack.method}, no re-alignment); {len(accepted) - len(kept)} excluded or removed"
           + (f", {missing} unreadable" if missing else ""), file=sys.stderr)

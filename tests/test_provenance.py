@@ -25,7 +25,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=240, check=False)
 
 
-def _fitsverify(path: Path) -> str:
+def fitsverify(path: Path) -> str:
     """fitsverify's report; the test fails on any error or warning it finds."""
     tool = shutil.which("fitsverify")
     if tool is None:
@@ -57,7 +57,7 @@ def stacked(night: tuple[Path, SimConfig], tmp_path_factory: pytest.TempPathFact
 
 
 def test_stack_writes_a_frames_table_that_fitsverify_accepts(stacked: Path) -> None:
-    report = _fitsverify(stacked)
+    report = fitsverify(stacked)
     assert "FRAMES" in report
     with fits.open(stacked) as hdul:
         assert [h.name for h in hdul] == ["PRIMARY", "FRAMES"]

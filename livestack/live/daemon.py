@@ -40,6 +40,7 @@ from livestack.live.network import EventQueue, Network
 from livestack.live.notify import Notifier
 from livestack.live.photometry import Photometry
 from livestack.live.recovery import resume
+from livestack.live.removal import Removals
 from livestack.live.stacks import Stacks
 from livestack.live.state import CheckpointStore, Journal
 from livestack.live.worker import DaemonStats, Worker
@@ -119,6 +120,7 @@ class Daemon:
         self._journal: Journal | None = None
         self._outputs: Outputs | None = None
         self._worker: Worker | None = None
+        self._removals: Removals | None = None
         self._network: Network | None = None
         self._photometry = Photometry(config, self._events.emit)
         self._log_handler = _EventLogHandler(self._events.emit)
@@ -210,9 +212,20 @@ class Daemon:
         store = CheckpointStore(self.state_dir / "checkpoints")
         self._outputs = Outputs(self.config, self.stacks, store, self._writer, self._events.emit)
         memory = resume(self.config, self._journal, store, self.stacks, self._outputs)
+        removals = Removals(self.config, self._journal, self.stacks, self._events.emit, self._post,
+                            self._outputs.stack_changed)
+        self._removals = removals
+        self._outputs.frame_rows = removals.rows
         self._worker = Worker(self.config, self._inbox, self.stacks, self._outputs, self._journal, memory,
-                              self._events.emit, self._stop, self._photometry)
+                              self._events.emit, self._stop, self._photometry, removals)
+        # A removal the stop interrupted finishes now (a re-integration asks the worker to switch once it
+        # runs).
+        removals.resume()
         return self._worker
+
+    def _post(self, name: str, args: dict[str, Any]) -> None:
+        """Queue an internal command for the worker (a finished re-integration asks it to switch stacks)."""
+        self._inbox.put_command(Command(name, args, Future()))
 
     def _remove_stale_temporaries(self) -> None:
         """Snapshot files half-written when the last run was killed (``.stack*.tmp``, ours only)."""
@@ -243,6 +256,8 @@ class Daemon:
         if self._watcher is not None:
             self._watcher.stop()
         self._join("livestack-worker")
+        if self._removals is not None:
+            self._removals.close()  # a re-integration under way is done again by the next start
         if self._worker is not None:
             self._worker.close()
         self._writer.close()

@@ -208,10 +208,13 @@ class Removals:
 
     # -- any thread -----------------------------------------------------------------------------------
 
-    def rows(self, session: int) -> tuple[FrameRow, ...]:
-        """The ``FRAMES`` rows of a session, from the journal (removals under way are ``removing``)."""
+    def rows(self, session: int, filter: str | None = None) -> tuple[FrameRow, ...]:
+        """The ``FRAMES`` rows of a session's stack (of one filter's, when given), from the journal.
+
+        Frames whose removal is under way (a re-integration) are ``removing``.
+        """
         return ledger.frame_rows(self.journal.entries(), self.journal.removals(), session,
-                                 removing=self._removing)
+                                 removing=self._removing, filter=filter)
 
     @property
     def busy(self) -> bool:

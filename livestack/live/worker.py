@@ -28,6 +28,8 @@ from livestack.errors import LivestackError
 from livestack.live.inbox import Command, Inbox, Queued
 from livestack.live.photometry import Photometry
 from livestack.live.recovery import Resumed
+from livestack.live.removal import COMMANDS as REMOVAL_COMMANDS
+from livestack.live.removal import SWITCH, Removals
 from livestack.live.reports import frame_event, journal_entry
 from livestack.live.stacks import Stacks
 from livestack.live.state import Journal, content_hash
@@ -93,11 +95,13 @@ class Worker:
         Set when the daemon is asked to stop: the worker finishes the frame in hand and returns.
     photometry : Photometry, optional
         Given each accepted frame's stamps; it measures them on its own thread.
+    removals : Removals, optional
+        Answers ``remove``, ``reinclude`` and ``undo_last`` (and switches to a re-integrated stack).
     """
 
     def __init__(self, config: Config, inbox: Inbox, stacks: Stacks, outputs: Outputs, journal: Journal,
                  memory: Resumed, emit: Callable[[events.Event], None], stop: threading.Event,
-                 photometry: Photometry | None = None) -> None:
+                 photometry: Photometry | None = None, removals: Removals | None = None) -> None:
         self.config = config
         self.inbox = inbox
         self.stacks = stacks
@@ -106,6 +110,7 @@ class Worker:
         self.emit = emit
         self._stop = stop
         self.photometry = photometry
+        self.removals = removals
         self._known = memory.known
         self._hashes = memory.hashes
         self.stats = DaemonStats(received=memory.received, accepted=memory.accepted, rejected=memory.rejected)
@@ -316,6 +321,8 @@ class Worker:
                 path = Path(command.args["path"])
                 self._new_session(path)
                 command.future.set_result({"session": self.stacks.session, "reference": str(path)})
+            elif (command.name in REMOVAL_COMMANDS or command.name == SWITCH) and self.removals is not None:
+                command.future.set_result(self.removals.handle(command.name, command.args))
             else:
                 command.future.set_exception(LivestackError(f"unknown command {command.name}"))
         except LivestackError as exc:
@@ -332,6 +339,8 @@ class Worker:
         if self.stacks.stacker.count > 0:
             self.outputs.queue_snapshot("session end")
         old = self.stacks.swap(fresh, session)
+        if self.removals is not None:
+            self.removals.session_changed()
         self.outputs.session_started()
         self.outputs.checkpoint()
         # After the old stack's last snapshot and the new session's checkpoint (the writer runs jobs in

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from livestack.live.reports import stack_event
 from livestack.live.stacks import Stacks
 from livestack.live.state import CheckpointStore
 from livestack.pipeline import Stacker
+from livestack.stages.provenance import FrameRow
 from livestack.stages.snapshot import encode_image, preview_array, write_snapshot
 
 __all__ = ["EMPTY_STACK", "Outputs", "Writer"]
@@ -94,6 +96,9 @@ class Outputs:
         self.emit = emit
         #: The journal seq of the last frame decided (checkpoints are taken as of it).
         self.seq = 0
+        #: The FRAMES table of a session's stack (of one filter's), from the journal (``Removals.rows``);
+        #: any thread. None writes snapshots without the table.
+        self.frame_rows: Callable[[int, str | None], tuple[FrameRow, ...]] | None = None
         #: Session 1, empty, is where a fresh state folder starts anyway.
         self.checkpointed_session = 1
         self._since_checkpoint = 0
@@ -160,10 +165,12 @@ class Outputs:
             raise LivestackError("the stack is empty: nothing to snapshot yet")
         folder = self.stacks.folder(stacker)
         folder.mkdir(parents=True, exist_ok=True)
+        if self.frame_rows is not None:
+            info = replace(info, frames=self.frame_rows(view.session, info.filter))
         o = self.config.output
         files = write_snapshot(folder / "stack.fits", view.image, info, image_format=o.image_format,
                                flatten=o.flatten_background, history=o.history,
-                               surface=stacker.path == "surface")
+                               surface=stacker.path == "surface", frames_csv=o.frames_csv)
         self.emit(events.make_event("snapshot", fits=str(files.fits), image=str(files.picture),
                                     frames=info.ncombine, session=view.session, reason=reason))
         return {"fits": str(files.fits), "image": str(files.picture), "frames": info.ncombine}
@@ -250,6 +257,17 @@ class Outputs:
         self.emit(self._display)
 
     # -- checkpoints ----------------------------------------------------------------------------------
+
+    def stack_changed(self, old: Stacker | None) -> None:
+        """A removal changed the stack (worker): publish, checkpoint, snapshot it; drop the replaced one."""
+        self.stacks.changed()
+        self.checkpoint()
+        if old is not None:
+            # After the checkpoint that no longer names its median cube (the writer runs jobs in order).
+            self.writer.submit(old.discard)
+        if self.stacks.stacker.count > 0:
+            self.queue_snapshot("removal")
+        self.stack_event()
 
     def checkpoint(self) -> None:
         """Copy the stack's state now (consistent with the journal) and let the writer save it."""

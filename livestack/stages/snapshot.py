@@ -51,6 +51,7 @@ from astropy.io import fits
 from livestack import __version__
 from livestack.atomic import atomic_write
 from livestack.stages.provenance import FrameRow, frames_hdu
+from livestack.stages.provenance import frames_csv as rows_csv
 
 __all__ = ["FLATTEN_MESH", "JPEG_QUALITY", "PNG_COMPRESSION", "SHADOWS_SIGMA", "STAT_SAMPLES",
            "SURFACE_BLACK", "SURFACE_GAMMA", "SURFACE_HEADROOM", "SURFACE_WHITE", "TARGET_BACKGROUND",
@@ -147,7 +148,8 @@ def picture_suffix(image_format: str) -> str:
 
 
 def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *, image_format: str = "jpeg",
-                   flatten: bool = False, history: bool = False, surface: bool = False) -> SnapshotFiles:
+                   flatten: bool = False, history: bool = False, surface: bool = False,
+                   frames_csv: bool = False) -> SnapshotFiles:
     """Write a stack snapshot: the FITS file, then the picture beside it (same name, picture suffix).
 
     Each file appears whole (``atomic_write``); a failure leaves the previous snapshot's files as they
@@ -168,6 +170,9 @@ def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *,
         Also keep numbered copies, ``history/<stem>-<NCOMBINE:04d>.fits`` and picture, beside the FITS file.
     surface : bool
         Stretch the picture as a bright surface (Moon, Sun, planets; see ``stretch``).
+    frames_csv : bool
+        Also write ``info.frames`` (the ``FRAMES`` table) as CSV beside the FITS file,
+        ``<stem>.frames.csv`` (``stages.provenance.frames_csv``); nothing when ``info.frames`` is None.
 
     Returns
     -------
@@ -186,6 +191,8 @@ def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *,
                                  picture.suffix)
     write_fits(fits_path, image, info)
     atomic_write(picture, picture_bytes)
+    if frames_csv and info.frames is not None:
+        atomic_write(fits_path.with_suffix(".frames.csv"), rows_csv(info.frames))
     if history:
         folder = fits_path.parent / "history"
         folder.mkdir(exist_ok=True)
