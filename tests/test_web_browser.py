@@ -314,3 +314,59 @@ def test_page_recovers_by_itself_when_the_daemon_and_the_viewer_restart(
             second.stop()
         first.stop()
         shutil.rmtree(tmp_path / "state", ignore_errors=True)
+
+
+def test_a_second_target_brings_the_selector_and_the_stretch_stays_in_the_browser(
+        browser: Any, scene: Scene, tmp_path: Path) -> None:
+    page = open_page(browser, scene.web.url)
+    live(page)
+    until(page, "document.getElementById('picture').dataset.frames !== undefined")
+    assert not page.is_visible("#stack-select")
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    # The visitor's stretch changes what this browser shows, and asks the server nothing.
+    page.fill("#black", "0.2")
+    page.dispatch_event("#black", "input")
+    assert "stretched" in (page.get_attribute("#picture", "class") or "")
+    assert page.eval_on_selector("#picture", "img => getComputedStyle(img).filter").startswith("url(")
+    table = page.get_attribute("#lut-r", "tableValues") or ""
+    assert table.split()[0] == "0.0000" and table.split()[-1] == "1.0000" and len(table.split()) == 64
+    assert requests == []
+
+    # Another target starts a stack of its own (a new session in the daemon): the selector appears.
+    simulate(tmp_path, SimConfig(frames=1, interval=0, size=(480, 360), n_stars=250, seed=21,
+                                 object_name="M 42"), sleep=lambda _s: None)
+    (other,) = sorted(tmp_path.glob("*.fits"))
+    os.replace(other, scene.daemon.watch_dir / "m42_0001.fits")
+    page.wait_for_selector("#stack-select", state="visible", timeout=WAIT * 1000)
+    until(page, "document.getElementById('target').textContent === 'M 42'")  # it follows the latest
+    options = page.eval_on_selector_all("#stack-select option", "os => os.map(o => o.textContent)")
+    assert len(options) == 3 and options[0] == "follow the latest stack"
+    assert any(o.startswith("SIM-FIELD") for o in options) and any(o.startswith("M 42") for o in options)
+    field = page.eval_on_selector_all("#stack-select option", "os => os.map(o => o.value)")[
+        next(i for i, o in enumerate(options) if o.startswith("SIM-FIELD"))]
+    page.select_option("#stack-select", field)
+    until(page, "document.getElementById('target').textContent === 'SIM-FIELD'")
+    assert int(page.text_content("#stacked") or "0") >= 5
+    page.close()
+
+
+def test_on_a_phone_everything_fits_the_screen(browser: Any, scene: Scene) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                                  device_scale_factor=3)
+    page = context.new_page()
+    page.goto(scene.web.url)
+    live(page)
+    until(page, "document.getElementById('picture').naturalWidth > 0")
+    width = page.evaluate("window.innerWidth")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    for selector in ("#overlay", "#controls", "#picture"):
+        box = page.locator(selector).bounding_box()
+        assert box is not None and box["width"] > 0
+        if selector != "#picture":
+            assert box["x"] >= 0 and box["x"] + box["width"] <= width + 1, selector
+    # The overlay and the controls do not cover each other.
+    overlay, controls = page.locator("#overlay").bounding_box(), page.locator("#controls").bounding_box()
+    assert overlay is not None and controls is not None
+    assert controls["y"] + controls["height"] <= overlay["y"]
+    context.close()
