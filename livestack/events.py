@@ -109,7 +109,8 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "reason": (str,),             # "interval", "request" or "shutdown"
     },
     "status": {
-        "state": (str,),              # "starting", "waiting", "running", "paused", "stopping"
+        "state": (str,),              # "starting", "waiting", "running", "paused", "stalled", "failed",
+                                      # "stopping"
         "queue": (int,),              # frames waiting to be processed
         "lag": _NUM,                  # seconds the oldest waiting frame has waited
         "received": (int,),
@@ -127,6 +128,7 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "session": (int,),
         "last_latency": _OPT_NUM,
         "insecure": (bool,),          # true when bound beyond loopback without keys (explicit opt-out)
+        "problem": _OPT_STR,          # why the state is "stalled" (disk full) or "failed" (a thread died)
     },
     "log": {
         "level": (str,),              # "info", "warning" or "error"
@@ -171,10 +173,10 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 
 #: Fields a producer may leave out (a reader takes them as null): added after version 1 was first published.
-OPTIONAL: dict[str, frozenset[str]] = {"frame": frozenset({"sharpness"})}
+OPTIONAL: dict[str, frozenset[str]] = {"frame": frozenset({"sharpness"}), "status": frozenset({"problem"})}
 
 _VERDICTS = ("received", "accepted", "rejected")
-_STATES = ("starting", "waiting", "running", "paused", "stopping")
+_STATES = ("starting", "waiting", "running", "paused", "stalled", "failed", "stopping")
 _LEVELS = ("info", "warning", "error")
 _REMOVAL_STATES = ("started", "done", "failed")
 

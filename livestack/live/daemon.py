@@ -34,6 +34,7 @@ from livestack import events
 from livestack.config import Config
 from livestack.errors import LivestackError
 from livestack.live import watch
+from livestack.live.health import Health
 from livestack.live.inbox import Command, Inbox
 from livestack.live.net import Security, SocketHub
 from livestack.live.network import EventQueue, Network
@@ -114,6 +115,7 @@ class Daemon:
         self._events = EventQueue()
         self._inbox = Inbox()
         self._writer = Writer()
+        self._health = Health()
         self.stacks = Stacks(config, self.state_dir, self.output_dir)
         self._hub: SocketHub | None = None
         self._watcher: watch.Watcher | None = None
@@ -210,14 +212,16 @@ class Daemon:
         """Open the journal and checkpoints, rebuild the stack, and make the worker (not yet running)."""
         self._journal = Journal(self.state_dir / "journal.jsonl")
         store = CheckpointStore(self.state_dir / "checkpoints")
-        self._outputs = Outputs(self.config, self.stacks, store, self._writer, self._events.emit)
+        self._outputs = Outputs(self.config, self.stacks, store, self._writer, self._events.emit,
+                                self._health)
         memory = resume(self.config, self._journal, store, self.stacks, self._outputs)
         removals = Removals(self.config, self._journal, self.stacks, self._events.emit, self._post,
                             self._outputs.stack_changed)
         self._removals = removals
         self._outputs.frame_rows = removals.rows
         self._worker = Worker(self.config, self._inbox, self.stacks, self._outputs, self._journal, memory,
-                              self._events.emit, self._stop, self._photometry, removals)
+                              self._events.emit, self._stop, self._photometry, removals,
+                              self._health)
         # A removal the stop interrupted finishes now (a re-integration asks the worker to switch once it
         # runs).
         removals.resume()
@@ -293,10 +297,15 @@ class Daemon:
         stack = self.stacks.summary
         stats = self.stats
         worker_state = self._worker.state if self._worker is not None else "waiting"
-        if self._stop.is_set():
+        failed, stalled = self._health.failed or self._dead_threads(), self._health.stalled
+        if failed:
+            state = "failed"  # for good: systemd's watchdog is no longer fed, a restart is due
+        elif self._stop.is_set():
             state = "stopping"  # the worker may still finish a frame, but it is not "waiting" any more
         elif self._state != "running":
             state = self._state
+        elif stalled:
+            state = "stalled"
         elif self._inbox.paused:
             state = "paused"
         else:
@@ -307,7 +316,8 @@ class Daemon:
                 "uptime": time.time() - self._started, "started": self._started_iso,
                 "watch": str(self.watch_dir), "output": str(stack.folder), "method": stack.method,
                 "object": stack.object, "filter": stack.filter,
-                "session": stack.session, "last_latency": stats.last_latency, "insecure": self.insecure}
+                "session": stack.session, "last_latency": stats.last_latency, "insecure": self.insecure,
+                "problem": failed or stalled}
 
     def handle(self, request: dict[str, Any]) -> bytes:
         """Answer one control request (called on the network thread)."""
@@ -341,25 +351,40 @@ class Daemon:
             return events.ok_reply(**future.result())
         except (LivestackError, OSError) as exc:
             return events.error_reply(str(exc))
+        except Exception as exc:
+            return events.error_reply(f"{cmd} failed ({type(exc).__name__}: {exc})")
 
     def _safe_handle(self, request: dict[str, Any]) -> bytes:
+        """``handle`` for the network thread: whatever goes wrong is the reply, never the thread's end."""
         try:
             return self.handle(request)
         except (LivestackError, ValueError, KeyError) as exc:
             return events.error_reply(str(exc))
+        except Exception as exc:
+            log.error("a control request failed: %s", exc, exc_info=True)
+            return events.error_reply(f"the request failed ({type(exc).__name__}: {exc})")
 
     def _healthy(self) -> bool:
-        """The pipeline's own health: the worker looped recently, or is inside one frame."""
+        """The pipeline's own health: no thread died, the worker looped recently or is inside one frame."""
         now = time.monotonic()
         if self._stop.is_set():
             return True
-        if not all(t.is_alive() for t in self._threads if t.name == "livestack-writer"):
-            return False  # no more snapshots or checkpoints: let systemd restart us
+        if self._health.failed or self._dead_threads():
+            return False  # let systemd restart us
         worker = self._worker
         if worker is None or now - worker.heartbeat < HEARTBEAT_LIMIT:
             return True
         busy = worker.busy_since
         return busy is not None and now - busy < HEARTBEAT_LIMIT * 4
+
+    def _dead_threads(self) -> str | None:
+        """Essential threads that ended although no stop was asked for (their exception is in the log)."""
+        if self._stop.is_set() or self._state != "running":
+            return None
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        if self._watcher is not None and not self._watcher.alive:
+            dead.append("livestack-watch")
+        return "; ".join(f"the {name} thread ended" for name in dead) or None
 
     # -- the watcher's callbacks ----------------------------------------------------------------------
 
@@ -379,9 +404,18 @@ class Daemon:
     # -- threads --------------------------------------------------------------------------------------
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
+        t = threading.Thread(target=self._supervised, args=(name, target), name=name, daemon=True)
         t.start()
         self._threads.append(t)
+
+    def _supervised(self, name: str, target: Callable[[], None]) -> None:
+        """A thread's body: an exception that escapes its loop is logged with its traceback and recorded,
+        so that ``status`` names the thread and the watchdog stops being fed."""
+        try:
+            target()
+        except BaseException as exc:
+            log.critical("the %s thread died: %s", name, exc, exc_info=True)
+            self._health.died(name, f"{type(exc).__name__}: {exc}")
 
     def _join(self, name: str) -> None:
         for t in self._threads:

@@ -149,8 +149,9 @@ def journal_entry(seq: int, path: Path, st: os.stat_result, digest: str, result:
 
 def status_line(status: dict[str, Any]) -> str:
     """The one line ``systemctl status`` shows, from a ``status`` event's fields."""
-    return (f"{status['state']}: {status['frames']} stacked, {status['rejected']} rejected, "
-            f"queue {status['queue']}")
+    problem = status.get("problem")
+    return (f"{status['state']}: {f'{problem}; ' if problem else ''}{status['frames']} stacked, "
+            f"{status['rejected']} rejected, queue {status['queue']}")
 
 
 def safe_name(text: str) -> str:

@@ -483,6 +483,8 @@ class Journal:
         self._removals: list[RemovalRecord] = []
         self._by_hash: dict[str, JournalEntry] = {}
         self._size = 0
+        # A failed write left a partial line that could not be cut yet.
+        self._torn = False
         self._fd: int | None = None
         self._fd = self._open()
 
@@ -524,6 +526,11 @@ class Journal:
     def _write(self, line: bytes) -> None:
         assert self._fd is not None
         try:
+            if self._torn:
+                # The last failed write left part of a line that could not be cut then; cut it first.
+                os.ftruncate(self._fd, self._size)
+                os.fsync(self._fd)
+                self._torn = False
             written = 0
             while written < len(line):
                 written += os.write(self._fd, line[written:])
@@ -632,16 +639,8 @@ class Journal:
         except OSError as exc:
             raise StateError(f"Cannot read the journal {self.path}: {exc.strerror or exc}.") from exc
         end = data.rfind(b"\n") + 1
-        if end < len(data):
-            # A torn last line: its append never returned, so its frame was never counted. Cut it so
-            # that the next append starts on a fresh line.
-            _log.warning("Journal %s: removing a torn last line of %d bytes.", self.path, len(data) - end)
-            try:
-                os.ftruncate(fd, end)
-                os.fsync(fd)
-            except OSError as exc:
-                raise StateError(f"Cannot repair the torn end of the journal {self.path}: "
-                                 f"{exc.strerror or exc}.") from exc
+        # Every complete line is checked before anything is written: a journal damaged in the middle is
+        # refused as it is on disk, its torn end included, for a person to look at.
         for number, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
             if not raw.strip():
                 continue
@@ -655,6 +654,16 @@ class Journal:
                 continue
             self._check_next(entry, where=f" at line {number}")
             self._index(entry)
+        if end < len(data):
+            # A torn last line: its append never returned, so its frame was never counted. Cut it so
+            # that the next append starts on a fresh line.
+            _log.warning("Journal %s: removing a torn last line of %d bytes.", self.path, len(data) - end)
+            try:
+                os.ftruncate(fd, end)
+                os.fsync(fd)
+            except OSError as exc:
+                raise StateError(f"Cannot repair the torn end of the journal {self.path}: "
+                                 f"{exc.strerror or exc}.") from exc
         self._size = end
 
     def _check_next(self, entry: JournalEntry, where: str) -> None:
@@ -697,7 +706,7 @@ class Journal:
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
         except OSError:
-            self.close()  # no longer trustworthy; reopening repairs a torn end
+            self._torn = True  # cut before the next write, which the daemon retries until the disk allows
 
 
 @dataclass(frozen=True)

@@ -374,6 +374,11 @@ class Watcher:
         self._worker = threading.Thread(target=self._run, name="livestack-watch", daemon=True)
         self._worker.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the watcher's thread runs (False before ``start``, after ``stop``, or if it died)."""
+        return self._worker is not None and self._worker.is_alive()
+
     def stop(self) -> None:
         """Stop watching and join every thread. Safe to call more than once."""
         self._stopping.set()

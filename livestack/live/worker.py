@@ -24,7 +24,8 @@ from types import MappingProxyType
 
 from livestack import events
 from livestack.config import Config
-from livestack.errors import LivestackError
+from livestack.errors import LivestackError, StateError
+from livestack.live.health import STALL_RETRY, Health, disk_problem
 from livestack.live.inbox import Command, Inbox, Queued
 from livestack.live.photometry import Photometry
 from livestack.live.recovery import Resumed
@@ -32,7 +33,7 @@ from livestack.live.removal import COMMANDS as REMOVAL_COMMANDS
 from livestack.live.removal import SWITCH, Removals
 from livestack.live.reports import frame_event, journal_entry
 from livestack.live.stacks import Stacks
-from livestack.live.state import Journal, content_hash
+from livestack.live.state import Journal, JournalEntry, content_hash
 from livestack.live.writer import Outputs
 from livestack.pipeline import REJECTED, FrameResult, Prepared, Stacker
 
@@ -97,12 +98,16 @@ class Worker:
         Given each accepted frame's stamps; it measures them on its own thread.
     removals : Removals, optional
         Answers ``remove``, ``reinclude`` and ``undo_last`` (and switches to a re-integrated stack).
+    health : Health, optional
+        Where a journal that cannot be written stalls the daemon.
     """
 
     def __init__(self, config: Config, inbox: Inbox, stacks: Stacks, outputs: Outputs, journal: Journal,
                  memory: Resumed, emit: Callable[[events.Event], None], stop: threading.Event,
-                 photometry: Photometry | None = None, removals: Removals | None = None) -> None:
+                 photometry: Photometry | None = None, removals: Removals | None = None,
+                 health: Health | None = None) -> None:
         self.config = config
+        self.health = health if health is not None else Health()
         self.inbox = inbox
         self.stacks = stacks
         self.outputs = outputs
@@ -139,38 +144,51 @@ class Worker:
         """
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
-            ahead = self.ahead
-            front: Future[_Front] | None = None
-            if ahead is not None:
-                command = self.inbox.get_command()
-                if command is not None:
-                    self._run_command(command)
-                    continue
-                self.ahead = None
-                if self.inbox.paused:
-                    ahead.front.cancel()
-                    self.inbox.put_back(ahead.item)
-                    continue
-                self.inbox.release_ahead()
-                item, front = ahead.item, ahead.front
-            else:
-                got = self.inbox.get(0.5)
-                if got is None:
-                    self.outputs.maybe_checkpoint(idle=True)
-                    self.outputs.maybe_display()
-                    continue
-                if isinstance(got, Command):
-                    self._run_command(got)
-                    continue
-                item = got
-            self.busy_since = time.monotonic()
+            if self.health.stalled:
+                # A checkpoint cannot be written: take nothing new until the writer manages it.
+                self._stop.wait(STALL_RETRY)
+                continue
             try:
-                self._take(item, front)
-            except (OSError, LivestackError) as exc:
-                log.error("%s could not be processed: %s", item.path, exc)
-            finally:
-                self.busy_since = None
+                self._turn()
+            except Exception as exc:
+                # Whatever a frame or a command throws, the worker goes on with the next one.
+                log.error("the worker met an unexpected error and goes on (%s: %s)", type(exc).__name__, exc,
+                          exc_info=True)
         self.outputs.final()
+
+    def _turn(self) -> None:
+        """One turn of the loop: a command, or a frame (taken early or from the inbox), or an idle tick."""
+        ahead = self.ahead
+        front: Future[_Front] | None = None
+        if ahead is not None:
+            command = self.inbox.get_command()
+            if command is not None:
+                self._run_command(command)
+                return
+            self.ahead = None
+            if self.inbox.paused:
+                ahead.front.cancel()
+                self.inbox.put_back(ahead.item)
+                return
+            self.inbox.release_ahead()
+            item, front = ahead.item, ahead.front
+        else:
+            got = self.inbox.get(0.5)
+            if got is None:
+                self.outputs.maybe_checkpoint(idle=True)
+                self.outputs.maybe_display()
+                return
+            if isinstance(got, Command):
+                self._run_command(got)
+                return
+            item = got
+        self.busy_since = time.monotonic()
+        try:
+            self._take(item, front)
+        except (OSError, LivestackError) as exc:
+            log.error("%s could not be processed: %s", item.path, exc)
+        finally:
+            self.busy_since = None
 
     def close(self) -> None:
         """After the thread ended: drop a frame read ahead (not journaled: the next start finds it again)."""
@@ -251,20 +269,20 @@ class Worker:
         # The frame's verdict is journaled and published before the lock lets the writer see the stack with
         # it: a snapshot or a preview never counts a frame whose event has not gone out.
         with self.stacks.lock:
-            result = self.stacks.stacker.commit(prepared)
+            result = self._commit(prepared, path)
             self.outputs.seq = seq
-            self.journal.append(journal_entry(seq, path, st, digest, result, self.stacks.session,
-                                              time.time() - item.completed))
-            self._known[key] = digest
-            self._hashes.add(digest)
-            if result.accepted:
-                self.stats.accepted += 1
-            else:
-                self.stats.rejected += 1
-            latency = time.time() - item.completed
-            self.stats.last_latency = latency
-            self.stats.latencies.append(latency)
-            self.emit(frame_event(seq, path, result.verdict, result, latency, self.stacks.session))
+            entry = journal_entry(seq, path, st, digest, result, self.stacks.session,
+                                  time.time() - item.completed)
+            durable = self._append(entry)
+            if durable:
+                self._decided(key, digest, seq, path, result, item.completed)
+        if not durable:
+            # Out of the lock, so that status, snapshots on request and the writer carry on meanwhile.
+            self.outputs.unjournaled = True
+            if not self._append_when_possible(entry):
+                return  # stopping: the frame is in no checkpoint, the next start stacks it once
+            self.outputs.unjournaled = False
+            self._decided(key, digest, seq, path, result, item.completed)
         self.stacks.changed()
         if result.accepted:
             self.outputs.stacked()
@@ -284,6 +302,56 @@ class Worker:
                                   ref.wcs_header if ref is not None else None)
         except Exception:
             log.exception("photometry of %s could not be started", prepared.frame.meta.path)
+
+    def _commit(self, prepared: Prepared | FrameResult, path: Path) -> FrameResult:
+        """Align, warp and accumulate; a stage that throws (OpenCV, numba, numpy ...) rejects the frame."""
+        try:
+            return self.stacks.stacker.commit(prepared)
+        except Exception as exc:
+            log.error("%s could not be stacked: %s", path, exc, exc_info=True)
+            reason = " ".join(f"could not be stacked ({type(exc).__name__}: {exc})".split())
+            frame = prepared.frame if isinstance(prepared, Prepared) else None
+            quality = prepared.quality if isinstance(prepared, Prepared) else None
+            return FrameResult(str(path), REJECTED, reason, frame.meta if frame else None, quality, None,
+                               MappingProxyType(dict(prepared.timings)))
+
+    def _append(self, entry: JournalEntry) -> bool:
+        """Journal a verdict; False when the disk refuses it (the daemon then stalls until it can)."""
+        try:
+            self.journal.append(entry)
+        except StateError as exc:
+            if not isinstance(exc.__cause__, OSError):
+                raise
+            problem = disk_problem("the journal", exc)
+            if self.health.stall("journal", problem):
+                log.error("stalled: %s; %s waits, and no frame is taken until it is journaled", problem,
+                          Path(entry.path).name)
+            return False
+        if self.health.clear("journal"):
+            log.warning("the journal can be written again: resuming")
+        return True
+
+    def _append_when_possible(self, entry: JournalEntry) -> bool:
+        """Retry journaling until it works (True) or the daemon stops (False)."""
+        while not self._stop.wait(STALL_RETRY):
+            self.heartbeat = time.monotonic()
+            if self._append(entry):
+                return True
+        return False
+
+    def _decided(self, key: tuple[str, int, int], digest: str, seq: int, path: Path, result: FrameResult,
+                 completed: float) -> None:
+        """A verdict is durable: remember the content, count it, publish it."""
+        self._known[key] = digest
+        self._hashes.add(digest)
+        if result.accepted:
+            self.stats.accepted += 1
+        else:
+            self.stats.rejected += 1
+        latency = time.time() - completed
+        self.stats.last_latency = latency
+        self.stats.latencies.append(latency)
+        self.emit(frame_event(seq, path, result.verdict, result, latency, self.stacks.session))
 
     def _prepare(self, item: Queued, stacker: Stacker) -> Prepared | FrameResult:
         """Read a frame and find its stars; anything wrong with the file rejects it with a reason.

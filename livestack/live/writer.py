@@ -22,7 +22,8 @@ import numpy as np
 
 from livestack import events
 from livestack.config import Config
-from livestack.errors import LivestackError
+from livestack.errors import LivestackError, StateError
+from livestack.live.health import STALL_RETRY, Health, disk_problem
 from livestack.live.reports import stack_event
 from livestack.live.stacks import Stacks
 from livestack.live.state import CheckpointStore
@@ -49,6 +50,8 @@ class Writer:
 
     def __init__(self) -> None:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        #: Set by ``close``: a job retrying a write gives up (the journal has what it would have saved).
+        self.closing = threading.Event()
 
     def submit(self, job: Job) -> None:
         """Queue a job (any thread)."""
@@ -56,6 +59,7 @@ class Writer:
 
     def close(self) -> None:
         """Let the thread finish the jobs queued so far, then return."""
+        self.closing.set()
         self._jobs.put(None)
 
     def run(self) -> None:
@@ -70,8 +74,11 @@ class Writer:
                 log.warning("%s", exc)
             except OSError as exc:
                 log.error("could not write to disk: %s", exc)
-            except ValueError as exc:
-                log.error("a snapshot or checkpoint failed: %s", exc, exc_info=True)
+            except Exception as exc:
+                # A snapshot, preview or checkpoint that fails in a stage (OpenCV, astropy, numpy) is lost,
+                # not the writer: the next one may work, and the journal keeps what a checkpoint would.
+                log.error("a snapshot, preview or checkpoint failed (%s: %s)", type(exc).__name__, exc,
+                          exc_info=True)
 
 
 class Outputs:
@@ -85,11 +92,14 @@ class Outputs:
     writer : Writer
     emit : callable
         Queues an event for publication.
+    health : Health
+        Where a checkpoint that cannot be written stalls the daemon.
     """
 
     def __init__(self, config: Config, stacks: Stacks, store: CheckpointStore, writer: Writer,
-                 emit: Callable[[events.Event], None]) -> None:
+                 emit: Callable[[events.Event], None], health: Health) -> None:
         self.config = config
+        self.health = health
         self.stacks = stacks
         self.store = store
         self.writer = writer
@@ -111,6 +121,8 @@ class Outputs:
         self._display_due = False
         self._last_display = 0.0
         self._display: events.Event | None = None
+        #: True while the stack holds a frame whose journal line is not durable yet (set by the worker).
+        self.unjournaled = False
         # Stack events queued on the writer and not yet published (the worker adds, the writer subtracts).
         self._routed = 0
         self._routed_lock = threading.Lock()
@@ -163,6 +175,9 @@ class Outputs:
         info = view.info
         if view.image is None or info.ncombine == 0:
             raise LivestackError("the stack is empty: nothing to snapshot yet")
+        stalled = self.health.stalled
+        if stalled:
+            raise LivestackError(f"no snapshot while stalled ({stalled}); the last good one is kept")
         folder = self.stacks.folder(stacker)
         folder.mkdir(parents=True, exist_ok=True)
         if self.frame_rows is not None:
@@ -179,7 +194,7 @@ class Outputs:
         """Writer thread: a snapshot for a control request; a failure is the reply, not a lost request."""
         try:
             future.set_result(self.write_snapshot("request"))
-        except (LivestackError, OSError) as exc:
+        except Exception as exc:
             future.set_exception(exc)
 
     # -- stack events ---------------------------------------------------------------------------------
@@ -284,17 +299,50 @@ class Outputs:
             # A new, still empty session (a reset): record it, or a restart would resume the old stack.
             arrays = EMPTY_STACK
         self.checkpointed_session = session
-        self.writer.submit(lambda: store.save(seq, session, arrays, meta))
+        self.writer.submit(lambda: self._save(store, seq, session, arrays, meta))
+
+    def _save(self, store: CheckpointStore, seq: int, session: int, arrays: dict[str, np.ndarray],
+              meta: dict[str, Any]) -> None:
+        """Writer thread: save a checkpoint, retrying while the disk refuses it (the daemon stalls)."""
+        while True:
+            try:
+                store.save(seq, session, arrays, meta)
+            except StateError as exc:
+                if not isinstance(exc.__cause__, OSError):
+                    raise
+                problem = disk_problem("a checkpoint", exc)
+                if self.health.stall("checkpoint", problem):
+                    log.error("stalled: %s; no frame is taken until it can be written", problem)
+                if self.writer.closing.wait(STALL_RETRY):
+                    log.warning("stopping with checkpoint %d unsaved: the journal has its frames", seq)
+                    self.health.clear("checkpoint")
+                    return
+                continue
+            if self.health.clear("checkpoint"):
+                log.warning("a checkpoint could be written again: resuming")
+            return
 
     def checkpoint_now(self) -> None:
         """Save a checkpoint on this thread (after recovery, before any other thread runs)."""
         arrays, meta = self.stacks.stacker.checkpoint()
         session = self.stacks.session
-        self.store.save(self.seq, session, arrays or EMPTY_STACK, {**meta, "session": session})
+        try:
+            self.store.save(self.seq, session, arrays or EMPTY_STACK, {**meta, "session": session})
+        except StateError as exc:
+            if not isinstance(exc.__cause__, OSError):
+                raise
+            # The journal holds everything this would: the next start replays the same frames.
+            log.warning("the recovered stack's checkpoint was not saved: %s", disk_problem("it", exc))
+            return
         self.checkpointed_session = session
 
     def final(self) -> None:
         """At the worker's end: the last checkpoint and snapshot."""
+        if self.unjournaled:
+            # The stack holds a frame whose journal line never became durable: saving it would count the
+            # frame twice after the restart finds its file again.
+            log.warning("stopping without a final checkpoint or snapshot: the journal could not be written")
+            return
         self.checkpoint()
         if self.stacks.stacker.count > 0:
             self.queue_snapshot("shutdown")
