@@ -426,7 +426,7 @@ def test_demo_and_run_serve_the_viewer_beside_their_daemon(tmp_path: Path, comma
         assert all(s["frames"] >= 1 for s in state["stacks"] if s["picture"])
         # The demo's camera finishes, and the viewer stays for the audience until a signal.
         if command == "demo":
-            wait_for(lambda: json.loads(http(url + "api/state")[2])["status"]["received"] == 3,
+            wait_for(lambda: (json.loads(http(url + "api/state")[2])["status"] or {}).get("received") == 3,
                      "the demo's three frames")
             time.sleep(0.5)
             assert process.poll() is None
