@@ -24,7 +24,7 @@ import numpy as np
 
 from livestack.simulate import render_stars
 from livestack.stages.compose import compose
-from livestack.stages.snapshot import StackInfo, write_composite
+from livestack.stages.snapshot import StackInfo, write_snapshot
 from livestack.stages.stack import KappaSigmaStack
 from livestack.stages.warp import warp
 
@@ -64,8 +64,7 @@ def main() -> None:
         folder = Path(name)
 
         def write() -> None:
-            write_composite(folder / "composite.fits", folder / "composite.jpg", result.image, info,
-                            flatten=True)
+            write_snapshot(folder / "composite.fits", result.image, info, flatten=True)
 
         seconds = _median_seconds(write, args.repeats)
         print(f"| writing it: 3-plane FITS + flattened, stretched JPEG | {seconds:.3f} |")

@@ -91,7 +91,10 @@ def _cmd_stack(args: argparse.Namespace) -> int:
                         progress.console.print(f"[yellow]rejected[/] {name}: {result.reason}")
                     progress.update(task, name=name, advance=1)
         image = stacker.result()
-        if image is not None and stacker.count > 0:
+        if image is not None and stacker.count > 0 and len(stacker.filters) > 1:
+            image_path = _write_filter_stacks(stacker, results, fits_path, config,
+                                              args.frames_csv or config.output.frames_csv, console)
+        elif image is not None and stacker.count > 0:
             rows = _result_rows(results)
             write_snapshot(fits_path, image, replace(stacker.info(), frames=rows),
                            image_format=config.output.image_format, flatten=config.output.flatten_background,
@@ -110,6 +113,44 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         return 1
     console.print(f"wrote {fits_path} and {image_path}")
     return 0
+
+
+def _write_filter_stacks(stacker: Any, results: Sequence[Any], fits_path: Path, config: Any, frames_csv: bool,
+                         console: Any) -> Path:
+    """Several filters: each filter's stack into ``<folder>/<filter>/``, the composite at ``fits_path``.
+
+    Returns the picture written beside ``fits_path`` (the composite's, or else the first filter's).
+    """
+    from livestack.live.reports import safe_name
+    from livestack.pipeline import build_composite, composite_info, filter_key
+    from livestack.stages.snapshot import write_snapshot
+
+    o = config.output
+    stacks = {}
+    picture = None
+    for name in stacker.filters:
+        image, info = stacker.result(name), stacker.info(name)
+        stacks[name] = image
+        rows = _result_rows([r for r in results if filter_key(r.meta.filter if r.meta else None) == name])
+        folder = fits_path.parent / safe_name(name or "unfiltered")
+        folder.mkdir(exist_ok=True)
+        files = write_snapshot(folder / fits_path.name, image, replace(info, frames=rows),
+                               image_format=o.image_format, flatten=o.flatten_background,
+                               frames_csv=frames_csv)
+        picture = picture or files.picture
+        console.print(f"{name or 'unfiltered'}: {info.ncombine} frames, {_hms(info.exptime)} -> {files.fits}")
+    try:
+        result = build_composite(stacks, config.compose)
+    except ValueError as exc:
+        console.print(f"livestack: no colour composite: {exc}")
+        assert picture is not None
+        return picture
+    info = replace(composite_info((stacker.info(n) for n in stacker.filters), result.recipe),
+                   frames=_result_rows(results), cards=result.cards)
+    files = write_snapshot(fits_path, result.image, info, image_format=o.image_format,
+                           flatten=o.flatten_background, picture=result.picture, frames_csv=frames_csv)
+    console.print(f"{result.recipe} composite (luminance: {result.luminance}) -> {files.fits}")
+    return files.picture
 
 
 def _result_rows(results: Sequence[Any]) -> tuple[Any, ...]:
@@ -236,7 +277,7 @@ def _cmd_compose(args: argparse.Namespace) -> int:
     from astropy.io import fits
 
     from livestack.pipeline import build_composite
-    from livestack.stages.snapshot import write_composite
+    from livestack.stages.snapshot import write_snapshot
 
     config = _load(args, {"compose.recipe": args.recipe, "compose.combine": args.combine,
                           "compose.scale": args.scale, "compose.background": args.background,
@@ -268,8 +309,8 @@ def _cmd_compose(args: argparse.Namespace) -> int:
     fits_path, image_path = _stack_outputs(Path(args.output), config.output.image_format, "composite")
     fits_path.parent.mkdir(parents=True, exist_ok=True)
     info = replace(_composite_info(headers, result.recipe), cards=result.cards)
-    write_composite(fits_path, image_path, result.image, info, result.picture,
-                    flatten=config.output.flatten_background)
+    write_snapshot(fits_path, result.image, info, image_format=config.output.image_format,
+                   flatten=config.output.flatten_background, picture=result.picture)
     slots = ", ".join(f"{slot} <- {source}" for slot, source in result.slots.items())
     print(f"{result.recipe} composite (luminance: {result.luminance}; {slots})", file=sys.stderr)
     print(f"wrote {fits_path} and {image_path}", file=sys.stderr)

@@ -163,7 +163,7 @@ class ComposeConfig:
                            choices=("mesh", "level"))
     weights: str = _key("", "per-filter weights, e.g. 'R=1.2, G=1.0, B=0.9' (unnamed filters weigh 1)")
     every_seconds: float = _key(15.0, "rebuild the live composite at most this often, when a channel "
-                                "changed (0 = never)", minimum=0.0)
+                                "changed (0 = only on request and at shutdown)", minimum=0.0)
 
     def __post_init__(self) -> None:
         for item in self.weights.split(","):

@@ -100,6 +100,7 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "reference": _OPT_STR,        # path of the reference frame
         "session": (int,),
         "preview": _OPT_LIST,         # [rows, columns, channels] when a preview part follows
+        "filters": _OPT_LIST,         # the target's stacks: [{"filter", "frames", "exptime"}], one per filter
     },
     "snapshot": {
         "fits": _OPT_STR,             # path of the FITS snapshot
@@ -107,6 +108,8 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "frames": (int,),
         "session": (int,),
         "reason": (str,),             # "interval", "request" or "shutdown"
+        "filter": _OPT_STR,           # the filter of a per-filter stack's snapshot (null: the target's)
+        "recipe": _OPT_STR,           # a colour composite's recipe (LRGB, RGB, SHO, HOO, mono), else null
     },
     "status": {
         "state": (str,),              # "starting", "waiting", "running", "paused", "stalled", "failed",
@@ -129,6 +132,7 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "last_latency": _OPT_NUM,
         "insecure": (bool,),          # true when bound beyond loopback without keys (explicit opt-out)
         "problem": _OPT_STR,          # why the state is "stalled" (disk full) or "failed" (a thread died)
+        "filters": _OPT_LIST,         # the current target's stacks: [{"filter", "frames", "exptime"}]
     },
     "log": {
         "level": (str,),              # "info", "warning" or "error"
@@ -173,7 +177,12 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 
 #: Fields a producer may leave out (a reader takes them as null): added after version 1 was first published.
-OPTIONAL: dict[str, frozenset[str]] = {"frame": frozenset({"sharpness"}), "status": frozenset({"problem"})}
+OPTIONAL: dict[str, frozenset[str]] = {
+    "frame": frozenset({"sharpness"}),
+    "stack": frozenset({"filters"}),
+    "snapshot": frozenset({"filter", "recipe"}),
+    "status": frozenset({"problem", "filters"}),
+}
 
 _VERDICTS = ("received", "accepted", "rejected")
 _STATES = ("starting", "waiting", "running", "paused", "stalled", "failed", "stopping")

@@ -46,7 +46,7 @@ from livestack.stages.stack import Accumulator, make_accumulator
 from livestack.stages.warp import warp
 
 __all__ = ["UNALIGNED_METHODS", "FilterSummary", "FrameResult", "PhotometrySetup", "Prepared", "Stacker",
-           "build_composite", "expand_paths", "filter_key", "frame_facts", "order_by_time",
+           "build_composite", "composite_info", "expand_paths", "filter_key", "frame_facts", "order_by_time",
            "photometry_setup"]
 
 ACCEPTED = "accepted"
@@ -647,16 +647,6 @@ class Stacker:
         """Every filter's stack so far (float32 copies), by filter, in the order of ``filters``."""
         return {name: stack.acc.result() for name, stack in self._filters.items()}
 
-    def composite_info(self, recipe: str) -> StackInfo:
-        """Header facts for a composite of every filter's stack: frames, exposure and time span summed."""
-        ref = self._ref_meta
-        starts = [f.date_obs for f in self._filters.values() if f.date_obs is not None]
-        ends = [f.date_end for f in self._filters.values() if f.date_end is not None]
-        return StackInfo(ncombine=self.count, exptime=self.exptime, date_obs=min(starts, default=None),
-                         date_end=max(ends, default=None), method=self.method,
-                         object=ref.object if ref else None, filter=recipe,
-                         wcs_header=ref.wcs_header if ref else None, reference=ref.path if ref else None)
-
     def snr(self, image: np.ndarray | None = None) -> float | None:
         """A robust signal-to-noise estimate of a stack (default: the filter stacked last).
 
@@ -1157,6 +1147,30 @@ def build_composite(stacks: Mapping[str, np.ndarray], config: ComposeConfig) -> 
     """
     return compose(stacks, recipe=config.recipe, combine=config.combine, scale=config.scale,
                    background=config.background, weights=parse_weights(config.weights))
+
+
+def composite_info(infos: Iterable[StackInfo], recipe: str) -> StackInfo:
+    """Header facts of a composite of per-filter stacks: frames and exposure summed, the time span of all.
+
+    Parameters
+    ----------
+    infos : iterable of StackInfo
+        The per-filter stacks' facts (``Stacker.info(filter)``), all of one target.
+    recipe : str
+        Goes into FILTER.
+
+    Returns
+    -------
+    StackInfo
+    """
+    infos = list(infos)
+    first = infos[0]
+    starts = [i.date_obs for i in infos if i.date_obs is not None]
+    ends = [i.date_end for i in infos if i.date_end is not None]
+    return StackInfo(ncombine=sum(i.ncombine for i in infos), exptime=sum(i.exptime for i in infos),
+                     date_obs=min(starts, default=None), date_end=max(ends, default=None),
+                     method=first.method, object=first.object, filter=recipe, wcs_header=first.wcs_header,
+                     reference=first.reference)
 
 
 def filter_key(name: str | None) -> str:

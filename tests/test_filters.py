@@ -352,3 +352,37 @@ def test_max_mode_trails_follow_the_skys_rotation(tmp_path: Path) -> None:
         if checked == 3:
             break
     assert checked == 3
+
+
+def test_livestack_stack_writes_each_filter_and_the_composite(tmp_path: Path) -> None:
+    simulate(tmp_path / "frames", _sim(frames=6, filters=("R", "G", "B")), sleep=_no_sleep)
+    out = tmp_path / "out"
+    assert main(["stack", str(tmp_path / "frames"), "-o", str(out), "--method", "mean", "-q",
+                 "--image-format", "png"]) == 0
+    for name in ("R", "G", "B"):
+        with fits.open(out / name / "stack.fits") as hdul:
+            assert hdul[0].header["FILTER"] == name and hdul[0].header["NCOMBINE"] == 2
+            assert [r["FILTER"] for r in hdul["FRAMES"].data] == [name, name]
+    with fits.open(out / "stack.fits") as hdul:
+        assert hdul[0].data.shape[0] == 3 and hdul[0].header["RECIPE"] == "RGB"
+        assert hdul[0].header["NCOMBINE"] == 6 and hdul[0].header["LUMSYNTH"] is True
+    assert (out / "stack.png").stat().st_size > 0
+
+
+def test_the_dashboard_shows_each_filters_frames_and_exposure() -> None:
+    from datetime import UTC
+
+    from livestack.clients.tui.demo import demo_events
+    from livestack.clients.tui.model import Dashboard
+
+    model = Dashboard(UTC)
+    for event in demo_events(frames=24):
+        model.apply(event)
+    counts = model.filter_counts()
+    assert [name for name, _ in counts] == ["L", "R", "G", "B"]
+    assert dict(counts)["L"] == "8 (4m 00s)"
+    assert sum(int(text.split()[0]) for _, text in counts) == int(model.counters()["stacked"])
+    single = Dashboard(UTC)
+    for event in demo_events(frames=1):
+        single.apply(event)
+    assert single.filter_counts() == []  # one filter: the header says it all

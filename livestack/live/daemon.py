@@ -42,6 +42,7 @@ from livestack.live.notify import Notifier
 from livestack.live.photometry import Photometry
 from livestack.live.recovery import resume
 from livestack.live.removal import Removals
+from livestack.live.reports import filter_list
 from livestack.live.stacks import Stacks
 from livestack.live.state import CheckpointStore, Journal
 from livestack.live.worker import DaemonStats, Worker
@@ -317,7 +318,7 @@ class Daemon:
                 "watch": str(self.watch_dir), "output": str(stack.folder), "method": stack.method,
                 "object": stack.object, "filter": stack.filter,
                 "session": stack.session, "last_latency": stats.last_latency, "insecure": self.insecure,
-                "problem": failed or stalled}
+                "problem": failed or stalled, "filters": filter_list(stack.filters)}
 
     def handle(self, request: dict[str, Any]) -> bytes:
         """Answer one control request (called on the network thread)."""

@@ -2,6 +2,7 @@
 
 - ``frame_event``: the ``frame`` event of one frame's verdict (or its arrival, ``received``).
 - ``stack_event``: the ``stack`` event, from one consistent view of a stack (``StackView``).
+- ``filter_list``: the ``filters`` field of ``stack`` and ``status`` events.
 - ``journal_entry``: the journal line of one frame's verdict.
 - ``status_line``: the one line systemd shows for a ``status`` event's fields.
 - ``safe_name``: a target's folder name from its OBJECT.
@@ -19,10 +20,11 @@ import numpy as np
 
 from livestack import events
 from livestack.live.state import JournalEntry
-from livestack.pipeline import FrameResult, frame_facts
+from livestack.pipeline import FilterSummary, FrameResult, frame_facts
 from livestack.stages.snapshot import StackInfo
 
-__all__ = ["StackView", "finite", "frame_event", "journal_entry", "safe_name", "stack_event", "status_line"]
+__all__ = ["StackView", "filter_list", "finite", "frame_event", "journal_entry", "safe_name", "stack_event",
+           "status_line"]
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,15 @@ class StackView:
     session : int
     image : ndarray or None
         The stack itself (a copy), when it was asked for.
+    filters : tuple of FilterSummary
+        Frames and exposure of each of the target's filter stacks (``info`` is the one stacked last).
     """
 
     info: StackInfo
     rejected_fraction: float
     session: int
     image: np.ndarray | None = None
+    filters: tuple[FilterSummary, ...] = ()
 
 
 def finite(value: float) -> float | None:
@@ -111,7 +116,13 @@ def stack_event(view: StackView, preview: np.ndarray | None = None, snr: float |
     return events.make_event(
         "stack", preview=preview, frames=info.ncombine, exptime=info.exptime, method=info.method,
         rejected_fraction=float(view.rejected_fraction), snr=snr, object=info.object,
-        filter=info.filter, reference=info.reference, session=view.session)
+        filter=info.filter, reference=info.reference, session=view.session,
+        filters=filter_list(view.filters))
+
+
+def filter_list(filters: tuple[FilterSummary, ...]) -> list[dict[str, Any]]:
+    """The ``filters`` field of ``stack`` and ``status`` events: each filter's frames and exposure."""
+    return [{"filter": f.filter or None, "frames": f.frames, "exptime": f.exptime} for f in filters]
 
 
 def journal_entry(seq: int, path: Path, st: os.stat_result, digest: str, result: FrameResult, session: int,

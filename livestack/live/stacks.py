@@ -12,9 +12,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from livestack.config import Config
 from livestack.live.reports import StackView, safe_name
-from livestack.pipeline import Stacker
+from livestack.pipeline import FilterSummary, Stacker
+from livestack.stages.snapshot import StackInfo
 
 __all__ = ["StackSummary", "Stacks"]
 
@@ -30,6 +33,8 @@ class StackSummary:
     object: str | None
     filter: str | None
     folder: Path
+    #: Frames and exposure of each filter's stack of the target.
+    filters: tuple[FilterSummary, ...] = ()
 
 
 class Stacks:
@@ -100,11 +105,30 @@ class Stacks:
                 stacker, session = self.stacker, self.session
             assert session is not None
             return StackView(info=stacker.info(), rejected_fraction=float(stacker.rejected_fraction),
-                             session=session, image=stacker.result() if image else None)
+                             session=session, image=stacker.result() if image else None,
+                             filters=stacker.summary())
+
+    def channels(self, stacker: Stacker) -> dict[str, tuple[StackInfo, np.ndarray]]:
+        """Every filter's stack of ``stacker`` with its header facts, copied under the lock (writer thread).
+
+        Returns
+        -------
+        dict
+            Filter -> (StackInfo, image), in the order the filters arrived; empty filters left out.
+        """
+        with self.lock:
+            out: dict[str, tuple[StackInfo, np.ndarray]] = {}
+            for name in stacker.filters:
+                image = stacker.result(name)
+                info = stacker.info(name)
+                if image is not None and info.ncombine > 0:
+                    out[name] = (info, image)
+            return out
 
     def _summarise(self) -> StackSummary:
         stacker = self.stacker
         ref = stacker.reference_meta
         return StackSummary(session=self.session, frames=stacker.count, exptime=stacker.exptime,
                             method=stacker.method, object=ref.object if ref else None,
-                            filter=ref.filter if ref else None, folder=self.folder(stacker))
+                            filter=ref.filter if ref else None, folder=self.folder(stacker),
+                            filters=stacker.summary())

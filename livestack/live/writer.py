@@ -5,6 +5,13 @@
 - ``Outputs``: owned by the worker; counts frames and seconds since the last snapshot and checkpoint, copies
   what must be consistent with the journal (a checkpoint's arrays) while it holds the stack, and queues the
   rest (stacking the snapshot, stretching the preview and the viewers' picture) for the writer.
+- ``ColourSnapshots``: owned by the writer thread; what it last wrote of each target's filters and when it
+  last rebuilt a target's colour composite (at most every ``[compose] every_seconds``, and only when a
+  channel changed: a composite costs about a second at 8.3 MP, never on the frame path).
+
+A target with one filter (or none) snapshots to ``<target>/stack.fits`` as it always did. With two or more,
+each filter's stack goes to ``<target>/<filter>/stack.fits`` and ``<target>/stack.fits`` holds the colour
+composite (3 planes, the recipe in its header).
 """
 
 from __future__ import annotations
@@ -16,22 +23,24 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from livestack import events
 from livestack.config import Config
 from livestack.errors import LivestackError, StateError
 from livestack.live.health import STALL_RETRY, Health, disk_problem
-from livestack.live.reports import stack_event
+from livestack.live.reports import safe_name, stack_event
 from livestack.live.stacks import Stacks
 from livestack.live.state import CheckpointStore
-from livestack.pipeline import Stacker
+from livestack.pipeline import Stacker, build_composite, composite_info
 from livestack.stages.provenance import FrameRow
-from livestack.stages.snapshot import encode_image, preview_array, write_snapshot
+from livestack.stages.snapshot import StackInfo, encode_image, picture_suffix, preview_array, write_snapshot
 
-__all__ = ["EMPTY_STACK", "Outputs", "Writer"]
+__all__ = ["EMPTY_STACK", "ColourSnapshots", "Outputs", "Writer"]
 
 log = logging.getLogger("livestack.live.writer")
 
@@ -81,6 +90,60 @@ class Writer:
                           exc_info=True)
 
 
+class ColourSnapshots:
+    """What the writer last wrote of each target's filters; touched by writer-thread jobs only.
+
+    Parameters
+    ----------
+    every_seconds : float
+        Least seconds between two composites of a target on ``interval`` snapshots (0: only on request and
+        at shutdown).
+    clock : callable
+        Monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, every_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_seconds = every_seconds
+        self._clock = clock
+        self._written: dict[tuple[Path, str], int] = {}
+        self._composed: dict[Path, tuple[float, tuple[tuple[str, int], ...]]] = {}
+        self._warned: set[tuple[Path, str]] = set()
+
+    def filter_changed(self, folder: Path, name: str, frames: int) -> bool:
+        """Whether a filter's stack has frames its last snapshot (``filter_written``) lacks."""
+        return self._written.get((folder, name)) != frames
+
+    def filter_written(self, folder: Path, name: str, frames: int) -> None:
+        """Note that a filter's snapshot of ``frames`` frames is on disk."""
+        self._written[(folder, name)] = frames
+
+    def composite_failed(self, folder: Path) -> None:
+        """Forget a target's last composite (its files could not be written): the next snapshot retries."""
+        self._composed.pop(folder, None)
+
+    def composite_due(self, folder: Path, counts: tuple[tuple[str, int], ...], forced: bool) -> bool:
+        """Whether to rebuild a target's composite: a channel changed and (forced, or the interval passed)."""
+        last = self._composed.get(folder)
+        if last is not None and last[1] == counts:
+            return False
+        now = self._clock()
+        if not forced:
+            if self.every_seconds <= 0:
+                return False
+            if last is not None and now - last[0] < self.every_seconds:
+                return False
+        self._composed[folder] = (now, counts)
+        return True
+
+    def first_warning(self, folder: Path, message: str) -> bool:
+        """True the first time a target's composite fails for this reason (so the log is not flooded)."""
+        key = (folder, message)
+        if key in self._warned:
+            return False
+        self._warned.add(key)
+        return True
+
+
 class Outputs:
     """When to snapshot and checkpoint, and the jobs that do it; used by the worker thread only.
 
@@ -123,6 +186,8 @@ class Outputs:
         self._display: events.Event | None = None
         #: True while the stack holds a frame whose journal line is not durable yet (set by the worker).
         self.unjournaled = False
+        #: The writer thread's record of per-filter snapshots and composites.
+        self.colour = ColourSnapshots(config.compose.every_seconds)
         # Stack events queued on the writer and not yet published (the worker adds, the writer subtracts).
         self._routed = 0
         self._routed_lock = threading.Lock()
@@ -180,6 +245,8 @@ class Outputs:
             raise LivestackError(f"no snapshot while stalled ({stalled}); the last good one is kept")
         folder = self.stacks.folder(stacker)
         folder.mkdir(parents=True, exist_ok=True)
+        if len(view.filters) > 1:
+            return self._write_filters(reason, stacker, view.session, folder)
         if self.frame_rows is not None:
             info = replace(info, frames=self.frame_rows(view.session, info.filter))
         o = self.config.output
@@ -189,6 +256,71 @@ class Outputs:
         self.emit(events.make_event("snapshot", fits=str(files.fits), image=str(files.picture),
                                     frames=info.ncombine, session=view.session, reason=reason))
         return {"fits": str(files.fits), "image": str(files.picture), "frames": info.ncombine}
+
+    def _write_filters(self, reason: str, stacker: Stacker, session: int, folder: Path) -> dict[str, Any]:
+        """Writer thread: each filter's stack that changed into ``<target>/<filter>/``, then the composite
+        into ``<target>/`` when it is due (always on request and at shutdown, if a channel changed)."""
+        channels = self.stacks.channels(stacker)
+        o = self.config.output
+        forced = reason != "interval"
+        surface = stacker.path == "surface"
+        for name, (info, image) in channels.items():
+            if not forced and not self.colour.filter_changed(folder, name, info.ncombine):
+                continue
+            sub = folder / safe_name(name or "unfiltered")
+            sub.mkdir(exist_ok=True)
+            if self.frame_rows is not None:
+                info = replace(info, frames=self.frame_rows(session, name))
+            files = write_snapshot(sub / "stack.fits", image, info, image_format=o.image_format,
+                                   flatten=o.flatten_background, history=o.history, surface=surface,
+                                   frames_csv=o.frames_csv)
+            self.colour.filter_written(folder, name, info.ncombine)
+            self.emit(events.make_event("snapshot", fits=str(files.fits), image=str(files.picture),
+                                        frames=info.ncombine, session=session, reason=reason,
+                                        filter=name or None, recipe=None))
+        target = folder / "stack.fits"
+        frames = sum(info.ncombine for info, _ in channels.values())
+        counts = tuple((name, info.ncombine) for name, (info, _) in channels.items())
+        if channels and self.colour.composite_due(folder, counts, forced):
+            self._write_composite(reason, channels, session, folder, target)
+        return {"fits": str(target), "image": str(target.with_suffix(picture_suffix(o.image_format))),
+                "frames": frames}
+
+    def _write_composite(self, reason: str, channels: dict[str, tuple[StackInfo, np.ndarray]], session: int,
+                         folder: Path, target: Path) -> None:
+        o = self.config.output
+        try:
+            result = build_composite({name: image for name, (_, image) in channels.items()},
+                                     self.config.compose)
+        except ValueError as exc:
+            if self.colour.first_warning(folder, str(exc)):
+                log.warning("no colour composite of %s yet: %s", folder.name or "the target", exc)
+            return
+        info = replace(composite_info((info for info, _ in channels.values()), result.recipe),
+                       cards=result.cards,
+                       frames=self.frame_rows(session, None) if self.frame_rows is not None else None)
+        try:
+            files = write_snapshot(target, result.image, info, image_format=o.image_format,
+                                   flatten=o.flatten_background, history=o.history, picture=result.picture,
+                                   frames_csv=o.frames_csv)
+        except OSError:
+            self.colour.composite_failed(folder)
+            raise
+        self.emit(events.make_event("snapshot", fits=str(files.fits), image=str(files.picture),
+                                    frames=info.ncombine, session=session, reason=reason, filter=None,
+                                    recipe=result.recipe))
+        if self.config.web.display_interval > 0:
+            # Viewers key pictures by target and filter: the composite shows beside each channel, under
+            # its recipe's name.
+            side = self.config.web.display_size or max(result.image.shape[:2])
+            if result.picture is not None:
+                pixels = _fit(result.picture, side)
+            else:
+                pixels = preview_array(result.image, max_side=side, flatten=o.flatten_background)
+            self.emit(events.make_event(
+                "display", picture=encode_image(pixels, "jpeg"), object=info.object, filter=result.recipe,
+                session=session, frames=info.ncombine, exptime=info.exptime, width=pixels.shape[1],
+                height=pixels.shape[0]))
 
     def requested_snapshot(self, future: Future[dict[str, Any]]) -> None:
         """Writer thread: a snapshot for a control request; a failure is the reply, not a lost request."""
@@ -348,3 +480,13 @@ class Outputs:
             self.queue_snapshot("shutdown")
 
 
+
+
+def _fit(picture: np.ndarray, side: int) -> np.ndarray:
+    """A rendered uint8 picture shrunk (area average) so that its longest side is at most ``side``."""
+    rows, cols = picture.shape[:2]
+    factor = side / max(rows, cols)
+    if factor >= 1.0:
+        return picture
+    size = (max(1, round(cols * factor)), max(1, round(rows * factor)))
+    return np.asarray(cv2.resize(picture, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)

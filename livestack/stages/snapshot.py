@@ -14,8 +14,6 @@ Public API:
   (NaN -> black).
 - ``encode_image(image8, fmt) -> bytes``: PNG or JPEG bytes of a stretched image.
 - ``write_preview(path, image)``: stretch then write PNG or JPEG by the file's suffix.
-- ``write_composite(fits_path, image_path, image, info, picture=None)``: a colour composite's FITS cube
-  (with its recipe cards from ``info.cards``) and its picture (``picture`` as rendered, else stretched).
 - ``preview_array(image, max_side=160) -> ndarray``: a small stretched uint8 image for event previews.
 - ``preview_bytes(image, max_size=256) -> bytes``: the same, as JPEG bytes.
 
@@ -56,7 +54,7 @@ from livestack.stages.provenance import frames_csv as rows_csv
 __all__ = ["FLATTEN_MESH", "JPEG_QUALITY", "PNG_COMPRESSION", "SHADOWS_SIGMA", "STAT_SAMPLES",
            "SURFACE_BLACK", "SURFACE_GAMMA", "SURFACE_HEADROOM", "SURFACE_WHITE", "TARGET_BACKGROUND",
            "SnapshotFiles", "StackInfo", "atomic_write", "encode_image", "flatten_background",
-           "picture_suffix", "preview_array", "preview_bytes", "stretch", "write_composite", "write_fits",
+           "picture_suffix", "preview_array", "preview_bytes", "stretch", "write_fits",
            "write_preview", "write_snapshot"]
 
 #: Where the sky lands after the stretch, as a fraction of full scale (people like 0.1 to 0.25).
@@ -149,7 +147,7 @@ def picture_suffix(image_format: str) -> str:
 
 def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *, image_format: str = "jpeg",
                    flatten: bool = False, history: bool = False, surface: bool = False,
-                   frames_csv: bool = False) -> SnapshotFiles:
+                   frames_csv: bool = False, picture: np.ndarray | None = None) -> SnapshotFiles:
     """Write a stack snapshot: the FITS file, then the picture beside it (same name, picture suffix).
 
     Each file appears whole (``atomic_write``); a failure leaves the previous snapshot's files as they
@@ -173,6 +171,9 @@ def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *,
     frames_csv : bool
         Also write ``info.frames`` (the ``FRAMES`` table) as CSV beside the FITS file,
         ``<stem>.frames.csv`` (``stages.provenance.frames_csv``); nothing when ``info.frames`` is None.
+    picture : ndarray, optional
+        uint8 ``(H, W)`` or ``(H, W, 3)`` already rendered (a composite's Lupton picture): written as it is,
+        instead of stretching ``image``.
 
     Returns
     -------
@@ -185,12 +186,13 @@ def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *,
         When a file cannot be written (disk full, permissions).
     """
     fits_path = Path(fits_path)
-    picture = fits_path.with_suffix(picture_suffix(image_format))
+    picture_path = fits_path.with_suffix(picture_suffix(image_format))
     flat = flatten and not surface
-    picture_bytes = encode_image(stretch(flatten_background(image) if flat else image, surface),
-                                 picture.suffix)
+    rendered = picture if picture is not None else stretch(flatten_background(image) if flat else image,
+                                                           surface)
+    picture_bytes = encode_image(rendered, picture_path.suffix)
     write_fits(fits_path, image, info)
-    atomic_write(picture, picture_bytes)
+    atomic_write(picture_path, picture_bytes)
     if frames_csv and info.frames is not None:
         atomic_write(fits_path.with_suffix(".frames.csv"), rows_csv(info.frames))
     if history:
@@ -198,8 +200,8 @@ def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *,
         folder.mkdir(exist_ok=True)
         stem = f"{fits_path.stem}-{info.ncombine:04d}"
         write_fits(folder / f"{stem}.fits", image, info)
-        atomic_write(folder / f"{stem}{picture.suffix}", picture_bytes)
-    return SnapshotFiles(fits_path, picture)
+        atomic_write(folder / f"{stem}{picture_path.suffix}", picture_bytes)
+    return SnapshotFiles(fits_path, picture_path)
 
 
 def write_fits(path: str | Path, image: np.ndarray, info: StackInfo) -> None:
@@ -443,42 +445,6 @@ def write_preview(path: str | Path, image: np.ndarray, flatten: bool = False, su
         )
     flat = flatten and not surface
     atomic_write(path, encode_image(stretch(flatten_background(image) if flat else image, surface), suffix))
-
-
-def write_composite(fits_path: str | Path, image_path: str | Path, image: np.ndarray, info: StackInfo,
-                    picture: np.ndarray | None = None, flatten: bool = False) -> None:
-    """Write a colour composite: its linear 3-plane FITS and its picture, each atomically.
-
-    Parameters
-    ----------
-    fits_path, image_path : str or Path
-        Destinations (``.fits``; ``.png``, ``.jpg`` or ``.jpeg``).
-    image : ndarray
-        Linear ``(H, W, 3)`` composite.
-    info : StackInfo
-        Header facts; ``info.cards`` carries the recipe.
-    picture : ndarray, optional
-        uint8 ``(H, W, 3)`` already rendered (a Lupton picture); else ``image`` is stretched.
-    flatten : bool
-        Remove sky gradients before stretching (ignored with ``picture``).
-
-    Raises
-    ------
-    ValueError
-        For a picture suffix that is not PNG or JPEG.
-    OSError
-        When a file cannot be written (the old one, if any, is kept).
-    """
-    write_fits(fits_path, image, info)
-    if picture is None:
-        write_preview(image_path, image, flatten=flatten)
-        return
-    suffix = Path(image_path).suffix.lower()
-    if suffix not in _PREVIEW_SUFFIXES:
-        raise ValueError(
-            f"The picture {image_path} must end in one of {', '.join(_PREVIEW_SUFFIXES)}, not {suffix!r}."
-        )
-    atomic_write(image_path, encode_image(picture, suffix))
 
 
 def preview_array(image: np.ndarray, max_side: int = 160, flatten: bool = False,

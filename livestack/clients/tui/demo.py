@@ -20,6 +20,9 @@ DEMO_START = datetime(2024, 10, 5, 21, 30, 0, tzinfo=UTC)
 
 _STARTED = DEMO_START - timedelta(minutes=2)
 
+#: The filter wheel of the made-up night: luminance twice as often as each colour.
+_WHEEL = ("L", "L", "R", "G", "B")
+
 
 def stamp(event: events.Event, when: datetime) -> events.Event:
     """The same event with its ``time`` set to ``when`` (events are made with the current time).
@@ -40,7 +43,8 @@ def stamp(event: events.Event, when: datetime) -> events.Event:
 
 
 def demo_events(frames: int = 24, start: datetime = DEMO_START, seed: int = 7) -> list[events.Event]:
-    """Events of a stack of M 31 in L at 30 s a frame: frames, stack updates with previews, statuses.
+    """Events of a stack of M 31 through a filter wheel (L, L, R, G, B) at 30 s a frame: frames, stack updates
+    with previews, statuses with each filter's counts.
 
     Parameters
     ----------
@@ -60,9 +64,11 @@ def demo_events(frames: int = 24, start: datetime = DEMO_START, seed: int = 7) -
     out: list[events.Event] = []
     accepted = rejected = 0
     exptime = 30.0
+    per_filter: dict[str, int] = {}
     for seq in range(1, frames + 1):
         when = start + timedelta(seconds=32 * (seq - 1))
-        name = f"M31_Light_L_{exptime:.0f}s_{seq:04d}.fits"
+        filter_name = _WHEEL[(seq - 1) % len(_WHEEL)]
+        name = f"M31_Light_{filter_name}_{exptime:.0f}s_{seq:04d}.fits"
         bad = seq % 7 == 0
         fwhm = float(2.3 + 0.25 * np.sin(seq / 5) + rng.normal(0, 0.05))
         stars = int(420 - 40 * np.sin(seq / 6) + rng.normal(0, 8))
@@ -75,7 +81,7 @@ def demo_events(frames: int = 24, start: datetime = DEMO_START, seed: int = 7) -
             "date_obs": (when - timedelta(seconds=exptime + 2)).isoformat(),
             "exptime": exptime,
             "object": "M 31",
-            "filter": "L",
+            "filter": filter_name,
             "ellipticity": 0.08,
             "noise": 14.2,
             "sharpness": None,
@@ -91,6 +97,7 @@ def demo_events(frames: int = 24, start: datetime = DEMO_START, seed: int = 7) -
             ), when))
         else:
             accepted += 1
+            per_filter[filter_name] = per_filter.get(filter_name, 0) + 1
             dx, dy = float(0.8 * seq + rng.normal(0, 0.3)), float(-0.5 * seq + rng.normal(0, 0.3))
             transform = {
                 "matrix": [[1.0, 0.0, dx], [0.0, 1.0, dy]], "dx": dx, "dy": dy,
@@ -101,12 +108,15 @@ def demo_events(frames: int = 24, start: datetime = DEMO_START, seed: int = 7) -
                 "frame", verdict="accepted", reason=None, stars=stars, fwhm=fwhm, background=background,
                 transform=transform, latency=latency, **fields,
             ), when))
+            count = per_filter[filter_name]
             out.append(stamp(events.make_event(
-                "stack", preview=demo_preview(depth=accepted), frames=accepted, exptime=accepted * exptime,
+                "stack", preview=demo_preview(depth=accepted), frames=count, exptime=count * exptime,
                 method="kappa-sigma", rejected_fraction=0.012, snr=float(8 * np.sqrt(accepted)),
-                object="M 31", filter="L", reference="/data/2024-10-05/M31_Light_L_30s_0001.fits", session=1,
+                object="M 31", filter=filter_name, reference="/data/2024-10-05/M31_Light_L_30s_0001.fits",
+                session=1, filters=_filters(per_filter, exptime),
             ), when + timedelta(milliseconds=200)))
-        out.append(stamp(_status(seq, accepted, rejected, exptime, when), when + timedelta(seconds=1)))
+        out.append(stamp(_status(seq, accepted, rejected, exptime, when, _filters(per_filter, exptime)),
+                         when + timedelta(seconds=1)))
     out.append(stamp(events.make_event(
         "log", level="warning", message="frames arrive slower than the exposure time", logger="watch",
     ), start + timedelta(seconds=32 * frames - 20)))
@@ -152,12 +162,17 @@ def demo_preview(depth: int = 20, rows: int = 96, columns: int = 144, seed: int 
     return np.clip(stretched * 255, 0, 255).astype(np.uint8)
 
 
-def _status(seq: int, accepted: int, rejected: int, exptime: float, when: datetime) -> events.Event:
+def _filters(per_filter: dict[str, int], exptime: float) -> list[dict[str, Any]]:
+    return [{"filter": name, "frames": n, "exptime": n * exptime} for name, n in per_filter.items()]
+
+
+def _status(seq: int, accepted: int, rejected: int, exptime: float, when: datetime,
+            filters: list[dict[str, Any]]) -> events.Event:
     return events.make_event(
         "status", state="running", queue=0, lag=0.0, received=seq, accepted=accepted, rejected=rejected,
         exptime=accepted * exptime, frames=accepted, uptime=(when - _STARTED).total_seconds() + 1,
         started=_STARTED.isoformat(), watch="/data/2024-10-05", output="/data/stacks", method="kappa-sigma",
-        object="M 31", filter="L", session=1, last_latency=2.7, insecure=False,
+        object="M 31", filter="L", session=1, last_latency=2.7, insecure=False, filters=filters,
     )
 
 

@@ -200,15 +200,15 @@ class Dashboard:
         """Each filter of the current target with its frames and exposure, as ``(filter, "12 (6m 00s)")``.
 
         From the latest ``status`` (else ``stack``) event's ``filters``; empty when the daemon sends none or
-        the target has a single unnamed filter.
+        the target has a single filter (the header and counters say all there is).
         """
         source = self.status if self.status is not None and self.status.get("filters") else self.stack
         entries: list[Mapping[str, Any]] = list(source.get("filters") or []) if source is not None else []
+        if len(entries) < 2:
+            return []
         out: list[tuple[str, str]] = []
         for entry in entries:
             name = str(entry.get("filter") or "")
-            if not name and len(entries) == 1:
-                return []
             out.append((name or _DASH, f"{int(entry.get('frames', 0))} "
                                        f"({format_duration(float(entry.get('exptime', 0.0)))})"))
         return out

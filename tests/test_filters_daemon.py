@@ -1,0 +1,99 @@
+"""Filters in the live daemon: a snapshot per filter, the colour composite, per-filter counts in events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from test_daemon import SIZE, Recorder, decided, make_config, running
+
+from livestack.config import Config
+from livestack.live.writer import ColourSnapshots
+from livestack.pipeline import Stacker
+from livestack.simulate import SimConfig, simulate
+
+WHEEL = ("L", "R", "G", "B")
+
+
+def _no_sleep(seconds: float) -> None:
+    del seconds
+
+
+def _sim(**fields: object) -> SimConfig:
+    base: dict[str, object] = {"interval": 0.0, "size": SIZE, "n_stars": 250, "seed": 11,
+                               "rotation_per_frame": 0.03, "drift": (1.2, -0.6)}
+    base.update(fields)
+    return SimConfig(**base)  # type: ignore[arg-type]
+
+
+def _batch(config: Config, paths: list[Path]) -> Stacker:
+    stacker = Stacker(config)
+    for path in paths:
+        assert stacker.process(path).accepted, path
+    return stacker
+
+
+def _same(live: np.ndarray, expected: np.ndarray) -> None:
+    np.testing.assert_array_equal(np.isnan(live), np.isnan(expected))
+    covered = ~np.isnan(expected)
+    np.testing.assert_allclose(live[covered], expected[covered], rtol=1e-6)
+
+
+def test_the_daemon_snapshots_each_filter_and_composes_them(tmp_path: Path) -> None:
+    config = make_config(tmp_path, **{"stack.method": "mean", "output.every_frames": 4,
+                                      "compose.every_seconds": 0.0})
+    recorder = Recorder()
+    sim = _sim(frames=8, filters=WHEEL)
+    with running(config, (recorder,)):
+        paths = simulate(tmp_path / "frames", sim, sleep=_no_sleep)
+        recorder.wait_for(decided(8), "8 frames decided")
+        recorder.wait_for(lambda evs: any(e.topic == "status" and len(e.payload.get("filters") or []) == 4
+                                          and sum(f["frames"] for f in e["filters"]) == 8 for e in evs),
+                          "a status with four filters")
+    target = tmp_path / "out" / "SIM-FIELD"
+    batch = _batch(config, paths)
+    for name in WHEEL:
+        with fits.open(target / name / "stack.fits") as hdul:
+            header, data = hdul[0].header, hdul[0].data
+        assert header["FILTER"] == name and header["NCOMBINE"] == 2
+        _same(data, batch.result(name))
+        assert (target / name / "stack.png").stat().st_size > 0
+    with fits.open(target / "stack.fits") as hdul:
+        header, data = hdul[0].header, hdul[0].data
+    assert data.shape == (3, SIZE[1], SIZE[0])
+    assert header["RECIPE"] == "LRGB" and header["NCOMBINE"] == 8 and header["LUMSRC"] == "L"
+    snapshots = recorder.topic("snapshot")
+    assert {s.get("filter") for s in snapshots} >= set(WHEEL)
+    composites = [s for s in snapshots if s.get("recipe")]
+    # every_seconds = 0: none during the night, one at shutdown.
+    assert [s["reason"] for s in composites] == ["shutdown"] and composites[0]["frames"] == 8
+    # Viewers get the composite's picture beside each channel's, keyed by the recipe.
+    pictures = [e for e in recorder.events if e.topic == "display"]
+    assert any(e["filter"] == "LRGB" and e["frames"] == 8 for e in pictures)
+    stacks = recorder.topic("stack")
+    assert [f["filter"] for f in stacks[-1]["filters"]] == list(WHEEL)
+    frames = recorder.frames("accepted")
+    assert [f["filter"] for f in frames] == [*WHEEL, *WHEEL]
+
+
+def test_composites_are_rate_limited_and_only_rebuilt_when_a_channel_changed() -> None:
+    now = [100.0]
+    schedule = ColourSnapshots(15.0, clock=lambda: now[0])
+    folder = Path("target")
+    counts = (("L", 2), ("R", 1))
+    assert schedule.composite_due(folder, counts, forced=False)
+    now[0] += 5.0
+    assert not schedule.composite_due(folder, (("L", 3), ("R", 1)), forced=False)  # too soon
+    assert schedule.composite_due(folder, (("L", 3), ("R", 1)), forced=True)  # asked for
+    now[0] += 20.0
+    assert not schedule.composite_due(folder, (("L", 3), ("R", 1)), forced=False)  # nothing changed
+    assert schedule.composite_due(folder, (("L", 3), ("R", 2)), forced=False)
+    never = ColourSnapshots(0.0, clock=lambda: now[0])
+    assert not never.composite_due(folder, counts, forced=False)
+    assert never.composite_due(folder, counts, forced=True)
+    assert schedule.filter_changed(folder, "L", 3)
+    schedule.filter_written(folder, "L", 3)
+    assert not schedule.filter_changed(folder, "L", 3) and schedule.filter_changed(folder, "L", 4)
+    schedule.composite_failed(folder)  # a write that failed is retried, even with nothing new
+    assert schedule.composite_due(folder, (("L", 3), ("R", 2)), forced=True)
