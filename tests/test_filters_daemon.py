@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,32 @@ def test_the_daemon_snapshots_each_filter_and_composes_them(tmp_path: Path) -> N
     assert [f["filter"] for f in stacks[-1]["filters"]] == list(WHEEL)
     frames = recorder.frames("accepted")
     assert [f["filter"] for f in frames] == [*WHEEL, *WHEEL]
+
+
+def test_frames_of_another_target_go_to_that_target_and_leave_the_first_whole(tmp_path: Path) -> None:
+    config = make_config(tmp_path, **{"stack.method": "mean", "output.every_frames": 1,
+                                      "compose.every_seconds": 0.0})
+    recorder = Recorder()
+    first = _sim(frames=4, filters=("L", "R"), object_name="NGC-1")
+    other = _sim(frames=2, filters=("L",), object_name="NGC-2", seed=12,
+                 start=first.start + timedelta(minutes=10))
+    with running(config, (recorder,)):
+        a = simulate(tmp_path / "frames" / "a", first, sleep=_no_sleep)
+        recorder.wait_for(decided(4), "the first target's frames")
+        b = simulate(tmp_path / "frames" / "b", other, sleep=_no_sleep)
+        recorder.wait_for(decided(6), "the other target's frames")
+    assert len(recorder.frames("accepted")) == 6
+    out = tmp_path / "out"
+    first_target = _batch(config, a)
+    for name in ("L", "R"):
+        with fits.open(out / "NGC-1" / name / "stack.fits") as hdul:
+            assert hdul[0].header["NCOMBINE"] == 2 and hdul[0].header["OBJECT"] == "NGC-1"
+            _same(hdul[0].data, first_target.result(name))
+    with fits.open(out / "NGC-1" / "stack.fits") as hdul:
+        assert hdul[0].header["RECIPE"] == "mono" and hdul[0].header["NCOMBINE"] == 4
+    with fits.open(out / "NGC-2" / "stack.fits") as hdul:
+        assert hdul[0].header["NCOMBINE"] == 2 and hdul[0].header["OBJECT"] == "NGC-2"
+        _same(hdul[0].data, _batch(config, b).result("L"))
 
 
 def test_composites_are_rate_limited_and_only_rebuilt_when_a_channel_changed() -> None:
