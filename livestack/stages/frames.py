@@ -63,7 +63,6 @@ import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 from astropy.utils.exceptions import AstropyWarning
-from astropy.wcs import WCS
 
 from livestack.errors import FrameError
 
@@ -639,6 +638,10 @@ def _debayer(mosaic: np.ndarray, pattern: str, integral: bool | None, copy: bool
 def _wcs_header(header: fits.Header) -> str | None:
     if "CTYPE1" not in header and "CTYPE2" not in header:
         return None  # skip astropy's WCS parser (a few ms) on frames that cannot have a celestial WCS
+    # Imported here: astropy.wcs brings astropy.coordinates and astropy.table, a third of a second of
+    # start-up that frames without a WCS never need.
+    from astropy.wcs import WCS
+
     with warnings.catch_warnings():
         # FITSFixedWarning and friends: the header's quirks are the camera's, not the user's to fix.
         warnings.simplefilter("ignore", AstropyWarning)
