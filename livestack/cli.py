@@ -247,7 +247,7 @@ def _cmd_restack(args: argparse.Namespace) -> int:
         for e in kept:
             assert e.transform is not None
             try:
-                if content_hash(e.path) != e.hash:
+                if content_hash(e.path, like=e.hash) != e.hash:
                     raise OSError("its content changed since it was stacked")
                 stacker.add_known(e.path, e.transform, ledger.weight(e))
             except (OSError, LivestackError) as exc:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 
 from livestack.errors import StateError
 from livestack.live.state import (
@@ -25,6 +26,7 @@ from livestack.live.state import (
     Journal,
     JournalEntry,
     content_hash,
+    is_legacy_hash,
     recover,
 )
 
@@ -66,7 +68,12 @@ def test_content_hash_identifies_content_not_name_or_time(tmp_path: Path) -> Non
     os.utime(renamed, ns=(1, 1))  # touch: a new mtime, the same content
 
     assert content_hash(first) == content_hash(renamed)
-    assert content_hash(first) == hashlib.blake2b(payload, digest_size=16).hexdigest()  # all bytes, >1 block
+    assert content_hash(first) == "xxh3:" + xxhash.xxh3_128(payload).hexdigest()  # all bytes, >1 block
+    # A digest from an earlier version's journal (BLAKE2b-128) is reproduced to compare with it.
+    legacy = hashlib.blake2b(payload, digest_size=16).hexdigest()
+    assert is_legacy_hash(legacy) and not is_legacy_hash(content_hash(first))
+    assert content_hash(renamed, like=legacy) == legacy
+    assert content_hash(renamed, like=content_hash(first)) == content_hash(first)
     changed = bytearray(payload)
     changed[len(changed) // 2] ^= 1  # another frame differs somewhere inside (noise, DATE-OBS)
     other = tmp_path / "light_0002.fits"
@@ -304,6 +311,24 @@ def test_hash_mismatch_falls_back_to_the_previous_checkpoint(tmp_path: Path) -> 
     path = tmp_path / "ckpt-000000000009.npz"
     data = bytearray(path.read_bytes())
     data[-200] ^= 0xFF  # same size, different content
+    path.write_bytes(bytes(data))
+    checkpoint = store.latest()
+    assert checkpoint is not None and checkpoint.seq == 5
+
+
+def test_checkpoints_from_before_xxh3_still_verify(tmp_path: Path) -> None:
+    store = _two_checkpoints(tmp_path)
+    for seq in (5, 9):  # as an earlier version wrote them: BLAKE2b-128 of the array file
+        manifest = tmp_path / f"ckpt-{seq:012d}.json"
+        record = json.loads(manifest.read_text())
+        legacy = hashlib.blake2b((tmp_path / record["arrays"]).read_bytes(), digest_size=16).hexdigest()
+        manifest.write_text(json.dumps({**record, "hash": legacy}))
+    checkpoint = store.latest()
+    assert checkpoint is not None and checkpoint.seq == 9 and is_legacy_hash(checkpoint.hash)
+    np.testing.assert_array_equal(store.load(checkpoint)["sum"], _arrays(9.0)["sum"])
+    path = tmp_path / "ckpt-000000000009.npz"
+    data = bytearray(path.read_bytes())
+    data[-200] ^= 0xFF  # same size, different content: the legacy hash still catches it
     path.write_bytes(bytes(data))
     checkpoint = store.latest()
     assert checkpoint is not None and checkpoint.seq == 5
