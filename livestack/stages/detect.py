@@ -15,7 +15,9 @@ How it works
 2. *Refine* every candidate at full resolution on a small stamp: subtract the local sky (median of the
    stamp's rim), then iterate a Gaussian-windowed centroid (the estimator of SExtractor's ``XWIN``), which
    reaches a few hundredths of a pixel however coarse the binned position was. The windowed second moments,
-   with the window's own width removed, give each star's size (``a``, ``b``, ``theta``, FWHM).
+   with the window's own width removed, give each star's size (``a``, ``b``, ``theta``, FWHM). A compiled
+   kernel measures one stamp per task on every core, each centroid stopping once it settles (7 -> 4 ms of
+   CPU for ~700 candidates).
 3. *Reject* what is not a star: hot pixels and cosmic rays (narrower than ``MIN_FWHM`` along the minor axis),
    extended blobs (wider than ``MAX_FWHM_RATIO`` times the frame's median FWHM), very elongated detections
    (ellipticity above ``MAX_ELLIPTICITY``), objects too close to the border for a full stamp, and centroids
@@ -31,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 import cv2
+import numba
 import numpy as np
 import sep
 
@@ -320,11 +323,7 @@ def _extract(work: np.ndarray, threshold: float, rms: float, mask: np.ndarray | 
 
 
 def _refine(arr: np.ndarray, x0: np.ndarray, y0: np.ndarray, fwhm: float) -> _Refined:
-    """Windowed centroids and deconvolved second moments on full-resolution stamps.
-
-    The window is a Gaussian of the given FWHM, so separable: the moments of all stamps come from two
-    batched matrix products per iteration instead of a pass over ``N x S x S`` exponentials.
-    """
+    """Windowed centroids and deconvolved second moments on full-resolution stamps (``_measure_stamps``)."""
     sigma = fwhm / _GAUSS_FWHM
     half = math.ceil(STAMP_FWHM * fwhm) + STAMP_MARGIN
     rows, cols = arr.shape
@@ -341,45 +340,20 @@ def _refine(arr: np.ndarray, x0: np.ndarray, y0: np.ndarray, fwhm: float) -> _Re
     if idx.size == 0:
         return result
 
-    offsets = np.arange(-half, half + 1)
-    stamps = arr[(cy0[idx, None, None] + offsets[None, :, None]),
-                 (cx0[idx, None, None] + offsets[None, None, :])].astype(np.float64)
-    finite = np.isfinite(stamps)
-    stamps[~finite] = np.nan
-    rim = np.concatenate([stamps[:, 0, :], stamps[:, -1, :], stamps[:, 1:-1, 0], stamps[:, 1:-1, -1]], axis=1)
-    with np.errstate(all="ignore"):
-        sky = np.nanmedian(rim, axis=1) if not finite.all() else np.median(rim, axis=1)
-    sky = np.where(np.isfinite(sky), sky, 0.0)
-    stamps -= sky[:, None, None]
-    stamps[~finite] = 0.0  # a masked pixel carries no weight
+    count = idx.size
+    px = np.empty(count)
+    py = np.empty(count)
+    last_step = np.empty(count)
+    moments = np.empty((count, 4))  # total, mxx, myy, mxy (unnormalised)
+    sharpness = np.empty(count)
+    _measure_stamps(arr, cx0[idx], cy0[idx], x[idx] - cx0[idx], y[idx] - cy0[idx], half, sigma,
+                    CENTROID_ITERATIONS, CENTROID_TOLERANCE, px, py, last_step, moments, sharpness)
 
-    # Positions relative to each stamp's central pixel.
-    px = x[idx] - cx0[idx]
-    py = y[idx] - cy0[idx]
-    grid = offsets.astype(np.float64)
-    last_step = np.full(idx.size, np.inf)
-    moments = np.zeros((idx.size, 3, 3))
-    for _ in range(CENTROID_ITERATIONS):
-        moments = _window_moments(stamps, grid, px, py, sigma)
-        total = moments[:, 0, 0]
-        with np.errstate(all="ignore"):
-            step_x = 2.0 * moments[:, 0, 1] / total
-            step_y = 2.0 * moments[:, 1, 0] / total
-        # The factor 2 is exact for a Gaussian star under a matched Gaussian window (one step to the centre).
-        step_x = np.where(np.isfinite(step_x), np.clip(step_x, -1.0, 1.0), 0.0)
-        step_y = np.where(np.isfinite(step_y), np.clip(step_y, -1.0, 1.0), 0.0)
-        px = px + step_x
-        py = py + step_y
-        last_step = np.hypot(step_x, step_y)
-        if (last_step < CENTROID_TOLERANCE).all():
-            break
-    moments = _window_moments(stamps, grid, px, py, sigma)
-
-    total = moments[:, 0, 0]
+    total = moments[:, 0]
     with np.errstate(all="ignore"):
-        mxx = moments[:, 0, 2] / total
-        myy = moments[:, 2, 0] / total
-        mxy = moments[:, 1, 1] / total
+        mxx = moments[:, 1] / total
+        myy = moments[:, 2] / total
+        mxy = moments[:, 3] / total
     # Eigenvalues of the windowed covariance; the star's own covariance has the same axes and eigenvalues
     # lambda * s^2 / (s^2 - lambda) (a Gaussian star times a Gaussian window of variance s^2).
     half_trace = (mxx + myy) / 2.0
@@ -405,40 +379,121 @@ def _refine(arr: np.ndarray, x0: np.ndarray, y0: np.ndarray, fwhm: float) -> _Re
     result.b_axis[idx] = b_axis
     result.theta[idx] = 0.5 * np.arctan2(2.0 * mxy, mxx - myy)
     result.fwhm[idx] = _GAUSS_FWHM * np.sqrt((a_axis**2 + b_axis**2) / 2.0)
-    result.sharpness[idx] = _sharpness(stamps, px, py, half)
+    result.sharpness[idx] = sharpness
     result.valid[idx] = ok
     return result
 
 
-def _sharpness(stamps: np.ndarray, px: np.ndarray, py: np.ndarray, half: int) -> np.ndarray:
-    """``(peak - mean of its 8 neighbours) / peak`` at the brightest pixel next to each centroid."""
-    n, size = stamps.shape[0], stamps.shape[1]
-    rows = np.arange(n)[:, None, None]
-    near = np.arange(-1, 2)
-    # The centroid's pixel, kept 2 pixels inside the stamp so that its neighbours' neighbours exist.
-    cy = np.clip(np.floor(py + 0.5).astype(np.int64) + half, 2, size - 3)
-    cx = np.clip(np.floor(px + 0.5).astype(np.int64) + half, 2, size - 3)
-    block = stamps[rows, (cy[:, None] + near)[:, :, None], (cx[:, None] + near)[:, None, :]].reshape(n, 9)
-    best = np.argmax(block, axis=1)
-    by = cy + best // 3 - 1
-    bx = cx + best % 3 - 1
-    around = stamps[rows, (by[:, None] + near)[:, :, None], (bx[:, None] + near)[:, None, :]].reshape(n, 9)
-    peak = around[:, 4]
-    with np.errstate(all="ignore"):
-        sharp = (peak - (around.sum(axis=1) - peak) / 8.0) / peak
-    return np.where(peak > 0, sharp, np.nan)
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def _measure_stamps(arr: np.ndarray, cx: np.ndarray, cy: np.ndarray, px0: np.ndarray, py0: np.ndarray,
+                    half: int, sigma: float, iterations: int, tolerance: float, px: np.ndarray,
+                    py: np.ndarray, last_step: np.ndarray, moments: np.ndarray,
+                    sharpness: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Windowed centroid, second moments and sharpness of each candidate, on its own stamp.
 
+    Candidate ``i``'s stamp is ``arr[cy - half : cy + half + 1, cx - half : cx + half + 1]`` (inside the
+    image), less its sky: the median of the rim's finite pixels (0 without any); non-finite pixels weigh
+    nothing. From the offset ``(px0, py0)`` to the stamp's centre, the centroid takes steps
+    ``2 M01 / M00`` (clipped to a pixel) under a Gaussian window of ``sigma`` until a step is shorter than
+    ``tolerance`` or ``iterations`` are done; ``last_step`` is the length of the last one. ``moments``
+    gets ``M00, M02, M20, M11`` at the final position (x powers second, as in ``M[p, q] = sum w I dy^p
+    dx^q``); ``sharpness`` is ``(peak - mean of its 8 neighbours) / peak`` at the brightest pixel next to
+    the centroid (NaN for a peak at or below the sky).
 
-def _window_moments(stamps: np.ndarray, grid: np.ndarray, px: np.ndarray, py: np.ndarray,
-                    sigma: float) -> np.ndarray:
-    """``M[n, p, q] = sum_rc w I dy^p dx^q`` for p, q in 0..2, with a Gaussian window at ``(px, py)``."""
-    dx = grid[None, :] - px[:, None]
-    dy = grid[None, :] - py[:, None]
-    wx = np.exp(-0.5 * (dx / sigma) ** 2)
-    wy = np.exp(-0.5 * (dy / sigma) ** 2)
-    basis_x = np.stack([wx, wx * dx, wx * dx * dx], axis=2)  # (N, S, 3)
-    basis_y = np.stack([wy, wy * dy, wy * dy * dy], axis=1)  # (N, 3, S)
-    return np.matmul(basis_y, np.matmul(stamps, basis_x))
+    One candidate per task, each in compiled loops over its few hundred pixels: the window is separable,
+    so each moment is a sum over rows of column sums.
+    """
+    size = 2 * half + 1
+    inv2s2 = 0.5 / (sigma * sigma)
+    for i in numba.prange(cx.shape[0]):
+        stamp = np.empty((size, size))
+        finite = np.empty((size, size), dtype=np.bool_)
+        rim = np.empty(4 * size - 4)
+        m = 0
+        for r in range(size):
+            for c in range(size):
+                value = np.float64(arr[cy[i] - half + r, cx[i] - half + c])
+                ok = np.isfinite(value)
+                stamp[r, c] = value
+                finite[r, c] = ok
+                if ok and (r == 0 or r == size - 1 or c == 0 or c == size - 1):
+                    rim[m] = value
+                    m += 1
+        sky = np.median(rim[:m]) if m else 0.0
+        for r in range(size):
+            for c in range(size):
+                stamp[r, c] = stamp[r, c] - sky if finite[r, c] else 0.0
+
+        x = px0[i]
+        y = py0[i]
+        step = np.inf
+        wx = np.empty(size)
+        wy = np.empty(size)
+        for k in range(iterations + 1):
+            for j in range(size):
+                dx = j - half - x
+                dy = j - half - y
+                wx[j] = np.exp(-dx * dx * inv2s2)
+                wy[j] = np.exp(-dy * dy * inv2s2)
+            m00 = 0.0
+            m01 = 0.0
+            m10 = 0.0
+            m02 = 0.0
+            m20 = 0.0
+            m11 = 0.0
+            for r in range(size):
+                a0 = 0.0
+                a1 = 0.0
+                a2 = 0.0
+                for c in range(size):
+                    dx = c - half - x
+                    v = stamp[r, c] * wx[c]
+                    a0 += v
+                    a1 += v * dx
+                    a2 += v * dx * dx
+                dy = r - half - y
+                w = wy[r]
+                m00 += w * a0
+                m01 += w * a1
+                m10 += w * dy * a0
+                m02 += w * a2
+                m20 += w * dy * dy * a0
+                m11 += w * dy * a1
+            if k == iterations or step < tolerance:
+                moments[i, 0] = m00
+                moments[i, 1] = m02
+                moments[i, 2] = m20
+                moments[i, 3] = m11
+                break
+            # The factor 2 is exact for a Gaussian star under a matched Gaussian window (one step to the
+            # centre).
+            step_x = 2.0 * m01 / m00 if m00 != 0.0 else 0.0
+            step_y = 2.0 * m10 / m00 if m00 != 0.0 else 0.0
+            step_x = min(max(step_x, -1.0), 1.0) if np.isfinite(step_x) else 0.0
+            step_y = min(max(step_y, -1.0), 1.0) if np.isfinite(step_y) else 0.0
+            x += step_x
+            y += step_y
+            step = math.hypot(step_x, step_y)
+        px[i] = x
+        py[i] = y
+        last_step[i] = step
+
+        # The centroid's pixel, kept 2 pixels inside the stamp so that its neighbours' neighbours exist.
+        row = min(max(math.floor(y + 0.5) + half, 2), size - 3)
+        col = min(max(math.floor(x + 0.5) + half, 2), size - 3)
+        best_r = row - 1
+        best_c = col - 1
+        for r in range(row - 1, row + 2):  # the first brightest in row-major order, as np.argmax
+            for c in range(col - 1, col + 2):
+                if stamp[r, c] > stamp[best_r, best_c]:
+                    best_r = r
+                    best_c = c
+        peak = stamp[best_r, best_c]
+        around = 0.0
+        for r in range(best_r - 1, best_r + 2):
+            for c in range(best_c - 1, best_c + 2):
+                around += stamp[r, c]
+        sharpness[i] = (peak - (around - peak) / 8.0) / peak if peak > 0 else np.nan
 
 
 def _frozen(values: np.ndarray) -> np.ndarray:
