@@ -20,6 +20,7 @@ from livestack.stages.stack import (
     MeanStack,
     MedianStack,
     _block_shape,
+    _median_ignoring_nan,
     make_accumulator,
 )
 
@@ -295,6 +296,27 @@ def test_kappa_sigma_warmup_result_is_already_robust() -> None:
     result = stack.result()
     assert np.all(np.abs(result[10] - SKY) < 4 * NOISE)
     assert np.isfinite(result).all()
+
+
+@pytest.mark.parametrize("case", ["chi-square", "odd count", "nan holes", "ties", "few usable", "constant"])
+def test_noise_floor_median_is_exactly_nanmedian(case: str) -> None:
+    # The warm-up's floor takes the median of a frame-sized plane by bracketing it from a sample; whatever
+    # the plane, the answer must be np.nanmedian's, bit for bit.
+    rng = np.random.default_rng(8)
+    plane = rng.chisquare(4, (300, 401)).astype(np.float32)
+    if case == "odd count":
+        plane = plane[:, :-2]
+    elif case == "nan holes":
+        plane[rng.random(plane.shape) < 0.3] = np.nan
+        plane[:40] = np.nan
+    elif case == "ties":
+        plane = np.round(plane * 2).astype(np.float32) / 2
+    elif case == "few usable":
+        plane[rng.random(plane.shape) < 0.9995] = np.nan
+    elif case == "constant":
+        plane[:] = 3.25
+    usable = int(np.count_nonzero(~np.isnan(plane)))
+    assert _median_ignoring_nan(plane, usable) == float(np.nanmedian(plane))
 
 
 def test_kappa_sigma_warmup_is_capped_by_its_memory_budget() -> None:
