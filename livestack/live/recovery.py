@@ -14,7 +14,7 @@ from pathlib import Path
 
 from livestack.config import Config
 from livestack.live.stacks import Stacks
-from livestack.live.state import CheckpointStore, Journal, content_hash, recover
+from livestack.live.state import CheckpointStore, Journal, content_hash, is_legacy_hash, recover
 from livestack.live.writer import Outputs
 
 __all__ = ["Resumed", "resume"]
@@ -32,12 +32,16 @@ class Resumed:
         ``(path, size, mtime_ns)`` to content hash: files judged, skipped without reading.
     hashes : set of str
         Every judged content: a file with one of these is a duplicate.
+    legacy_hash : str or None
+        One of ``hashes`` made before XXH3, when the journal holds such: new files are then also hashed
+        that way (``content_hash(path, like=legacy_hash)``) to recognise the frames it recorded.
     received, accepted, rejected : int
         Counts over the whole journal.
     """
 
     known: dict[tuple[str, int, int], str] = field(default_factory=dict)
     hashes: set[str] = field(default_factory=set)
+    legacy_hash: str | None = None
     received: int = 0
     accepted: int = 0
     rejected: int = 0
@@ -72,6 +76,8 @@ def resume(config: Config, journal: Journal, store: CheckpointStore, stacks: Sta
     for e in entries:
         memory.known[(e.path, e.size, e.mtime_ns)] = e.hash
         memory.hashes.add(e.hash)
+        if is_legacy_hash(e.hash):
+            memory.legacy_hash = e.hash
         memory.received += 1
         if e.verdict == "accepted":
             memory.accepted += 1
@@ -94,7 +100,7 @@ def resume(config: Config, journal: Journal, store: CheckpointStore, stacks: Sta
             stacks.swap(stacks.new_stacker(entry.session), entry.session)
         path = Path(entry.path)
         try:
-            same = content_hash(path) == entry.hash
+            same = content_hash(path, like=entry.hash) == entry.hash
         except OSError:
             same = False
         if not same:

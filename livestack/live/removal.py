@@ -406,7 +406,7 @@ def _as_list(value: Any) -> list[Any]:
 def _changed(e: JournalEntry) -> str | None:
     """Why the file is no longer the frame that was stacked, or None when it still is."""
     try:
-        digest = content_hash(e.path)
+        digest = content_hash(e.path, like=e.hash)
     except FileNotFoundError:
         return "the file is gone"
     except OSError as exc:

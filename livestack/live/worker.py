@@ -118,6 +118,7 @@ class Worker:
         self.removals = removals
         self._known = memory.known
         self._hashes = memory.hashes
+        self._legacy_hash = memory.legacy_hash
         self.stats = DaemonStats(received=memory.received, accepted=memory.accepted, rejected=memory.rejected)
         #: "waiting" or "running"; read by ``status``.
         self.state = "waiting"
@@ -225,9 +226,18 @@ class Worker:
             rejected = FrameResult(str(item.path), REJECTED, reason, None, None, None, MappingProxyType({}))
             return _Front(st, _problem_digest(item.path, st, reason), rejected)
         digest = content_hash(item.path)
-        if digest in self._hashes:
+        if self._seen(item.path, digest):
             return _Front(st, digest)
         return _Front(st, digest, self._prepare(item, stacker))
+
+    def _seen(self, path: Path, digest: str) -> bool:
+        """Whether a file with this content hash was judged before (any thread, like ``_front``).
+
+        A journal written before XXH3 holds BLAKE2b digests: then the file is also hashed that way.
+        """
+        if digest in self._hashes:
+            return True
+        return self._legacy_hash is not None and content_hash(path, like=self._legacy_hash) in self._hashes
 
     def _read_ahead(self) -> None:
         """Take the next waiting frame, if any, and start its first half on the read-ahead thread."""
@@ -248,7 +258,7 @@ class Worker:
         if key in self._known:
             return
         digest = first.digest if first.digest is not None else content_hash(path)
-        if digest in self._hashes:  # again: the frame just before this one may have had its content
+        if self._seen(path, digest):  # again: the frame just before this one may have had its content
             self.stats.duplicates += 1
             log.info("%s has the content of a frame already seen; counted once", path.name)
             self._known[key] = digest

@@ -45,7 +45,7 @@ INT_NULL = -1
 COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("SEQ", "J", "", "journal sequence number"),
     ("FILE", "A", "", "file as received"),
-    ("HASH", "A", "", "content hash of the file's bytes (XXH3-128; BLAKE2b-128 before)"),
+    ("HASH", "A", "", "content hash of the file's bytes"),
     ("DATE_OBS", "A", "", "UTC start of the exposure"),
     ("EXPTIME", "D", "s", "exposure"),
     ("FILTER", "A", "", "filter"),
