@@ -367,6 +367,10 @@ def test_subscriber_can_leave_out_the_pictures(daemon: Daemon, frames: list[Path
         assert "frame" in topics and "display" not in topics
     with pytest.raises(Exception, match="unknown topics pictures"):
         Subscriber("tcp://127.0.0.1:1", topics=("pictures",))
+    # The dashboard leaves out the pictures and only them: every other topic is something it shows.
+    from livestack.clients.tui.app import _TOPICS
+
+    assert set(_TOPICS) == set(events.TOPICS) - {"display"}
 
 
 def _viewer_url(process: subprocess.Popen[str]) -> str:

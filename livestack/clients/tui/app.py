@@ -49,8 +49,8 @@ __all__ = [
 
 #: How long one wait of the receiving worker lasts: the bound on noticing a cancellation or staleness.
 _RECV_TIMEOUT_S = 0.25
-#: What the dashboard shows; the ``display`` pictures (for web viewers) would only cost a remote link.
-_TOPICS = ("frame", "stack", "snapshot", "status", "log", "photometry")
+#: Every topic but the ``display`` pictures (for web viewers), which would only cost a remote link.
+_TOPICS = tuple(topic for topic in events.TOPICS if topic != "display")
 
 ConnectionState = Literal["connecting", "connected", "stale", "failed", "offline"]
 
