@@ -1,5 +1,5 @@
-"""The ``livestack`` command: stack, restack, compose, photometry, simulate, run, demo, tui, web, keys,
-config."""
+"""The ``livestack`` command: stack, restack, compose, photometry, solve, simulate, run, demo, tui,
+web, keys, config."""
 
 from __future__ import annotations
 
@@ -96,6 +96,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
                                               args.frames_csv or config.output.frames_csv, console)
         elif image is not None and stacker.count > 0:
             rows = _result_rows(results)
+            _solve_for_stack(config, stacker, console)
             write_snapshot(fits_path, image, replace(stacker.info(), frames=rows),
                            image_format=config.output.image_format, flatten=config.output.flatten_background,
                            surface=stacker.path == "surface",
@@ -197,6 +198,77 @@ def _write_report(path: Path, results: Sequence[Any]) -> None:
                    _fmt(q.background if q else None), _fmt(q.noise if q else None)]
             row += [_fmt(r.timings.get(stage), 4) for stage in ("read", "detect", "align", "warp", "stack")]
             writer.writerow(row)
+
+
+def _solve_for_stack(config: Any, stacker: Any, console: Any) -> None:
+    """Plate-solve the reference when ``[wcs] solve`` asks, so the stack's FITS carries sky coordinates."""
+    from livestack.pipeline import solve_reference, wants_solution
+    from livestack.stages.solve import SolveFailure
+
+    if not wants_solution(config, stacker.reference_meta):
+        return
+    outcome = solve_reference(config, stacker)
+    if isinstance(outcome, SolveFailure):
+        console.print(f"livestack: no WCS for the stack: {outcome.reason}")
+        return
+    stacker.use_wcs(outcome.wcs_header)
+    console.print(f"plate-solved the reference in {outcome.seconds:.1f} s: centre RA {outcome.ra:.5f} Dec "
+                  f"{outcome.dec:+.5f}, {outcome.scale:.3f}\"/px, up {outcome.rotation:.1f} deg E of N")
+
+
+# -- livestack solve -----------------------------------------------------------------------------------
+
+def _cmd_solve(args: argparse.Namespace) -> int:
+    from dataclasses import replace as _replace
+
+    from astropy.io import fits
+
+    from livestack.stages.detect import detect
+    from livestack.stages.frames import read_frame
+    from livestack.stages.solve import SolveFailure, hints_from_header, solve
+
+    config = _load(args, {"wcs.command": args.command, "wcs.time_limit": args.time_limit})
+    path = Path(args.file)
+    frame = read_frame(path, bayer_pattern=config.frames.bayer_pattern or None)
+    d = config.detect
+    stars, _quality = detect(frame.luminance, threshold=d.threshold, binning=d.binning, max_stars=d.max_stars)
+    with fits.open(path) as hdul:
+        header = next((h.header for h in hdul if h.header.get("NAXIS", 0) >= 2), hdul[0].header)
+        hints = hints_from_header(header)
+    if args.ra is not None or args.dec is not None:
+        hints = _replace(hints, ra=args.ra, dec=args.dec)
+    if args.scale is not None:
+        hints = _replace(hints, scale_low=args.scale * 0.9, scale_high=args.scale * 1.1)
+    outcome = solve(stars, frame.meta.shape, hints, image=frame.luminance, command=config.wcs.command,
+                    time_limit=config.wcs.time_limit)
+    if isinstance(outcome, SolveFailure):
+        print(f"livestack: {path} not solved: {outcome.reason}", file=sys.stderr)
+        return 1
+    print(f"{path}: centre RA {outcome.ra:.6f} Dec {outcome.dec:+.6f} (ICRS degrees), "
+          f"{outcome.scale:.4f} arcsec/pixel, up {outcome.rotation:.2f} deg east of north, "
+          f"{len(outcome.matches)} catalogue stars matched, {outcome.seconds:.1f} s ({outcome.solver})")
+    if args.output:
+        out = Path(args.output)
+        if out.resolve() == path.resolve():
+            raise LivestackError("the frame is never modified: name another file with -o")
+        with fits.open(path) as hdul:
+            index = next((i for i, h in enumerate(hdul) if h.header.get("NAXIS", 0) >= 2), 0)
+            data = hdul[index].data
+            head = hdul[index].header.copy()
+        for key in [k for k in head if k.startswith(("CTYPE", "CRVAL", "CRPIX", "CD", "PC", "CDELT", "A_",
+                                                       "B_", "AP_", "BP_"))]:
+            del head[key]
+        head.update(fits.Header.fromstring(outcome.wcs_header))
+        head["HISTORY"] = f"WCS by livestack solve ({outcome.solver})"
+        import io
+
+        from livestack.stages.snapshot import atomic_write
+
+        buffer = io.BytesIO()
+        fits.PrimaryHDU(data, head).writeto(buffer)
+        atomic_write(out, buffer.getvalue())
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
 
 
 # -- livestack restack ---------------------------------------------------------------------------------
@@ -854,6 +926,17 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--frames-csv", action="store_true",
                     help="also write the FRAMES table as CSV beside the FITS")
     rs.set_defaults(func=_cmd_restack)
+
+    sv = sub.add_parser("solve", help="plate-solve one frame or stack with a local solver")
+    sv.add_argument("file", metavar="FILE", help="a FITS frame or stack (never modified)")
+    sv.add_argument("-o", "--output", metavar="OUT.fits", help="write a copy of FILE with the solved WCS")
+    sv.add_argument("--ra", type=float, metavar="DEG", help="pointing hint, degrees (default: the header's)")
+    sv.add_argument("--dec", type=float, metavar="DEG", help="pointing hint, degrees")
+    sv.add_argument("--scale", type=float, metavar="ARCSEC", help="pixel scale hint, arcseconds per pixel")
+    sv.add_argument("--time-limit", type=float, metavar="S", help="seconds the solver may take")
+    sv.add_argument("--command", metavar="TEMPLATE", help="another solver's command template")
+    sv.add_argument("--config", metavar="FILE", help="configuration file (default: built-in defaults)")
+    sv.set_defaults(func=_cmd_solve)
 
     ph = sub.add_parser("photometry", help="light curves of chosen stars, measured again from a journal")
     ph.add_argument("folder", metavar="STATE_OR_OUTPUT_DIR",

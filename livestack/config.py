@@ -29,6 +29,7 @@ __all__ = [
     "StackConfig",
     "StateConfig",
     "WatchConfig",
+    "WcsConfig",
     "WebConfig",
     "load_config",
     "render_toml",
@@ -242,6 +243,17 @@ class PhotometryConfig:
 
 
 @dataclass(frozen=True)
+class WcsConfig:
+    """``[wcs]``: sky coordinates for stacks whose reference frame carries none, by a local plate solver."""
+
+    solve: str = _key("auto", "plate-solve the reference: 'auto' when it has no WCS, 'always' even when it "
+                              "has one, 'off' never", choices=("auto", "always", "off"))
+    command: str = _key("", "solver command template ('' = astrometry.net's solve-field); see the README for "
+                            "its placeholders")
+    time_limit: float = _key(60.0, "seconds the solver may take per reference", minimum=1.0)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``base`` is the folder relative paths are resolved against."""
 
@@ -256,6 +268,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     web: WebConfig = field(default_factory=WebConfig)
     photometry: PhotometryConfig = field(default_factory=PhotometryConfig)
+    wcs: WcsConfig = field(default_factory=WcsConfig)
     base: Path = field(default=Path("."), compare=False)
 
     def path(self, value: str) -> Path:

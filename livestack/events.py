@@ -53,7 +53,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 TOPICS: tuple[str, ...] = ("frame", "stack", "snapshot", "status", "log", "display", "removal",
-                          "photometry")
+                          "photometry", "wcs")
 
 #: Control requests the daemon answers.
 COMMANDS: tuple[str, ...] = ("status", "pause", "resume", "snapshot", "reset", "set_reference", "shutdown",
@@ -160,6 +160,18 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "reason": _OPT_STR,           # what the request said
         "session": (int,),
         "problems": (list,),          # files that changed or vanished, in words
+    },
+    "wcs": {                          # the reference was plate-solved: its stacks' snapshots carry the WCS
+        "object": _OPT_STR,
+        "session": (int,),
+        "reference": (str,),          # path of the reference frame
+        "ra": _NUM,                   # sky position of the frame's centre, ICRS degrees
+        "dec": _NUM,
+        "scale": _NUM,                # arcseconds per pixel
+        "rotation": _NUM,             # degrees east of north of the image's up (+y)
+        "stars": (int,),              # catalogue stars the solution matched
+        "solver": (str,),
+        "seconds": _NUM,              # how long the solver took
     },
     "photometry": {
         "seq": (int,),                # the frame's sequence number (as in its frame event)

@@ -17,7 +17,7 @@ import glob
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
@@ -42,12 +42,13 @@ from livestack.stages.photometry import (
 from livestack.stages.photometry import plan_photometry as _plan_photometry
 from livestack.stages.photometry import saturation_level as _saturation_level
 from livestack.stages.snapshot import StackInfo
+from livestack.stages.solve import Solution, SolveFailure, hints_from_header, solve
 from livestack.stages.stack import Accumulator, make_accumulator
 from livestack.stages.warp import warp
 
 __all__ = ["UNALIGNED_METHODS", "FilterSummary", "FrameResult", "PhotometrySetup", "Prepared", "Stacker",
            "build_composite", "composite_info", "expand_paths", "filter_key", "frame_facts", "order_by_time",
-           "photometry_setup"]
+           "photometry_setup", "solve_reference", "wants_solution"]
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -537,6 +538,22 @@ class Stacker:
         twin.removals = self.removals
         return twin
 
+    @property
+    def reference_stars(self) -> Stars | None:
+        """The reference frame's stars, once there is a reference."""
+        return self._ref_stars
+
+    def use_wcs(self, wcs_header: str) -> None:
+        """Give the reference (and so every snapshot of this target) a WCS found after the fact.
+
+        Parameters
+        ----------
+        wcs_header : str
+            Celestial WCS cards for the reference frame's pixels (a plate solution).
+        """
+        if self._ref_meta is not None:
+            self._ref_meta = replace(self._ref_meta, wcs_header=wcs_header)
+
     def use_reference(self, path: str | Path) -> str | None:
         """Start new, empty stacks (every filter's) aligned onto the given frame.
 
@@ -970,6 +987,49 @@ class PhotometrySetup:
         if meta.time_utc is None:
             return float("nan")
         return mid_exposure_time(meta.time_utc, meta.exptime, self.sky, self.site)[0]
+
+
+def wants_solution(config: Config, reference: FrameMeta | None) -> bool:
+    """Whether the reference should be plate-solved: ``[wcs] solve`` and whether it already has a WCS."""
+    if reference is None or config.wcs.solve == "off":
+        return False
+    return config.wcs.solve == "always" or not reference.wcs_header
+
+
+def solve_reference(config: Config, stacker: Stacker,
+                    image: np.ndarray | None = None) -> Solution | SolveFailure:
+    """Plate-solve a stacker's reference frame from its star list (slow: off the frame path).
+
+    Parameters
+    ----------
+    config : Config
+        Uses ``[wcs]``.
+    stacker : Stacker
+        With a reference.
+    image : ndarray, optional
+        The reference frame, for a solver command that asks for the image (``{image}``); read again from its
+        file when such a command is configured and none is given.
+
+    Returns
+    -------
+    Solution or SolveFailure
+    """
+    from astropy.io import fits as _fits
+
+    meta, stars = stacker.reference_meta, stacker.reference_stars
+    if meta is None or stars is None:
+        return SolveFailure("error", "there is no reference frame to solve yet")
+    try:
+        header: Mapping[str, Any] = _fits.getheader(meta.path)
+    except (OSError, ValueError):
+        header = {}
+    if "{image}" in config.wcs.command and image is None:
+        try:
+            image = read_frame(meta.path, bayer_pattern=config.frames.bayer_pattern or None).luminance
+        except FrameError as exc:
+            return SolveFailure("error", f"the reference cannot be read again for the solver: {exc}")
+    return solve(stars, meta.shape, hints_from_header(header), image=image, command=config.wcs.command,
+                 time_limit=config.wcs.time_limit)
 
 
 def photometry_setup(config: Config, prepared: Prepared, transform: Transform,

@@ -43,6 +43,7 @@ from livestack.live.photometry import Photometry
 from livestack.live.recovery import resume
 from livestack.live.removal import Removals
 from livestack.live.reports import filter_list
+from livestack.live.solver import Solver
 from livestack.live.stacks import Stacks
 from livestack.live.state import CheckpointStore, Journal
 from livestack.live.worker import DaemonStats, Worker
@@ -126,6 +127,7 @@ class Daemon:
         self._removals: Removals | None = None
         self._network: Network | None = None
         self._photometry = Photometry(config, self._events.emit)
+        self._solver = Solver(config, self.stacks.lock, self._events.emit)
         self._log_handler = _EventLogHandler(self._events.emit)
 
     # -- what others read -----------------------------------------------------------------------------
@@ -194,6 +196,7 @@ class Daemon:
         self._spawn("livestack-writer", self._writer.run)
         self._spawn("livestack-worker", worker.run)
         self._photometry.start()
+        self._solver.start()
         w = self.config.watch
         ignore_dirs = tuple(p for p in (self.output_dir, self.state_dir) if _inside(p, self.watch_dir))
         self._watcher = watch.Watcher(
@@ -222,7 +225,7 @@ class Daemon:
         self._outputs.frame_rows = removals.rows
         self._worker = Worker(self.config, self._inbox, self.stacks, self._outputs, self._journal, memory,
                               self._events.emit, self._stop, self._photometry, removals,
-                              self._health)
+                              self._health, self._solver)
         # A removal the stop interrupted finishes now (a re-integration asks the worker to switch once it
         # runs).
         removals.resume()
@@ -268,6 +271,7 @@ class Daemon:
         self._writer.close()
         self._join("livestack-writer")
         self._photometry.stop()  # the last points measured and published, the light curves written
+        self._solver.stop()
         # Nothing will answer a request still waiting for the worker or the writer now.
         self._closed.set_result(None)
         if self._network is not None:

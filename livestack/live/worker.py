@@ -32,6 +32,7 @@ from livestack.live.recovery import Resumed
 from livestack.live.removal import COMMANDS as REMOVAL_COMMANDS
 from livestack.live.removal import SWITCH, Removals
 from livestack.live.reports import frame_event, journal_entry
+from livestack.live.solver import Solver
 from livestack.live.stacks import Stacks
 from livestack.live.state import Journal, JournalEntry, content_hash
 from livestack.live.writer import Outputs
@@ -100,12 +101,14 @@ class Worker:
         Answers ``remove``, ``reinclude`` and ``undo_last`` (and switches to a re-integrated stack).
     health : Health, optional
         Where a journal that cannot be written stalls the daemon.
+    solver : Solver, optional
+        Told of each new reference; it plate-solves on its own thread.
     """
 
     def __init__(self, config: Config, inbox: Inbox, stacks: Stacks, outputs: Outputs, journal: Journal,
                  memory: Resumed, emit: Callable[[events.Event], None], stop: threading.Event,
                  photometry: Photometry | None = None, removals: Removals | None = None,
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, solver: Solver | None = None) -> None:
         self.config = config
         self.health = health if health is not None else Health()
         self.inbox = inbox
@@ -116,6 +119,9 @@ class Worker:
         self._stop = stop
         self.photometry = photometry
         self.removals = removals
+        self.solver = solver
+        #: (session, reference path) already handed to the solver.
+        self._solving: set[tuple[int, str]] = set()
         self._known = memory.known
         self._hashes = memory.hashes
         self._legacy_hash = memory.legacy_hash
@@ -298,10 +304,20 @@ class Worker:
             self.outputs.stacked()
             if self.photometry is not None and isinstance(prepared, Prepared):
                 self._measure(seq, prepared, result)
+            self._maybe_solve(prepared if result.reference and isinstance(prepared, Prepared) else None)
         self.outputs.maybe_checkpoint(idle=False)
         depth, _ = self.inbox.depth_and_lag()
         if depth == 0:
             self.state = "waiting"
+
+    def _maybe_solve(self, reference: Prepared | None) -> None:
+        """Hand a stack's reference to the plate solver once (the frame itself when it is the reference)."""
+        ref = self.stacks.stacker.reference_meta
+        if self.solver is None or ref is None or (self.stacks.session, ref.path) in self._solving:
+            return
+        self._solving.add((self.stacks.session, ref.path))
+        self.solver.reference(self.stacks.stacker, self.stacks.session,
+                              reference.frame.luminance if reference is not None else None)
 
     def _measure(self, seq: int, prepared: Prepared, result: FrameResult) -> None:
         """Hand an accepted frame's stars to the photometry thread; a failure costs a point, not the frame."""
