@@ -1019,6 +1019,9 @@ def solve_reference(config: Config, stacker: Stacker,
     meta, stars = stacker.reference_meta, stacker.reference_stars
     if meta is None or stars is None:
         return SolveFailure("error", "there is no reference frame to solve yet")
+    if stacker.path == "surface":
+        return SolveFailure("unsolved", "the stack is aligned on a surface (Moon, Sun, planet): no star "
+                                        "field to solve")
     try:
         header: Mapping[str, Any] = _fits.getheader(meta.path)
     except (OSError, ValueError):

@@ -312,3 +312,13 @@ def test_frame_events_may_carry_sharpness_or_leave_it_out() -> None:
     assert surface_frame["sharpness"] == 74.5
     with pytest.raises(events.SchemaError):
         events.make_event("frame", sharpness="sharp", **fields)
+
+
+def test_a_surface_stack_is_not_sent_to_the_plate_solver(tmp_path: Path) -> None:
+    from livestack.pipeline import solve_reference
+
+    paths = simulate(tmp_path / "moon", _moon(frames=2, fixed_pattern=0.5), sleep=lambda _s: None)
+    stacker = Stacker(Config())
+    assert stacker.process(paths[0]).accepted and stacker.path == "surface"
+    failure = solve_reference(Config(), stacker)
+    assert getattr(failure, "kind", None) == "unsolved" and "surface" in getattr(failure, "reason", "")
