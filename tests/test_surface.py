@@ -322,3 +322,34 @@ def test_a_surface_stack_is_not_sent_to_the_plate_solver(tmp_path: Path) -> None
     assert stacker.process(paths[0]).accepted and stacker.path == "surface"
     failure = solve_reference(Config(), stacker)
     assert getattr(failure, "kind", None) == "unsolved" and "surface" in getattr(failure, "reason", "")
+
+
+def test_the_keypoint_fallback_finds_a_large_turn_and_jump_by_itself() -> None:
+    # Phase correlation handles this case too; the fallback is checked on its own, as it runs when phase
+    # correlation finds no confident peak (a small overlap, a frame far off).
+    config = _moon(frames=2, fixed_pattern=1.0, drift=(60.0, -35.0), rotation_per_frame=30.0)
+    first = surface.measure(render_frame(config, 0).data)
+    ref = surface.reference(first)
+    frame = render_frame(config, 1)
+    measured = surface.measure(frame.data, defects=first.spikes)
+    filtered = surface._dog(measured.work, ref.sigma_high, ref.sigma_low)
+    found = surface._match_features(ref.filtered, filtered)
+    assert found is not None
+    matrix, inliers = found
+    assert inliers >= surface.MIN_FEATURE_INLIERS
+    transform = Transform.from_matrix(matrix, "features")
+    shift_error, rotation_error = _errors(frame, transform)
+    assert shift_error < 1.0 and rotation_error < 0.5
+    assert surface._confirm(ref, filtered, matrix) >= surface.SurfaceParams().min_confidence
+
+
+def test_an_implausible_jump_from_the_previous_frame_is_rejected_with_a_reason() -> None:
+    config = _moon(frames=2, fixed_pattern=1.0, drift=(12.0, -6.0))
+    first = surface.measure(render_frame(config, 0).data)
+    ref = surface.reference(first)
+    measured = surface.measure(render_frame(config, 1).data, defects=first.spikes)
+    previous = (Transform.identity(),)
+    jumpy = surface.register(ref, measured, previous=previous, params=surface.SurfaceParams(max_jump=5.0))
+    assert jumpy.transform is None and jumpy.reason and "jumped 13 px" in jumpy.reason
+    calm = surface.register(ref, measured, previous=previous, params=surface.SurfaceParams(max_jump=20.0))
+    assert calm.transform is not None
