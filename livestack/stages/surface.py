@@ -103,6 +103,9 @@ PEAK_EXCLUSION = 4
 ECC_ITERATIONS = 60
 ECC_EPSILON = 1e-6
 ECC_PIXELS = 300_000
+#: ECC leaves out this fraction of the frame's shorter side along its edges, where amplifier glow and
+#: vignetting are steepest.
+ECC_BORDER = 0.12
 #: Keypoints sought per frame; the FAST thresholds tried in turn, until at least ``MIN_KEYPOINTS`` are found.
 ORB_FEATURES = 2000
 FAST_THRESHOLDS = (20, 10, 5, 2)
@@ -726,7 +729,7 @@ def _ecc(template: np.ndarray, image: np.ndarray, coarse: np.ndarray,
     offset = np.array([[1.0, 0.0, x0], [0.0, 1.0, y0]])
     start = _compose(cv2.invertAffineTransform(coarse), offset).astype(np.float32)
     mask = np.zeros(image.shape, dtype=np.uint8)
-    margin = math.ceil(2.0 * sigma_low)
+    margin = max(math.ceil(2.0 * sigma_low), int(ECC_BORDER * min(image.shape)))
     if min(image.shape) > 4 * margin:
         mask[margin:-margin, margin:-margin] = 1
     else:
