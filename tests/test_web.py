@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,15 +296,22 @@ def test_event_stream_says_hello_then_follows_the_daemon(daemon: Daemon, frames:
             assert head.startswith(b"HTTP/1.1 200")
             seen: dict[str, list[dict[str, Any]]] = {}
             name = ""
-            os.replace(frames[0], daemon.watch_dir / frames[0].name)
             deadline = time.monotonic() + WAIT
-            while not ("picture" in seen and any(f["verdict"] == "accepted" for f in seen.get("frame", []))):
-                assert time.monotonic() < deadline, f"stream gave only {sorted(seen)}"
-                line = reader.readline().rstrip(b"\r\n")
-                if line.startswith(b"event: "):
-                    name = line[7:].decode()
-                elif line.startswith(b"data: "):
-                    seen.setdefault(name, []).append(json.loads(line[6:]))
+
+            def read_until(done: Callable[[], bool]) -> None:
+                nonlocal name
+                while not done():
+                    assert time.monotonic() < deadline, f"stream gave only {sorted(seen)}"
+                    line = reader.readline().rstrip(b"\r\n")
+                    if line.startswith(b"event: "):
+                        name = line[7:].decode()
+                    elif line.startswith(b"data: "):
+                        seen.setdefault(name, []).append(json.loads(line[6:]))
+
+            read_until(lambda: "status" in seen)  # the server hears the daemon: the frame will not be missed
+            os.replace(frames[0], daemon.watch_dir / frames[0].name)
+            read_until(lambda: "picture" in seen
+                       and any(f["verdict"] == "accepted" for f in seen.get("frame", [])))
             assert seen["hello"][0]["caption"] == "Clear skies" and seen["hello"][0]["control"] is False
             assert seen["picture"][-1]["picture"]["url"].startswith("pictures/")
 
@@ -352,7 +359,9 @@ def test_web_command_checks_its_token_and_address(tmp_path: Path) -> None:
 def test_subscriber_can_leave_out_the_pictures(daemon: Daemon, frames: list[Path]) -> None:
     with (Subscriber(daemon.publish_endpoint, topics=("frame", "stack", "status")) as sub,
           Subscriber(daemon.publish_endpoint) as everything):
-        time.sleep(0.3)
+        for subscriber in (sub, everything):  # both hear the daemon before the frame arrives
+            wait_for(lambda s=subscriber: (e := s.recv(0.5)) is not None and e.topic == "status",
+                     "the daemon's status")
         os.replace(frames[0], daemon.watch_dir / frames[0].name)
         seen: set[str] = set()
         deadline = time.monotonic() + WAIT
