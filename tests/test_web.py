@@ -398,7 +398,9 @@ def _viewer_url(process: subprocess.Popen[str]) -> str:
 def _stop(process: subprocess.Popen[str], sig: int) -> int:
     process.send_signal(sig)
     try:
-        return process.wait(timeout=WAIT)
+        # The final checkpoint and snapshot come from the writer thread, which yields the CPU to everything
+        # else (niceness 10): on a loaded machine the stop takes a while.
+        return process.wait(timeout=3 * WAIT)
     finally:
         if process.poll() is None:
             process.kill()
