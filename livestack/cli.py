@@ -273,24 +273,35 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 
 # -- livestack restack ---------------------------------------------------------------------------------
 
-def _cmd_restack(args: argparse.Namespace) -> int:
-    from livestack.live import ledger
-    from livestack.live.state import content_hash, read_journal, removed_seqs
-    from livestack.pipeline import Stacker
-    from livestack.stages.snapshot import write_snapshot
+def _journal_session(folder: Path, session: int | None) -> tuple[Any, Any, int]:
+    """The journal's entries and removals in a state folder (or an output folder holding one), and a session:
+    the one asked for, or the last with a stacked frame."""
+    from livestack.live.state import read_journal
 
-    state = Path(args.state_dir)
+    state = folder
+    if not (state / "journal.jsonl").is_file() and (state / ".livestack-state" / "journal.jsonl").is_file():
+        state = state / ".livestack-state"  # an output folder, with its state inside
     journal = state / "journal.jsonl"
     if not journal.is_file():
-        raise LivestackError(f"{state} holds no journal.jsonl: is it a livestack state folder?")
+        raise LivestackError(f"{folder} holds no journal.jsonl: name a daemon's state or output folder")
     entries, removals = read_journal(journal)
     sessions = sorted({e.session for e in entries if e.verdict == "accepted"})
     if not sessions:
         raise LivestackError(f"the journal {journal} has no stacked frame")
-    session = sessions[-1] if args.session is None else args.session
-    if session not in sessions:
-        raise LivestackError(f"session {session} has no stacked frame; sessions: "
-                             f"{', '.join(map(str, sessions))}")
+    chosen = sessions[-1] if session is None else session
+    if chosen not in sessions:
+        listed = ", ".join(map(str, sessions))
+        raise LivestackError(f"session {chosen} has no stacked frame; sessions: {listed}")
+    return entries, removals, chosen
+
+
+def _cmd_restack(args: argparse.Namespace) -> int:
+    from livestack.live import ledger
+    from livestack.live.state import content_hash, removed_seqs
+    from livestack.pipeline import Stacker
+    from livestack.stages.snapshot import write_snapshot
+
+    entries, removals, session = _journal_session(Path(args.state_dir), args.session)
     accepted = [e for e in entries if e.session == session and e.verdict == "accepted"]
     seqs, names = ledger.parse_exclusions(args.exclude or [])
     unknown = sorted(seqs - {e.seq for e in entries if e.session == session})
@@ -422,26 +433,13 @@ def _composite_info(headers: Sequence[Any], recipe: str) -> Any:
 def _cmd_photometry(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from livestack.live.state import content_hash, read_journal, removed_seqs
+    from livestack.live.state import content_hash, removed_seqs
     from livestack.pipeline import FrameResult, Stacker, photometry_setup
     from livestack.stages.align import Transform
     from livestack.stages.frames import read_meta
     from livestack.stages.photometry import Photometer, write_lightcurve
 
-    state = Path(args.folder)
-    if not (state / "journal.jsonl").is_file() and (state / ".livestack-state" / "journal.jsonl").is_file():
-        state = state / ".livestack-state"  # an output folder, with its state inside
-    journal = state / "journal.jsonl"
-    if not journal.is_file():
-        raise LivestackError(f"{args.folder} holds no journal.jsonl: name a daemon's state or output folder")
-    entries, removals = read_journal(journal)
-    sessions = sorted({e.session for e in entries if e.verdict == "accepted"})
-    if not sessions:
-        raise LivestackError(f"the journal {journal} has no stacked frame")
-    session = sessions[-1] if args.session is None else args.session
-    if session not in sessions:
-        raise LivestackError(f"session {session} has no stacked frame; sessions: "
-                             f"{', '.join(map(str, sessions))}")
+    entries, removals, session = _journal_session(Path(args.folder), args.session)
     config = _load(args, {"photometry.targets": args.target, "photometry.comparisons": args.comparisons,
                           "photometry.gain": args.gain, "photometry.site": args.site})
     if not config.photometry.targets:
@@ -457,7 +455,7 @@ def _cmd_photometry(args: argparse.Namespace) -> int:
     for e in kept:
         assert e.transform is not None
         try:
-            if content_hash(e.path) != e.hash:
+            if content_hash(e.path, like=e.hash) != e.hash:
                 raise OSError("its content changed since it was stacked")
         except OSError as exc:
             skipped += 1
