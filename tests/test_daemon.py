@@ -36,7 +36,6 @@ from livestack.live import daemon as daemon_module
 from livestack.live.daemon import Daemon
 from livestack.live.net import generate_keys
 from livestack.live.notify import Notifier
-from livestack.live.writer import WRITER_NICENESS
 from livestack.pipeline import Stacker, expand_paths, order_by_time
 from livestack.simulate import SUBDIR_NAME, SimConfig, render_frame, simulate
 
@@ -595,20 +594,6 @@ def test_a_copied_or_touched_frame_is_counted_once(tmp_path: Path, staged: list[
     assert [Path(e["path"]).name for e in entries] == [p.name for p in staged[:4]]
     assert len({e["hash"] for e in entries}) == 4
     assert [p["name"] for p in recorder.frames()] == [p.name for p in staged[:4]]
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread niceness is read from /proc")
-def test_the_writer_thread_yields_the_cores_to_the_frame_in_hand(tmp_path: Path) -> None:
-    # Snapshots and previews run on the writer thread; at a lower priority they cannot slow the frame
-    # being stacked on a 2-core computer. The worker keeps the process's own priority.
-    def niceness(thread: threading.Thread) -> int:
-        stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of proc(5), after "pid (comm)"
-
-    with running(make_config(tmp_path)):
-        threads = {t.name: t for t in threading.enumerate()}
-        wait_until(lambda: niceness(threads["livestack-writer"]) == WRITER_NICENESS, "the writer reniced")
-        assert niceness(threads["livestack-worker"]) == os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def test_a_journal_from_before_xxh3_still_recognises_its_frames(tmp_path: Path, staged: list[Path]) -> None:

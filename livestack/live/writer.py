@@ -16,9 +16,7 @@ composite (3 planes, the recipe in its header).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -50,10 +48,6 @@ log = logging.getLogger("livestack.live.writer")
 #: that starts (or restarts) while the stack is quiet gets the picture without waiting for a frame.
 DISPLAY_REPEAT = 15.0
 
-#: Scheduling niceness of the writer thread: a snapshot or a preview may wait a little, the frame in hand
-#: should not (on 2 cores a JPEG encode or a FITS write would otherwise take one from its warp and stack).
-WRITER_NICENESS = 10
-
 #: What a checkpoint of an empty stack holds (the store wants at least one array; ``meta`` says empty).
 EMPTY_STACK = {"empty": np.zeros(1, dtype=np.uint8)}
 
@@ -79,9 +73,6 @@ class Writer:
 
     def run(self) -> None:
         """The thread's body."""
-        # Linux keeps a niceness per thread; where threads cannot be reniced the writer simply competes.
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
         while True:
             job = self._jobs.get()
             if job is None:
