@@ -267,7 +267,11 @@ def bench_live(paths: list[Path], cadence: float, work: Path, source: Path | Non
         stop.set()
         listener.join()
         daemon.terminate()
-        daemon.wait(60)
+        try:  # it writes a last snapshot first: on a loaded machine that can take a while
+            daemon.wait(300)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
     names = [name for name, _ in blobs]
     missing = [n for n in names if n not in arrived]
     if missing:
@@ -408,6 +412,8 @@ def main() -> None:
                     listed = " ".join(f"{v:.3f}" for v in figures["live"]["latencies"])
                     print(f"{name} live latencies: {listed}", file=sys.stderr)
             print(f"{key}: done (load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+            if args.json:  # after every configuration: a long run that fails later keeps what it measured
+                Path(args.json).write_text(json.dumps(results, indent=1))
 
     report(results, sizes, frames, live_frames)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
