@@ -595,6 +595,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "watch.folder": str(frames_dir), "output.folder": str(output),
             "state.folder": str(Path(tmp) / "state"), "watch.settle": 0.5, "watch.poll_interval": 0.25,
             "output.every_frames": 5, "network.preview_interval": 2.0, "web.display_interval": 2.0,
+            "compose.every_seconds": 5.0,
             "network.publish": "tcp://127.0.0.1:*", "network.control": "tcp://127.0.0.1:*"})
         width, height = _size(args.size)
         sim = SimConfig(frames=args.frames, interval=args.interval, size=(width, height), seed=args.seed,
