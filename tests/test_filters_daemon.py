@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from astropy.io import fits
 from test_daemon import SIZE, Recorder, decided, make_config, running
 
 from livestack.config import Config
+from livestack.live import writer as writer_module
 from livestack.live.writer import ColourSnapshots
-from livestack.pipeline import Stacker
+from livestack.pipeline import Stacker, build_composite
 from livestack.simulate import SimConfig, simulate
 
 WHEEL = ("L", "R", "G", "B")
@@ -41,10 +45,18 @@ def _same(live: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(live[covered], expected[covered], rtol=1e-6)
 
 
-def test_the_daemon_snapshots_each_filter_and_composes_them(tmp_path: Path) -> None:
+def test_the_daemon_snapshots_each_filter_and_composes_them(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     config = make_config(tmp_path, **{"stack.method": "mean", "output.every_frames": 4,
                                       "compose.every_seconds": 0.0})
     recorder = Recorder()
+    threads: list[str] = []
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return build_composite(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "build_composite", traced)
     sim = _sim(frames=8, filters=WHEEL)
     with running(config, (recorder,)):
         paths = simulate(tmp_path / "frames", sim, sleep=_no_sleep)
@@ -69,6 +81,8 @@ def test_the_daemon_snapshots_each_filter_and_composes_them(tmp_path: Path) -> N
     composites = [s for s in snapshots if s.get("recipe")]
     # every_seconds = 0: none during the night, one at shutdown.
     assert [s["reason"] for s in composites] == ["shutdown"] and composites[0]["frames"] == 8
+    # Composites are made on the writer's thread, never on the worker's (the frame path).
+    assert threads == ["livestack-writer"]
     # Viewers get the composite's picture beside each channel's, keyed by the recipe.
     pictures = [e for e in recorder.events if e.topic == "display"]
     assert any(e["filter"] == "LRGB" and e["frames"] == 8 for e in pictures)
