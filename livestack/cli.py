@@ -1,5 +1,5 @@
-"""The ``livestack`` command: stack, restack, compose, photometry, solve, simulate, run, demo, tui,
-web, keys, config."""
+"""The ``livestack`` command: stack, masters, restack, compose, photometry, solve, simulate, run, demo,
+tui, web, keys, config."""
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
     config = _load(args, {"stack.method": args.method, "align.reference": args.reference,
                           "frames.bayer_pattern": args.bayer, "align.interpolation": args.interpolation,
-                          "output.image_format": args.image_format})
+                          "output.image_format": args.image_format,
+                          "calibration.masters": _abs(args.masters)})
     console = Console(stderr=True)
     paths = expand_paths(args.paths)
     if not paths:
@@ -100,7 +101,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             write_snapshot(fits_path, image, replace(stacker.info(), frames=rows),
                            image_format=config.output.image_format, flatten=config.output.flatten_background,
                            surface=stacker.path == "surface",
-                           frames_csv=args.frames_csv or config.output.frames_csv)
+                           frames_csv=args.frames_csv or config.output.frames_csv,
+                           crop=config.output.crop_coverage)
     if args.report:
         _write_report(Path(args.report), results)
     accepted = [r for r in results if r.accepted]
@@ -137,7 +139,7 @@ def _write_filter_stacks(stacker: Any, results: Sequence[Any], fits_path: Path, 
         folder.mkdir(exist_ok=True)
         files = write_snapshot(folder / fits_path.name, image, replace(info, frames=rows),
                                image_format=o.image_format, flatten=o.flatten_background,
-                               frames_csv=frames_csv)
+                               frames_csv=frames_csv, crop=o.crop_coverage)
         picture = picture or files.picture
         console.print(f"{name or 'unfiltered'}: {info.ncombine} frames, {_hms(info.exptime)} -> {files.fits}")
     try:
@@ -179,7 +181,8 @@ def _stack_outputs(out: Path, image_format: str, stem: str = "stack") -> tuple[P
 
 _REPORT_COLUMNS = ("file", "verdict", "reason", "m00", "m01", "m02", "m10", "m11", "m12", "rotation_deg",
                    "scale", "inliers", "rms", "method", "stars", "fwhm", "ellipticity", "background",
-                   "noise", "t_read", "t_detect", "t_align", "t_warp", "t_stack")
+                   "noise", "calibration", "defects", "t_read", "t_calibrate", "t_detect", "t_align",
+                   "t_warp", "t_stack")
 
 
 def _write_report(path: Path, results: Sequence[Any]) -> None:
@@ -195,8 +198,10 @@ def _write_report(path: Path, results: Sequence[Any]) -> None:
                    f"{t.rotation:.5f}" if t else "", f"{t.scale:.6f}" if t else "",
                    t.inliers if t else "", f"{t.rms:.4f}" if t else "", t.method if t else "",
                    q.stars if q else "", _fmt(q.fwhm if q else None), _fmt(q.ellipticity if q else None),
-                   _fmt(q.background if q else None), _fmt(q.noise if q else None)]
-            row += [_fmt(r.timings.get(stage), 4) for stage in ("read", "detect", "align", "warp", "stack")]
+                   _fmt(q.background if q else None), _fmt(q.noise if q else None),
+                   r.calibration or "", "" if r.defects is None else r.defects]
+            row += [_fmt(r.timings.get(stage), 4)
+                    for stage in ("read", "calibrate", "detect", "align", "warp", "stack")]
             writer.writerow(row)
 
 
@@ -332,7 +337,7 @@ def _cmd_restack(args: argparse.Namespace) -> int:
             try:
                 if content_hash(e.path, like=e.hash) != e.hash:
                     raise OSError("its content changed since it was stacked")
-                stacker.add_known(e.path, e.transform, ledger.weight(e))
+                stacker.add_known(e.path, e.transform, ledger.weight(e), e.facts)
             except (OSError, LivestackError) as exc:
                 missing += 1
                 print(f"livestack: left out {e.path}: {exc}", file=sys.stderr)
@@ -345,7 +350,8 @@ def _cmd_restack(args: argparse.Namespace) -> int:
         write_snapshot(fits_path, image, replace(stacker.info(), frames=rows),
                        image_format=config.output.image_format, flatten=config.output.flatten_background,
                        surface=stacker.path == "surface",
-                       frames_csv=args.frames_csv or config.output.frames_csv)
+                       frames_csv=args.frames_csv or config.output.frames_csv,
+                       crop=config.output.crop_coverage)
     print(f"{stacker.count} of {len(accepted)} frames of session {session} stacked again "
           f"({config.stack.method}, no re-alignment); {len(accepted) - len(kept)} excluded or removed"
           + (f", {missing} unreadable" if missing else ""), file=sys.stderr)
@@ -426,6 +432,25 @@ def _composite_info(headers: Sequence[Any], recipe: str) -> Any:
                      date_obs=min(starts) if starts else None, date_end=max(ends) if ends else None,
                      method=str(first.get("STACKMET", "")) or "unknown", object=first.get("OBJECT"),
                      filter=recipe, wcs_header=wcs)
+
+
+# -- livestack masters ---------------------------------------------------------------------------------
+
+def _cmd_masters(args: argparse.Namespace) -> int:
+    from livestack.pipeline import expand_paths
+    from livestack.stages.calibrate import make_masters
+
+    config = _load(args, {"frames.bayer_pattern": args.bayer})
+    paths = expand_paths(args.paths)
+    if not paths:
+        print("livestack: no files match " + " ".join(args.paths), file=sys.stderr)
+        return 1
+    lines = make_masters(paths, Path(args.output), method=args.method,
+                         bayer_pattern=config.frames.bayer_pattern or None,
+                         temperature_tolerance=config.calibration.temperature_tolerance)
+    for line in lines:
+        print(line, file=sys.stderr)
+    return 0 if any(line.startswith("wrote ") for line in lines) else 1
 
 
 # -- livestack photometry ------------------------------------------------------------------------------
@@ -865,7 +890,7 @@ def _setup_logging(verbose: int, command: str = "") -> None:
     """Log to stderr; under systemd (JOURNAL_STREAM set) prefix syslog priorities for journald."""
     import os
 
-    quiet_commands = ("stack", "restack", "compose", "simulate", "config", "keys", "tui")
+    quiet_commands = ("stack", "masters", "restack", "compose", "simulate", "config", "keys", "tui")
     quiet = logging.WARNING if command in quiet_commands else logging.INFO
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else quiet
     handler = logging.StreamHandler(sys.stderr)
@@ -908,6 +933,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--report", metavar="FILE.csv", help="write one CSV row per frame")
     s.add_argument("--frames-csv", action="store_true",
                    help="also write the FRAMES table as CSV beside the FITS (stack.frames.csv)")
+    s.add_argument("--masters", metavar="DIR", help="folder of calibration masters (overrides [calibration] "
+                   "masters)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_stack)
 
@@ -936,6 +963,17 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--command", metavar="TEMPLATE", help="another solver's command template")
     sv.add_argument("--config", metavar="FILE", help="configuration file (default: built-in defaults)")
     sv.set_defaults(func=_cmd_solve)
+
+    ms = sub.add_parser("masters", help="build calibration masters (bias, dark, flat, dark-flat) from raw "
+                        "files")
+    ms.add_argument("paths", nargs="+", metavar="RAW", help="raw calibration FITS files, folders or globs")
+    ms.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the masters")
+    ms.add_argument("--method", choices=("kappa-sigma", "median"), default="kappa-sigma",
+                    help="how frames are combined (default kappa-sigma)")
+    ms.add_argument("--bayer", choices=("RGGB", "BGGR", "GRBG", "GBRG", "MONO"),
+                    help="Bayer pattern for cameras that write none")
+    ms.add_argument("--config", metavar="FILE", help="configuration file ([calibration] keys)")
+    ms.set_defaults(func=_cmd_masters)
 
     ph = sub.add_parser("photometry", help="light curves of chosen stars, measured again from a journal")
     ph.add_argument("folder", metavar="STATE_OR_OUTPUT_DIR",

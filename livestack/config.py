@@ -19,6 +19,7 @@ from livestack.errors import ConfigError
 
 __all__ = [
     "AlignConfig",
+    "CalibrationConfig",
     "ComposeConfig",
     "Config",
     "DetectConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "NetworkConfig",
     "OutputConfig",
     "PhotometryConfig",
+    "RejectConfig",
     "StackConfig",
     "StateConfig",
     "WatchConfig",
@@ -73,6 +75,22 @@ class FramesConfig:
                               choices=("", "RGGB", "BGGR", "GRBG", "GBRG", "MONO"))
     max_megapixels: float = _key(100.0, "largest frame read (width x height, megapixels); larger ones are "
                                  "rejected from their header", minimum=0.0, exclusive_min=True)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """``[calibration]``: master frames and defect pixels, applied to the raw mosaic before debayering."""
+
+    masters: str = _key("", "folder of masters made by livestack masters ('' = no calibration frames)")
+    temperature_tolerance: float = _key(5.0, "largest difference of set temperatures between a master and "
+                                        "a light, Celsius", minimum=0.0)
+    defects: str = _key("auto", "hot and cold pixels: from the matched master dark, from the frames "
+                        "themselves, either (auto: the dark when one matches), or off",
+                        choices=("auto", "dark", "frames", "off"))
+    defect_sigma: float = _key(5.0, "a defect deviates by more than this many noise sigmas", minimum=0.0,
+                               exclusive_min=True)
+    defect_frames: int = _key(3, "frames in a row a pixel must be deviant in to count as a defect "
+                              "(defects from the frames)", minimum=2)
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,22 @@ class StackConfig:
     kappa: float = _key(3.0, "kappa-sigma rejection threshold, in sigmas", minimum=0.0, exclusive_min=True)
     warmup: int = _key(5, "frames before kappa-sigma starts rejecting", minimum=2)
     new_session_on_object: bool = _key(True, "a change of OBJECT starts a new stack in its own subfolder")
+    normalise: str = _key("additive", "match each frame's sky to the reference's before stacking: add the "
+                          "difference, scale by the stars' flux then add, or none",
+                          choices=("additive", "scale", "none"))
+    weights: str = _key("noise", "frame weights: inverse variance of the normalised sky, that times the "
+                        "transparency, or equal", choices=("noise", "noise+transparency", "none"))
+
+
+@dataclass(frozen=True)
+class RejectConfig:
+    """``[reject]``: relative rejection against the running median of the night (per target and filter)."""
+
+    relative: bool = _key(True, "reject frames that are one-sided outliers against the night so far")
+    warmup: int = _key(5, "accepted frames before relative rejection starts", minimum=3)
+    kappa: float = _key(5.0, "reject beyond this many robust sigmas (1.4826 MAD) of the running median",
+                        minimum=0.0, exclusive_min=True)
+    window: int = _key(50, "the running median covers the last this many accepted frames", minimum=3)
 
 
 @dataclass(frozen=True)
@@ -146,6 +180,10 @@ class OutputConfig:
     image_format: str = _key("jpeg", "format of the picture for people", choices=("jpeg", "png"))
     history: bool = _key(False, "also keep numbered copies of each snapshot")
     flatten_background: bool = _key(True, "remove sky gradients from pictures and previews (not from FITS)")
+    crop_coverage: float = _key(0.5, "cut the picture to a rectangle covered by at least this share of the "
+                                "frames (0 = no cut)", minimum=0.0, maximum=1.0)
+    blank: str = _key("nan", "what pixels no frame covered hold in the FITS data (zero for tools that "
+                      "mishandle NaN)", choices=("nan", "zero"))
     frames_csv: bool = _key(False, "also write the FRAMES provenance table as CSV beside each snapshot "
                             "(stack.frames.csv)")
 
@@ -259,9 +297,11 @@ class Config:
 
     watch: WatchConfig = field(default_factory=WatchConfig)
     frames: FramesConfig = field(default_factory=FramesConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     stack: StackConfig = field(default_factory=StackConfig)
+    reject: RejectConfig = field(default_factory=RejectConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     compose: ComposeConfig = field(default_factory=ComposeConfig)
     state: StateConfig = field(default_factory=StateConfig)

@@ -5,7 +5,7 @@ reason. Exceptions are for inputs that cannot be used at all (an unreadable file
 and for failures of the machinery (a socket that cannot bind).
 """
 
-__all__ = ["ConfigError", "FrameError", "LivestackError", "NetworkError", "StateError"]
+__all__ = ["CalibrationError", "ConfigError", "FrameError", "LivestackError", "NetworkError", "StateError"]
 
 
 class LivestackError(Exception):
@@ -18,6 +18,10 @@ class ConfigError(LivestackError):
 
 class FrameError(LivestackError):
     """A file cannot be used as a frame; the message is one sentence a user can act on."""
+
+
+class CalibrationError(LivestackError):
+    """Calibration masters cannot be made or used as asked; the message names the master and the problem."""
 
 
 class StateError(LivestackError):

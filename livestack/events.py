@@ -83,6 +83,12 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "background": _OPT_NUM,
         "noise": _OPT_NUM,
         "sharpness": _OPT_NUM,        # surface stacks: 1e6 x variance of the Laplacian / mean^2 (null: stars)
+        "calibration": _OPT_STR,      # the masters applied ("bias B; dark D x0.5; flat F") or why none
+                                      #  matched, naming the key; null without a master library
+        "defects": (int, type(None)), # hot and cold pixels replaced
+        "sky": _OPT_NUM,              # sky level (star-masked, mean over channels), before normalisation
+        "transparency": _OPT_NUM,     # matched stars' flux relative to the reference's, per second
+        "weight": _OPT_NUM,           # the frame's weight in the stack (accepted frames)
         "transform": _OPT_DICT,       # {"matrix": [[a,b,tx],[c,d,ty]], "dx", "dy", "rotation", "scale",
                                       #  "inliers", "rms", "method"}; dx, dy: frame centre's shift
         "timings": (dict,),           # stage name -> seconds
@@ -190,7 +196,7 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
 
 #: Fields a producer may leave out (a reader takes them as null): added after version 1 was first published.
 OPTIONAL: dict[str, frozenset[str]] = {
-    "frame": frozenset({"sharpness"}),
+    "frame": frozenset({"sharpness", "calibration", "defects", "sky", "transparency", "weight"}),
     "stack": frozenset({"filters"}),
     "snapshot": frozenset({"filter", "recipe"}),
     "status": frozenset({"problem", "filters"}),

@@ -1,8 +1,10 @@
-"""Pipeline: the one place that wires the stages together (read, detect, align, warp, stack).
+"""Pipeline: the one place that wires the stages together (read, calibrate, detect, align, warp, stack).
 
 ``Stacker`` turns files into a stack, one frame at a time. Its work per frame is split in two so a caller may
-overlap them: ``prepare`` (read and detect; touches no stack state, safe on another thread) and ``commit``
-(check, align, warp, accumulate; one thread, in order). ``process`` does both. It owns no thread, socket or
+overlap them: ``prepare`` (read the raw mosaic, calibrate it with the matching masters, replace the master
+dark's defects, debayer, detect, measure the sky; touches no stack state, safe on another thread) and
+``commit`` (check, align, judge against the night, replace the defects found in consecutive frames, warp,
+normalise, accumulate; one thread, in order). ``process`` does both. It owns no thread, socket or
 timer: the daemon and the ``stack`` command drive it.
 
 A stack aligns on stars or on the surface (``stages.surface``: the Moon, the Sun, planets), chosen once, when
@@ -13,8 +15,10 @@ by itself.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
@@ -27,11 +31,22 @@ import numpy as np
 
 from livestack.config import ComposeConfig, Config
 from livestack.errors import FrameError, StateError
-from livestack.stages import surface
+from livestack.stages import calibrate, normalise, surface
 from livestack.stages.align import AlignParams, Transform, align
+from livestack.stages.calibrate import Master, MasterLibrary
 from livestack.stages.compose import Composite, canonical_filter, compose, parse_weights
 from livestack.stages.detect import Quality, Stars, detect
-from livestack.stages.frames import FITS_SUFFIXES, Frame, FrameMeta, read_frame, read_meta
+from livestack.stages.frames import (
+    FITS_SUFFIXES,
+    Frame,
+    FrameMeta,
+    RawFrame,
+    develop,
+    read_frame,
+    read_meta,
+    read_raw,
+)
+from livestack.stages.normalise import Judge, Measures, Normalisation, Sky
 from livestack.stages.photometry import (
     PhotometryParams,
     PhotometryPlan,
@@ -67,12 +82,23 @@ _SNR_SAMPLE = 200_000
 
 @dataclass(frozen=True)
 class Prepared:
-    """A frame read and searched for stars, not yet aligned or stacked."""
+    """A frame read, calibrated and searched for stars, not yet aligned or stacked.
+
+    ``calibration`` says which masters were applied (or why none); ``defects`` counts the pixels replaced
+    so far. ``candidates`` are this frame's defect candidates (sorted flat indices of the mosaic) when
+    defects are found from the frames, and ``mosaic`` the calibrated mosaic of a colour frame then, so
+    that ``commit`` can replace them before debayering again. ``sky`` is its star-masked sky.
+    """
 
     frame: Frame
     stars: Stars
     quality: Quality
     timings: Mapping[str, float]
+    calibration: str | None = None
+    defects: int = 0
+    candidates: np.ndarray | None = None
+    mosaic: np.ndarray | None = None
+    sky: Sky | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +123,21 @@ class FrameResult:
         True for the frame that became the reference.
     sharpness : float or None
         ``surface.sharpness`` of a frame of a surface stack (None for star stacks).
+    calibration : str or None
+        Which masters were applied, or why none matched (one line); None without a master library.
+    defects : int or None
+        Hot and cold pixels replaced.
+    sky : float or None
+        The frame's sky level (mean over channels, star-masked), before normalisation.
+    transparency : float or None
+        Flux of its stars relative to the reference's, per second of exposure.
+    weight : float or None
+        Its weight in the stack (accepted frames).
+    normalisation : Normalisation or None
+        The scale and offset per channel it was stacked with (accepted frames).
+    defect_pixels : ndarray or None
+        The defects found from consecutive frames that were replaced in it (sorted flat indices of the
+        mosaic), journaled so that a restack or a removal treats the frame exactly as it was stacked.
     """
 
     path: str
@@ -108,6 +149,13 @@ class FrameResult:
     timings: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     reference: bool = False
     sharpness: float | None = None
+    calibration: str | None = None
+    defects: int | None = None
+    sky: float | None = None
+    transparency: float | None = None
+    weight: float | None = None
+    normalisation: Normalisation | None = None
+    defect_pixels: np.ndarray | None = None
 
     @property
     def accepted(self) -> bool:
@@ -161,6 +209,14 @@ def frame_facts(result: FrameResult) -> dict[str, Any]:
         facts["weight"] = _finite_or_none(float(weight))
     elif result.accepted:
         facts["weight"] = 1.0
+    facts["sky"] = _finite_or_none(result.sky) if result.sky is not None else None
+    facts["transparency"] = _finite_or_none(result.transparency) if result.transparency is not None else None
+    facts["defects"] = result.defects
+    if result.normalisation is not None:
+        facts["norm_scale"] = list(result.normalisation.scale)
+        facts["norm_offset"] = list(result.normalisation.offset)
+    if result.defect_pixels is not None:
+        facts["defect_pixels"] = [int(v) for v in result.defect_pixels]
     return facts
 
 
@@ -193,6 +249,10 @@ class _FilterStack:
         #: them, so a narrowband filter's fewer, fatter stars are not taken for clouds.
         self.stars = stars
         self.fwhm = fwhm
+        #: The sky every frame of this filter is normalised to (its first frame's), and the running
+        #: measures of its accepted frames (relative rejection).
+        self.sky: Sky | None = None
+        self.judge: Judge | None = None
         self.exptime = 0.0
         self.date_obs: datetime | None = None
         self.date_end: datetime | None = None
@@ -243,6 +303,16 @@ class Stacker:
             match_radius=a.match_radius, max_stars=a.max_stars, triangle_stars=a.triangle_stars)
         self._bayer = config.frames.bayer_pattern or None
         self._max_pixels = round(config.frames.max_megapixels * 1e6)
+        c = config.calibration
+        self._library: MasterLibrary | None = (calibrate.read_library(config.path(c.masters))
+                                               if c.masters else None)
+        # Arrays derived from masters, by plan or master file: read once, shared read-only by every frame.
+        self._master_cache: dict[object, Any] = {}
+        # Defect candidates of the last accepted frames (frames' own defects), and the sensor they were on.
+        self._candidates: deque[np.ndarray] = deque(maxlen=max(1, c.defect_frames - 1))
+        self._candidates_sensor: tuple[tuple[int, int], str | None] | None = None
+        #: How many stacked frames had each calibration (for the snapshots' HISTORY).
+        self.calibrations: dict[str, int] = {}
         self._named_reference = config.path(a.reference) if a.reference else None
         self._aligns = config.stack.method not in UNALIGNED_METHODS
         self._ref_stars: Stars | None = None
@@ -276,16 +346,33 @@ class Stacker:
         """
         t0 = time.perf_counter()
         try:
-            frame = read_frame(path, bayer_pattern=self._bayer, max_pixels=self._max_pixels)
+            raw = read_raw(path, bayer_pattern=self._bayer, max_pixels=self._max_pixels)
         except FrameError as exc:
             return FrameResult(str(path), REJECTED, str(exc), None, None, None,
                                MappingProxyType({"read": time.perf_counter() - t0}))
+        kind = calibrate.frame_kind(raw.meta.imagetyp)
+        if kind != "light":
+            return FrameResult(str(path), REJECTED,
+                               f"IMAGETYP {raw.meta.imagetyp!r} marks a {kind} frame; calibration frames are "
+                               "never stacked (make masters of them with livestack masters)", raw.meta, None,
+                               None, MappingProxyType({"read": time.perf_counter() - t0}))
         t1 = time.perf_counter()
+        try:
+            raw, note, replaced, candidates = self._calibrate(raw)
+        except FrameError as exc:  # a master file that can no longer be read
+            return FrameResult(str(path), REJECTED, f"calibration failed: {exc}", raw.meta, None, None,
+                               MappingProxyType({"read": t1 - t0}))
+        mosaic = raw.mosaic.copy() if candidates is not None and raw.meta.bayer is not None else None
+        frame = develop(raw)
+        t2 = time.perf_counter()
         d = self.config.detect
         stars, quality = detect(frame.luminance, threshold=d.threshold, binning=d.binning,
                                 max_stars=d.max_stars)
-        t2 = time.perf_counter()
-        return Prepared(frame, stars, quality, MappingProxyType({"read": t1 - t0, "detect": t2 - t1}))
+        sky = normalise.measure_sky(frame.data, stars)
+        t3 = time.perf_counter()
+        return Prepared(frame, stars, quality,
+                        MappingProxyType({"read": t1 - t0, "calibrate": t2 - t1, "detect": t3 - t2}),
+                        calibration=note, defects=replaced, candidates=candidates, mosaic=mosaic, sky=sky)
 
     def commit(self, prepared: Prepared | FrameResult) -> FrameResult:
         """Check, align, warp and accumulate a prepared frame into its filter's stack.
@@ -305,10 +392,13 @@ class Stacker:
         timings = dict(prepared.timings)
 
         sharp: float | None = None
+        sky = prepared.sky.mean_level if prepared.sky is not None else None
+        clarity: float | None = None
 
         def reject(reason: str) -> FrameResult:
             return FrameResult(meta.path, REJECTED, reason, meta, quality, None, MappingProxyType(timings),
-                               sharpness=sharp)
+                               sharpness=sharp, calibration=prepared.calibration, defects=prepared.defects,
+                               sky=sky, transparency=clarity)
 
         if self._ref_meta is None and self._named_reference is not None:
             problem = self.use_reference(self._named_reference)
@@ -352,13 +442,39 @@ class Stacker:
                 transform = outcome.transform
             else:
                 transform = Transform.identity()
+        # Sky normalisation and relative rejection are for star fields: a surface's "sky" is the Moon.
+        stars_path = self._path != "surface"
+        if is_reference or not self._aligns or not stars_path:
+            clarity = 1.0 if is_reference else float("nan")
+        else:
+            assert self._ref_stars is not None and self._ref_meta is not None
+            clarity = normalise.transparency(self._ref_stars, prepared.stars, transform, meta.exptime,
+                                             self._ref_meta.exptime)
+        measures = Measures(quality.fwhm, quality.ellipticity, quality.stars, clarity,
+                            float("nan") if sky is None else sky)
+        existing = self._filters.get(filter_key(meta.filter))
+        if (self.config.reject.relative and stars_path and existing is not None
+                and existing.judge is not None):
+            problem = existing.judge.judge(measures)
+            if problem:
+                return reject(problem)
         channel = self._filter_stack(prepared)
-        self._stack(channel, prepared.frame, transform, timings)
+        norm = self._normalisation(channel, prepared, clarity) if stars_path else None
+        frame, defects, pixels = self._replace_frame_defects(prepared, timings)
+        self._stack(channel, frame, transform, timings, norm)
+        if stars_path:
+            if channel.judge is None:
+                channel.judge = self._new_judge()
+            channel.judge.record(measures)
         self._last = transform
         channel.account(meta)
         self._current = channel.name
+        if prepared.calibration is not None:
+            self.calibrations[prepared.calibration] = self.calibrations.get(prepared.calibration, 0) + 1
         return FrameResult(meta.path, ACCEPTED, None, meta, quality, transform, MappingProxyType(timings),
-                           is_reference, sharpness=sharp)
+                           is_reference, sharpness=sharp, calibration=prepared.calibration, defects=defects,
+                           sky=sky, transparency=_finite_or_none(clarity),
+                           weight=norm.weight if norm else 1.0, normalisation=norm, defect_pixels=pixels)
 
     def process(self, path: str | Path) -> FrameResult:
         """Prepare and commit one frame."""
@@ -395,15 +511,21 @@ class Stacker:
 
     # -- frames whose transform is known (replay, removal, re-integration, restack) -----------------------
 
-    def warp_known(self, path: str | Path,
-                   matrix: np.ndarray | Sequence[float]) -> tuple[Frame, np.ndarray, np.ndarray]:
+    def warp_known(self, path: str | Path, matrix: np.ndarray | Sequence[float],
+                   facts: Mapping[str, Any] | None = None) -> tuple[Frame, np.ndarray, np.ndarray]:
         """Read a frame as ``prepare`` does and warp it onto the reference with a known transform.
+
+        The matching masters and the master dark's defects are applied again (they depend on the file and
+        the library alone); the defects found from consecutive frames and the sky normalisation are taken
+        from the frame's journaled facts (they depended on the frames around it).
 
         Parameters
         ----------
         path : str or Path
         matrix : array-like
             The frame's 2x3 transform (or its 6 numbers, row-major), as journaled when it was stacked.
+        facts : Mapping, optional
+            The frame's journaled facts (``frame_facts``): its normalisation and replaced defects.
 
         Returns
         -------
@@ -420,7 +542,12 @@ class Stacker:
         """
         if self._ref_meta is None:
             raise StateError("the stack has no reference yet: a known transform has nothing to map onto")
-        frame = read_frame(path, bayer_pattern=self._bayer)
+        raw, _, _, _ = self._calibrate(read_raw(path, bayer_pattern=self._bayer), candidates=False)
+        pixels = (facts or {}).get("defect_pixels")
+        if pixels:
+            calibrate.replace_defects(raw.mosaic, np.asarray(pixels, dtype=np.int64), raw.meta.bayer)
+            raw = dataclasses.replace(raw, integral=False)
+        frame = develop(raw)
         channels = frame.data.shape[2] if frame.is_color else None
         stack = self._filters.get(filter_key(frame.meta.filter))
         expected = stack.channels if stack is not None else channels
@@ -429,12 +556,17 @@ class Stacker:
                              f"{self._ref_meta.shape} with {expected or 1} channel(s)")
         m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
         if not self._aligns:
-            return frame, frame.data, np.ones(self._ref_meta.shape, dtype=bool)
-        aligned, footprint = warp(frame.data, m, self._ref_meta.shape, self.config.align.interpolation)
+            aligned, footprint = np.array(frame.data), np.ones(self._ref_meta.shape, dtype=bool)
+        else:
+            aligned, footprint = warp(frame.data, m, self._ref_meta.shape, self.config.align.interpolation)
+        norm = normalisation_from_facts(facts)
+        norm = normalisation_from_facts(facts)
+        if norm is not None:
+            normalise.apply(aligned, norm)
         return frame, aligned, footprint
 
     def add_known(self, path: str | Path, matrix: np.ndarray | Sequence[float],
-                  weight: float = 1.0) -> FrameMeta:
+                  weight: float = 1.0, facts: Mapping[str, Any] | None = None) -> FrameMeta:
         """Stack a frame with a known transform into its filter's stack, without aligning it again.
 
         Parameters
@@ -443,6 +575,8 @@ class Stacker:
         matrix : array-like
             2x3 or 6 numbers, frame -> reference.
         weight : float
+        facts : Mapping, optional
+            The frame's journaled facts, as for ``warp_known``.
 
         Returns
         -------
@@ -453,7 +587,7 @@ class Stacker:
         FrameError, StateError
             As ``warp_known``.
         """
-        frame, aligned, footprint = self.warp_known(path, matrix)
+        frame, aligned, footprint = self.warp_known(path, matrix, facts)
         stack = self._filters.get(filter_key(frame.meta.filter))
         if stack is None:
             # No star count or FWHM measured here: later frames of this filter are judged from the next
@@ -468,7 +602,7 @@ class Stacker:
         return frame.meta
 
     def subtract_known(self, path: str | Path, matrix: np.ndarray | Sequence[float],
-                       weight: float = 1.0) -> FrameMeta:
+                       weight: float = 1.0, facts: Mapping[str, Any] | None = None) -> FrameMeta:
         """Take a frame back out of its filter's mean stack: the exact inverse of ``add_known``/``commit``.
 
         The caller checks first that the file is the one stacked (its content hash).
@@ -481,7 +615,7 @@ class Stacker:
         FrameError
             As ``warp_known``.
         """
-        frame, aligned, footprint = self.warp_known(path, matrix)
+        frame, aligned, footprint = self.warp_known(path, matrix, facts)
         stack = self._filters.get(filter_key(frame.meta.filter))
         if stack is None:
             raise StateError(f"there is no {filter_key(frame.meta.filter) or 'unfiltered'} stack to take "
@@ -647,18 +781,35 @@ class Stacker:
         stack = self._pick(filter)
         return None if stack is None else stack.acc.coverage
 
-    def info(self, filter: str | None = None) -> StackInfo:
-        """Header facts for a snapshot of one filter's stack (default: the filter stacked last)."""
+    def info(self, filter: str | None = None, coverage: bool = True) -> StackInfo:
+        """Header facts for a snapshot of one filter's stack (default: the filter stacked last).
+
+        Parameters
+        ----------
+        filter : str, optional
+        coverage : bool
+            Include a copy of the stack's coverage (the snapshot's ``COVERAGE`` extension); it costs a copy
+            of an int32 image, so leave it out where no snapshot is written.
+        """
         ref = self._ref_meta
         stack = self._pick(filter)
+        blank = self.config.output.blank
         if stack is None:
             return StackInfo(ncombine=0, exptime=0.0, date_obs=None, date_end=None, method=self.method,
                              object=ref.object if ref else None, filter=None,
-                             wcs_header=ref.wcs_header if ref else None, reference=ref.path if ref else None)
+                             wcs_header=ref.wcs_header if ref else None, reference=ref.path if ref else None,
+                             history=self._history(), blank=blank)
         return StackInfo(ncombine=stack.acc.count, exptime=stack.exptime, date_obs=stack.date_obs,
                          date_end=stack.date_end, method=self.method,
                          object=ref.object if ref else None, filter=stack.name or None,
-                         wcs_header=ref.wcs_header if ref else None, reference=ref.path if ref else None)
+                         wcs_header=ref.wcs_header if ref else None, reference=ref.path if ref else None,
+                         history=self._history(), blank=blank,
+                         coverage=np.array(stack.acc.coverage) if coverage else None)
+
+    def _history(self) -> tuple[str, ...]:
+        """HISTORY lines of a snapshot: each calibration the stacked frames had, and how many had it."""
+        return tuple(f"calibration of {n} frame{'s' if n != 1 else ''}: {note}"
+                     for note, n in self.calibrations.items())
 
     def results(self) -> dict[str, np.ndarray]:
         """Every filter's stack so far (float32 copies), by filter, in the order of ``filters``."""
@@ -732,12 +883,17 @@ class Stacker:
                     arrays[f"f{i}_{k}"] = v
             filters.append({"name": stack.name, "channels": stack.channels, "stars": stack.stars,
                             "fwhm": stack.fwhm, "exptime": stack.exptime, "date_obs": _iso(stack.date_obs),
-                            "date_end": _iso(stack.date_end), "acc_text": text})
+                            "date_end": _iso(stack.date_end), "acc_text": text,
+                            "sky": None if stack.sky is None else [list(stack.sky.level),
+                                                                   list(stack.sky.noise)],
+                            "judge": None if stack.judge is None else stack.judge.state()})
         s = self._ref_stars
         for name in _STAR_FIELDS:
             arrays[f"ref_{name}"] = getattr(s, name)
         if self._last is not None:
             arrays["last_matrix"] = self._last.matrix
+        for i, candidates in enumerate(self._candidates):
+            arrays[f"candidates_{i}"] = candidates
         if self._ref_luminance is not None:
             arrays["surface_reference"] = self._ref_luminance
             arrays["surface_sharpness"] = np.asarray(self._sharpness_seen, dtype=np.float64)
@@ -749,6 +905,9 @@ class Stacker:
             "ref": {"path": m.path, "shape": list(m.shape), "time_utc": _iso(m.time_utc),
                     "exptime": m.exptime, "filter": m.filter, "object": m.object, "imagetyp": m.imagetyp,
                     "bayer": m.bayer, "wcs_header": m.wcs_header},
+            "candidates_sensor": (None if self._candidates_sensor is None else
+                                  [self._candidates_sensor[0], self._candidates_sensor[1]]),
+            "calibrations": dict(self.calibrations),
         }
         return arrays, meta
 
@@ -790,6 +949,12 @@ class Stacker:
             stack.exptime = float(entry["exptime"])
             stack.date_obs = _parse_iso(entry["date_obs"])
             stack.date_end = _parse_iso(entry["date_end"])
+            if entry.get("sky") is not None:
+                level, noise = entry["sky"]
+                stack.sky = Sky(tuple(float(v) for v in level), tuple(float(v) for v in noise))
+            if entry.get("judge") is not None:
+                stack.judge = self._new_judge()
+                stack.judge.restore(entry["judge"])
             self._filters[stack.name] = stack
         self._current = meta.get("current")
         self._path = str(meta.get("path", "stars"))
@@ -798,6 +963,14 @@ class Stacker:
             self._sharpness_seen = [float(v) for v in np.asarray(arrays["surface_sharpness"])]
         if "last_matrix" in arrays:
             self._last = Transform.from_matrix(arrays["last_matrix"], "restored")
+        self._candidates.clear()
+        for i in range(self._candidates.maxlen or 0):
+            if f"candidates_{i}" in arrays:
+                self._candidates.append(np.asarray(arrays[f"candidates_{i}"], dtype=np.int64))
+        sensor = meta.get("candidates_sensor")
+        self._candidates_sensor = (None if sensor is None
+                                   else ((int(sensor[0][0]), int(sensor[0][1])), sensor[1]))
+        self.calibrations = {str(k): int(v) for k, v in meta.get("calibrations", {}).items()}
 
     @property
     def has_reference(self) -> bool:
@@ -927,7 +1100,7 @@ class Stacker:
         return _judge_shape(quality, a.max_ellipticity)
 
     def _stack(self, stack: _FilterStack, frame: Frame, transform: Transform,
-               timings: dict[str, float]) -> None:
+               timings: dict[str, float], norm: Normalisation | None = None) -> None:
         assert self._ref_meta is not None
         t0 = time.perf_counter()
         if self._aligns:
@@ -936,10 +1109,112 @@ class Stacker:
         else:
             aligned, footprint = frame.data, np.ones(self._ref_meta.shape, dtype=bool)
         t1 = time.perf_counter()
-        stack.acc.add(aligned, footprint)
+        if norm is not None and not norm.identity:
+            if not aligned.flags.writeable:
+                aligned = np.array(aligned)
+            normalise.apply(aligned, norm)
         t2 = time.perf_counter()
+        stack.acc.add(aligned, footprint, norm.weight if norm is not None else 1.0)
+        t3 = time.perf_counter()
         timings["warp"] = t1 - t0
-        timings["stack"] = t2 - t1
+        timings["normalise"] = t2 - t1
+        timings["stack"] = t3 - t2
+
+    def _normalisation(self, stack: _FilterStack, prepared: Prepared, clarity: float) -> Normalisation | None:
+        """How this frame is brought onto its filter's sky (the filter's first frame sets it)."""
+        if prepared.sky is None:
+            return None
+        if stack.sky is None:
+            stack.sky = prepared.sky
+        s = self.config.stack
+        exptime = prepared.frame.meta.exptime
+        ref_exptime = self._ref_meta.exptime if self._ref_meta is not None else None
+        ratio = exptime / ref_exptime if exptime and ref_exptime else 1.0
+        return normalise.normalisation(prepared.sky, stack.sky, mode=s.normalise, weights=s.weights,
+                                       transparency=clarity, exposure_ratio=ratio)
+
+    def _new_judge(self) -> Judge:
+        r = self.config.reject
+        return Judge(warmup=r.warmup, kappa=r.kappa, window=r.window)
+
+    def _calibrate(self, raw: RawFrame,
+                   candidates: bool = True) -> tuple[RawFrame, str | None, int, np.ndarray | None]:
+        """Masters and the master dark's defects on the raw mosaic; this frame's defect candidates.
+
+        Returns the (possibly calibrated) raw frame, the calibration note, the pixels replaced and the
+        candidates (None unless defects come from the frames and ``candidates`` is asked for).
+        """
+        c = self.config.calibration
+        note: str | None = None
+        plan = None
+        if self._library is not None:
+            plan = calibrate.match(raw.meta, self._library, c.temperature_tolerance)
+            note = plan.describe()
+            if plan.used:
+                found = plan
+                offset, gain = self._cached(("arrays", plan.key),
+                                            lambda: (found.offset(self._load), found.gain(self._load)))
+                calibrate.apply(raw.mosaic, offset, gain)
+                raw = dataclasses.replace(raw, integral=False)
+        replaced = 0
+        from_dark = plan is not None and plan.dark is not None and c.defects in ("auto", "dark")
+        if plan is not None and from_dark:
+            chosen = plan
+            defects = self._cached(("defects", plan.key), lambda: self._master_defects(chosen))
+            replaced = calibrate.replace_defects(raw.mosaic, defects, raw.meta.bayer)
+        found_candidates = None
+        if candidates and (c.defects == "frames" or (c.defects == "auto" and not from_dark)):
+            found_candidates = calibrate.defect_candidates(raw.mosaic, raw.meta.bayer, c.defect_sigma)
+        return raw, note, replaced, found_candidates
+
+    def _master_defects(self, plan: calibrate.Plan) -> np.ndarray:
+        parts = []
+        if plan.dark is not None:
+            sigma = self.config.calibration.defect_sigma
+            parts.append(calibrate.defects_from_dark(self._load(plan.dark), sigma))
+        if plan.flat is not None:
+            parts.append(calibrate.defects_from_flat(self._load(plan.flat)))
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+    def _load(self, master: Master) -> np.ndarray:
+        data: np.ndarray = self._cached(("master", master.meta.path), lambda: calibrate.load_master(master))
+        return data
+
+    def _cached(self, key: object, make: Any) -> Any:
+        # Two threads may both make a missing entry once; the values are equal and read-only.
+        if key not in self._master_cache:
+            self._master_cache[key] = make()
+        return self._master_cache[key]
+
+    def _replace_frame_defects(self, prepared: Prepared,
+                               timings: dict[str, float]) -> tuple[Frame, int, np.ndarray | None]:
+        """Replace the defects seen at the same sensor position in this and the previous accepted frames.
+
+        Done here, in order, so that the map a frame gets does not depend on how far reading ran ahead.
+        """
+        frame, candidates = prepared.frame, prepared.candidates
+        if candidates is None:
+            return frame, prepared.defects, None
+        t0 = time.perf_counter()
+        sensor = (frame.meta.shape, frame.meta.bayer)
+        if sensor != self._candidates_sensor:
+            self._candidates.clear()
+            self._candidates_sensor = sensor
+        defects = calibrate.persistent_defects([*self._candidates, candidates],
+                                               self.config.calibration.defect_frames)
+        self._candidates.append(candidates)
+        if defects.size:
+            if prepared.mosaic is not None:
+                mosaic = prepared.mosaic.copy()
+                calibrate.replace_defects(mosaic, defects, frame.meta.bayer)
+                frame = develop(RawFrame(frame.meta, mosaic, integral=False))
+            else:
+                data = frame.data.copy()
+                calibrate.replace_defects(data, defects, None)
+                data.flags.writeable = False
+                frame = Frame(frame.meta, data, data)
+        timings["defects"] = time.perf_counter() - t0
+        return frame, prepared.defects + int(defects.size), _readonly(defects)
 
 
 @dataclass(frozen=True)
@@ -1243,6 +1518,16 @@ def filter_key(name: str | None) -> str:
     ``compose.FILTER_ALIASES``); an unknown name is kept as written (trimmed); no FILTER gives ``""``.
     """
     return canonical_filter(name or "")
+
+
+def normalisation_from_facts(facts: Mapping[str, Any] | None) -> Normalisation | None:
+    """The sky normalisation a frame was stacked with, from its journaled facts (``frame_facts``); None when
+    they do not say (frames stacked before normalisation existed)."""
+    if not facts or facts.get("norm_scale") is None or facts.get("norm_offset") is None:
+        return None
+    return Normalisation(scale=tuple(float(v) for v in facts["norm_scale"]),
+                         offset=tuple(float(v) for v in facts["norm_offset"]),
+                         weight=float(facts.get("weight") or 1.0))
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -51,7 +51,12 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SimConfig]:
 @pytest.fixture(scope="module")
 def stacked(night: tuple[Path, SimConfig], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("out") / "stack.fits"
-    proc = _run("stack", str(night[0]), "-o", str(out), "--method", "mean", "--frames-csv", "-q")
+    # The plain mean of the warped files, which an independent script can reproduce from the table alone:
+    # no sky normalisation, equal weights, no defect replacement.
+    config = out.parent / "plain.toml"
+    config.write_text('[stack]\nnormalise = "none"\nweights = "none"\n[calibration]\ndefects = "off"\n')
+    proc = _run("stack", str(night[0]), "-o", str(out), "--method", "mean", "--frames-csv", "-q",
+                "--config", str(config))
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -60,7 +65,7 @@ def test_stack_writes_a_frames_table_that_fitsverify_accepts(stacked: Path) -> N
     report = fitsverify(stacked)
     assert "FRAMES" in report
     with fits.open(stacked) as hdul:
-        assert [h.name for h in hdul] == ["PRIMARY", "FRAMES"]
+        assert [h.name for h in hdul] == ["PRIMARY", "COVERAGE", "FRAMES"]
         header = hdul[0].header
         assert header["SWVERSN"] == __version__
         assert header["NCOMBINE"] == 7

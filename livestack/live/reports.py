@@ -95,7 +95,11 @@ def frame_event(seq: int, path: Path, verdict: str, result: FrameResult | None, 
         background=finite(q.background) if q else None, noise=finite(q.noise) if q else None,
         sharpness=finite(result.sharpness) if result and result.sharpness is not None else None,
         transform=transform, timings=dict(result.timings) if result else {},
-        latency=latency, session=session)
+        latency=latency, session=session,
+        calibration=result.calibration if result else None, defects=result.defects if result else None,
+        sky=finite(result.sky) if result and result.sky is not None else None,
+        transparency=result.transparency if result else None,
+        weight=result.weight if result and result.accepted else None)
 
 
 def stack_event(view: StackView, preview: np.ndarray | None = None, snr: float | None = None) -> events.Event:

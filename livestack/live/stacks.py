@@ -104,9 +104,10 @@ class Stacks:
             if stacker is None:
                 stacker, session = self.stacker, self.session
             assert session is not None
-            return StackView(info=stacker.info(), rejected_fraction=float(stacker.rejected_fraction),
-                             session=session, image=stacker.result() if image else None,
-                             filters=stacker.summary())
+            # The coverage (a copy, for the snapshot's extension) only with the image it belongs to.
+            return StackView(info=stacker.info(coverage=image),
+                             rejected_fraction=float(stacker.rejected_fraction), session=session,
+                             image=stacker.result() if image else None, filters=stacker.summary())
 
     def channels(self, stacker: Stacker) -> dict[str, tuple[StackInfo, np.ndarray]]:
         """Every filter's stack of ``stacker`` with its header facts, copied under the lock (writer thread).

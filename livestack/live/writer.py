@@ -252,7 +252,8 @@ class Outputs:
         o = self.config.output
         files = write_snapshot(folder / "stack.fits", view.image, info, image_format=o.image_format,
                                flatten=o.flatten_background, history=o.history,
-                               surface=stacker.path == "surface", frames_csv=o.frames_csv)
+                               surface=stacker.path == "surface", frames_csv=o.frames_csv,
+                               crop=o.crop_coverage)
         self.emit(events.make_event("snapshot", fits=str(files.fits), image=str(files.picture),
                                     frames=info.ncombine, session=view.session, reason=reason))
         return {"fits": str(files.fits), "image": str(files.picture), "frames": info.ncombine}
@@ -273,7 +274,7 @@ class Outputs:
                 info = replace(info, frames=self.frame_rows(session, name))
             files = write_snapshot(sub / "stack.fits", image, info, image_format=o.image_format,
                                    flatten=o.flatten_background, history=o.history, surface=surface,
-                                   frames_csv=o.frames_csv)
+                                   frames_csv=o.frames_csv, crop=o.crop_coverage)
             self.colour.filter_written(folder, name, info.ncombine)
             self.emit(events.make_event("snapshot", fits=str(files.fits), image=str(files.picture),
                                         frames=info.ncombine, session=session, reason=reason,

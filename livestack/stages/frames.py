@@ -6,6 +6,10 @@ Public API (stable; other modules rely on it):
 - ``Frame``: frozen image (read-only float32 arrays) plus metadata.
 - ``read_meta(path, bayer_pattern=None) -> FrameMeta``: header only, cheap; used to order files by time.
 - ``read_frame(path, bayer_pattern=None) -> Frame``: header and pixels; raises ``FrameError`` with a reason.
+  It is ``develop(read_raw(path, bayer_pattern))``.
+- ``RawFrame``: the pixels as stored (a colour frame's mosaic not yet debayered), for calibration.
+- ``read_raw(path, bayer_pattern=None) -> RawFrame``: header and pixels, no debayering.
+- ``develop(raw) -> Frame``: debayer a (possibly calibrated) raw frame and make it read-only.
 - ``debayer(mosaic, pattern) -> ndarray``: (H, W) mosaic -> (H, W, 3) float32 RGB.
 - ``FITS_SUFFIXES``: the file name endings that are frames.
 - ``BAYER_PATTERNS``: the 2x2 colour filter patterns livestack can debayer.
@@ -67,8 +71,8 @@ from astropy.utils.exceptions import AstropyWarning
 from livestack.errors import FrameError
 
 __all__ = [
-    "BAYER_PATTERNS", "FITS_SUFFIXES", "MAX_PIXELS", "Frame", "FrameMeta", "debayer", "read_frame",
-    "read_meta",
+    "BAYER_PATTERNS", "FITS_SUFFIXES", "MAX_PIXELS", "Frame", "FrameMeta", "RawFrame", "debayer", "develop",
+    "read_frame", "read_meta", "read_raw",
 ]
 
 #: File name endings recognised as frames (lower case; compared case-insensitively).
@@ -114,6 +118,15 @@ class FrameMeta:
     wcs_header : str or None
         The celestial WCS cards of the header (``Header.tostring()`` of ``WCS.to_header()``), when the
         frame has a WCS; None otherwise.
+    binning : tuple of int
+        ``(XBINNING, YBINNING)``, 1 where the header says nothing.
+    gain : float or None
+        The camera's gain setting (GAIN, else ISOSPEED for DSLRs).
+    offset : float or None
+        The camera's offset (black level) setting (OFFSET).
+    set_temp : float or None
+        Sensor temperature, Celsius: the cooler's set point (SET-TEMP) when there is one, else the measured
+        CCD-TEMP.
     """
 
     path: str
@@ -125,6 +138,30 @@ class FrameMeta:
     imagetyp: str | None
     bayer: str | None
     wcs_header: str | None
+    binning: tuple[int, int] = (1, 1)
+    gain: float | None = None
+    offset: float | None = None
+    set_temp: float | None = None
+
+
+@dataclass(frozen=True)
+class RawFrame:
+    """One exposure's pixels as stored: a colour frame's mosaic is not yet debayered.
+
+    Attributes
+    ----------
+    meta : FrameMeta
+    mosaic : ndarray
+        float32 ``(H, W)``, C-contiguous, writeable and owned by this value: calibration works on it in
+        place before ``develop`` hands it on read-only.
+    integral : bool
+        True when every pixel is an integer as read (the exact 16-bit debayer path applies); calibration
+        makes it False.
+    """
+
+    meta: FrameMeta
+    mosaic: np.ndarray
+    integral: bool
 
 
 @dataclass(frozen=True)
@@ -211,6 +248,31 @@ def read_frame(path: str | Path, bayer_pattern: str | None = None,
         ``max_pixels``, truncated, no image HDU, not 2-D, unsupported BITPIX, every pixel NaN, or an unknown
         Bayer pattern.
     """
+    return develop(read_raw(path, bayer_pattern, max_pixels))
+
+
+def read_raw(path: str | Path, bayer_pattern: str | None = None, max_pixels: int = MAX_PIXELS) -> RawFrame:
+    """Read a frame's header and pixels as float32, without debayering (for calibration on the mosaic).
+
+    Parameters
+    ----------
+    path : str or Path
+        A FITS file (plain, ``.fz`` or ``.gz``).
+    bayer_pattern : str or None
+        As for ``read_frame``.
+    max_pixels : int
+        As for ``read_frame``.
+
+    Returns
+    -------
+    RawFrame
+        Its mosaic is a new writeable array that does not reference the file.
+
+    Raises
+    ------
+    FrameError
+        As for ``read_frame``.
+    """
     path = Path(path)
     override = _check_pattern_argument(bayer_pattern, path)
     _check_not_empty(path)
@@ -229,10 +291,26 @@ def read_frame(path: str | Path, bayer_pattern: str | None = None,
             raise FrameError(f"{path} cannot be read as a FITS file ({exc}).") from exc
     if (bitpix < 0 or "BLANK" in header) and not np.isfinite(mosaic).any():
         raise FrameError(f"{path} has no usable pixel: every value is NaN or infinite.")
+    return RawFrame(meta=meta, mosaic=mosaic, integral=integral)
+
+
+def develop(raw: RawFrame) -> Frame:
+    """Turn a raw frame into the stages' ``Frame``: debayer a colour mosaic, make the arrays read-only.
+
+    Parameters
+    ----------
+    raw : RawFrame
+        Its mosaic is consumed (a colour one is scaled in place while debayering): do not use it after.
+
+    Returns
+    -------
+    Frame
+    """
+    meta, mosaic = raw.meta, raw.mosaic
     if meta.bayer is None:
         mosaic.flags.writeable = False
         return Frame(meta=meta, data=mosaic, luminance=mosaic)
-    rgb = _debayer(mosaic, meta.bayer, integral, copy=False)
+    rgb = _debayer(mosaic, meta.bayer, raw.integral, copy=False)
     luminance = cv2.transform(rgb, _EQUAL_WEIGHTS)
     rgb.flags.writeable = False
     luminance.flags.writeable = False
@@ -455,7 +533,16 @@ def _meta_from_header(path: Path, header: fits.Header, override: str | None) -> 
         imagetyp=_text(header, "IMAGETYP"),
         bayer=_bayer_pattern(header, shape, override, path),
         wcs_header=_wcs_header(header),
+        binning=(_binning(header, "XBINNING"), _binning(header, "YBINNING")),
+        gain=_first_float(header, ("GAIN", "ISOSPEED")),
+        offset=_first_float(header, ("OFFSET",)),
+        set_temp=_first_float(header, ("SET-TEMP", "SETTEMP", "CCD-TEMP", "CCD_TEMP")),
     )
+
+
+def _binning(header: fits.Header, key: str) -> int:
+    value = _first_float(header, (key,))
+    return int(value) if value is not None and value >= 1 and value.is_integer() else 1
 
 
 def _text(header: fits.Header, key: str) -> str | None:

@@ -3,13 +3,18 @@
 Public API:
 
 - ``StackInfo``: frozen facts about a stack that go into the FITS header.
-- ``write_snapshot(fits_path, image, info, image_format=..., flatten=..., history=...)``: the one writer
-  of a stack snapshot, for the daemon and ``livestack stack``: FITS plus picture (``picture_suffix``), and
-  numbered copies under ``history/`` when asked.
+- ``write_snapshot(fits_path, image, info, image_format=..., flatten=..., history=..., crop=...)``: the one
+  writer of a stack snapshot, for the daemon and ``livestack stack``: FITS plus picture (``picture_suffix``,
+  cut to the rectangle ``coverage_box`` finds when ``crop`` > 0), and numbered copies under ``history/``
+  when asked.
 - ``atomic_write(path, data: bytes)``: re-exported from ``livestack.atomic`` (temporary name in the same
   folder, fsync, ``os.replace``).
-- ``write_fits(path, image, info)``: float32; colour ``(H, W, 3)`` becomes a 3-plane cube ``(3, H, W)``; the
-  ``FRAMES`` provenance table (``stages.provenance``) follows when ``info.frames`` is given.
+- ``write_fits(path, image, info)``: float32; colour ``(H, W, 3)`` becomes a 3-plane cube ``(3, H, W)``; a
+  ``COVERAGE`` image (frames per pixel) follows when ``info.coverage`` is given, then the ``FRAMES``
+  provenance table (``stages.provenance``) when ``info.frames`` is given. NaN marks pixels no frame covered,
+  or 0 with ``info.blank = "zero"``; ``info.history`` lines become HISTORY cards.
+- ``coverage_box(coverage, share) -> (row0, row1, col0, col1)``: the large rectangle whose pixels are all
+  covered by at least ``share`` of the frames.
 - ``stretch(image, surface=False) -> ndarray``: auto-stretched uint8 ``(H, W)`` or ``(H, W, 3)``
   (NaN -> black).
 - ``encode_image(image8, fmt) -> bytes``: PNG or JPEG bytes of a stretched image.
@@ -36,7 +41,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,7 +58,7 @@ from livestack.stages.provenance import frames_csv as rows_csv
 
 __all__ = ["FLATTEN_MESH", "JPEG_QUALITY", "PNG_COMPRESSION", "SHADOWS_SIGMA", "STAT_SAMPLES",
            "SURFACE_BLACK", "SURFACE_GAMMA", "SURFACE_HEADROOM", "SURFACE_WHITE", "TARGET_BACKGROUND",
-           "SnapshotFiles", "StackInfo", "atomic_write", "encode_image", "flatten_background",
+           "SnapshotFiles", "StackInfo", "atomic_write", "coverage_box", "encode_image", "flatten_background",
            "picture_suffix", "preview_array", "preview_bytes", "stretch", "write_fits",
            "write_preview", "write_snapshot"]
 
@@ -107,6 +112,13 @@ class StackInfo:
         Every frame received for the stack, for the ``FRAMES`` table; None writes no table.
     cards : tuple
         Further ``(keyword, value, comment)`` header cards (a composite's recipe).
+    history : tuple of str
+        Lines for the header's HISTORY (which calibration masters the frames had, and how many).
+    coverage : ndarray or None
+        Frames per pixel (``(H, W)`` integers) for the ``COVERAGE`` extension; None writes none.
+    blank : str
+        What pixels no frame covered hold in the FITS data: ``"nan"`` (the FITS convention for floats) or
+        ``"zero"`` (for tools whose statistics turn to NaN on NaN).
     """
 
     ncombine: int
@@ -120,6 +132,9 @@ class StackInfo:
     reference: str | None = None
     frames: tuple[FrameRow, ...] | None = None
     cards: tuple[tuple[str, Any, str], ...] = ()
+    history: tuple[str, ...] = ()
+    coverage: np.ndarray | None = field(default=None, compare=False, repr=False)
+    blank: str = "nan"
 
 
 @dataclass(frozen=True)
@@ -147,7 +162,8 @@ def picture_suffix(image_format: str) -> str:
 
 def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *, image_format: str = "jpeg",
                    flatten: bool = False, history: bool = False, surface: bool = False,
-                   frames_csv: bool = False, picture: np.ndarray | None = None) -> SnapshotFiles:
+                   frames_csv: bool = False, picture: np.ndarray | None = None,
+                   crop: float = 0.0) -> SnapshotFiles:
     """Write a stack snapshot: the FITS file, then the picture beside it (same name, picture suffix).
 
     Each file appears whole (``atomic_write``); a failure leaves the previous snapshot's files as they
@@ -174,6 +190,10 @@ def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *,
     picture : ndarray, optional
         uint8 ``(H, W)`` or ``(H, W, 3)`` already rendered (a composite's Lupton picture): written as it is,
         instead of stretching ``image``.
+    crop : float
+        Cut the picture (not the FITS) to the rectangle covered by at least this share of the frames
+        (``coverage_box`` of ``info.coverage``), so sparse, ragged edges neither show nor sway the stretch
+        and the flattening; 0 or no coverage: no cut.
 
     Returns
     -------
@@ -188,7 +208,11 @@ def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *,
     fits_path = Path(fits_path)
     picture_path = fits_path.with_suffix(picture_suffix(image_format))
     flat = flatten and not surface
-    rendered = picture if picture is not None else stretch(flatten_background(image) if flat else image,
+    shown = image
+    if crop > 0 and info.coverage is not None:
+        r0, r1, c0, c1 = coverage_box(info.coverage, crop)
+        shown = image[r0:r1, c0:c1]
+    rendered = picture if picture is not None else stretch(flatten_background(shown) if flat else shown,
                                                            surface)
     picture_bytes = encode_image(rendered, picture_path.suffix)
     write_fits(fits_path, image, info)
@@ -202,6 +226,67 @@ def write_snapshot(fits_path: str | Path, image: np.ndarray, info: StackInfo, *,
         write_fits(folder / f"{stem}.fits", image, info)
         atomic_write(folder / f"{stem}{picture_path.suffix}", picture_bytes)
     return SnapshotFiles(fits_path, picture_path)
+
+
+def coverage_box(coverage: np.ndarray, share: float) -> tuple[int, int, int, int]:
+    """The rectangle a picture is cut to: every pixel in it covered by at least ``share`` of the frames.
+
+    Starting from the bounding box of the well-covered pixels, the edge (row or column) with the largest
+    part of poorly covered pixels is dropped until none is left; on a copy at most ``_BOX_SIDE`` pixels
+    long, then scaled back (rounded inwards). It finds the large rectangle inside a drifted, dithered or
+    rotated field without ragged borders.
+
+    Parameters
+    ----------
+    coverage : ndarray
+        Frames per pixel, ``(H, W)``.
+    share : float
+        Fraction of the most-covered pixel's count (at least one frame).
+
+    Returns
+    -------
+    tuple of int
+        ``row0, row1, col0, col1`` (end exclusive); the whole image when nothing qualifies.
+    """
+    rows, cols = coverage.shape
+    top = int(coverage.max()) if coverage.size else 0
+    if top == 0:
+        return 0, rows, 0, cols
+    good = coverage >= max(1.0, share * top)
+    factor = max(1, math.ceil(max(rows, cols) / _BOX_SIDE))
+    if factor > 1:
+        # A coarse cell is good only if all its pixels are: pad to whole cells, then every cell's minimum.
+        padded = np.zeros((math.ceil(rows / factor) * factor, math.ceil(cols / factor) * factor), dtype=bool)
+        padded[:rows, :cols] = good
+        small = np.asarray(padded.reshape(padded.shape[0] // factor, factor, -1, factor).all(axis=(1, 3)))
+    else:
+        small = good
+    if not small.any():
+        return 0, rows, 0, cols
+    ys, xs = np.nonzero(small)
+    r0, r1, c0, c1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    while r1 > r0 and c1 > c0:
+        box = small[r0:r1, c0:c1]
+        bad = {"top": 1.0 - box[0].mean(), "bottom": 1.0 - box[-1].mean(),
+               "left": 1.0 - box[:, 0].mean(), "right": 1.0 - box[:, -1].mean()}
+        edge, worst = max(bad.items(), key=lambda kv: kv[1])
+        if worst <= 0.0:
+            break
+        if edge == "top":
+            r0 += 1
+        elif edge == "bottom":
+            r1 -= 1
+        elif edge == "left":
+            c0 += 1
+        else:
+            c1 -= 1
+    if r1 <= r0 or c1 <= c0:
+        return 0, rows, 0, cols
+    return r0 * factor, min(rows, r1 * factor), c0 * factor, min(cols, c1 * factor)
+
+
+#: ``coverage_box`` works on a copy of the coverage at most this many pixels long.
+_BOX_SIDE = 512
 
 
 def write_fits(path: str | Path, image: np.ndarray, info: StackInfo) -> None:
@@ -236,6 +321,12 @@ def write_fits(path: str | Path, image: np.ndarray, info: StackInfo) -> None:
         data = np.ascontiguousarray(np.moveaxis(data, 2, 0))
     elif data.ndim != 2:
         raise ValueError(f"A stack to write to {path} must be (H, W) or (H, W, 3), not {data.shape}.")
+    if info.blank == "zero":
+        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    elif info.blank != "nan":
+        raise ValueError(f"blank must be 'nan' or 'zero', not {info.blank!r}.")
+    if info.coverage is not None and info.coverage.shape != data.shape[-2:]:
+        raise ValueError(f"The coverage {info.coverage.shape} does not match the stack {data.shape[-2:]}.")
     hdu = fits.PrimaryHDU(data)
     header = hdu.header
     if info.wcs_header:
@@ -268,7 +359,16 @@ def write_fits(path: str | Path, image: np.ndarray, info: StackInfo) -> None:
     header["CREATOR"] = ("livestack", "software that made this file")
     header["SWVERSN"] = (__version__, "livestack version that made this file")
     header["DATE"] = (_fits_time(datetime.now(UTC)), "UTC time this file was written")
-    hdus: list[fits.PrimaryHDU | fits.BinTableHDU] = [hdu]
+    for line in info.history:
+        header.add_history(line)
+    if info.blank == "zero":
+        header["BLANKED"] = ("zero", "pixels no frame covered are 0 (COVERAGE = 0)")
+    hdus: list[fits.PrimaryHDU | fits.ImageHDU | fits.BinTableHDU] = [hdu]
+    if info.coverage is not None:
+        coverage = fits.ImageHDU(np.asarray(info.coverage, dtype=np.int32), name="COVERAGE")
+        coverage.header["BUNIT"] = ("frames", "frames that covered each pixel")
+        coverage.header["NCOMBINE"] = (int(info.ncombine), "frames in the stack")
+        hdus.append(coverage)
     if info.frames is not None:
         hdus.append(frames_hdu(info.frames))
     buffer = io.BytesIO()
