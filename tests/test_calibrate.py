@@ -336,3 +336,54 @@ def test_defects_from_consecutive_frames_clean_a_sensor_without_darks(tmp_path: 
     # Stars are untouched: the brightest pixels of the stack are the same in both.
     star = np.nanargmax(np.where(np.isin(np.arange(dirty.size), hot).reshape(dirty.shape), -np.inf, dirty))
     assert cleaned.ravel()[star] == pytest.approx(dirty.ravel()[star], rel=1e-3)
+
+
+def test_the_masters_used_travel_in_the_frame_event_and_the_journal_facts(night: tuple[Path, Sensor],
+                                                                          tmp_path: Path) -> None:
+    from livestack import events
+    from livestack.live.reports import frame_event
+    from livestack.pipeline import frame_facts
+
+    root, _ = night
+    masters = tmp_path / "masters"
+    calibrate.make_masters(sorted((root / "calib").glob("*.fits")), masters)
+    stacker = Stacker(Config().with_overrides({"calibration.masters": str(masters)}), workdir=tmp_path)
+    lights = sorted((root / "lights").glob("*.fits"))
+    results = [stacker.process(p) for p in lights[:3]]
+    assert all(r.accepted for r in results)
+    note = results[1].calibration
+    assert note is not None and note.startswith("bias master_bias_") and "x0.5; flat master_flat_" in note
+    facts = frame_facts(results[1])
+    assert facts["masters"] == note and facts["defects"] == results[1].defects
+    assert facts["weight"] == pytest.approx(results[1].weight)
+    assert facts["sky"] == pytest.approx(results[1].sky)
+    event = frame_event(2, lights[1], "accepted", results[1], 0.1, 1)
+    decoded = events.decode(events.encode(event))
+    assert decoded.payload["calibration"] == note and decoded.payload["defects"] >= HOT_PIXELS
+    assert decoded.payload["weight"] == pytest.approx(results[1].weight)
+    assert 0.9 < decoded.payload["transparency"] < 1.1
+    # Without a library the field is null, not absent; an older daemon's event without it still validates.
+    plain = Stacker(Config(), workdir=tmp_path).process(lights[0])
+    assert frame_event(1, lights[0], "accepted", plain, 0.1, 1).payload["calibration"] is None
+    payload = dict(decoded.payload)
+    for name in ("calibration", "defects", "sky", "transparency", "weight"):
+        del payload[name]
+    events.validate(payload)
+
+
+def test_a_hot_pixel_replaced_on_the_mosaic_leaves_no_coloured_cross() -> None:
+    from livestack.stages.frames import RawFrame, develop
+
+    rng = np.random.default_rng(6)
+    mosaic = np.rint(rng.normal(1000.0, 3.0, (40, 40))).astype(np.float32)
+    mosaic[20, 20] = 30000.0  # a red site of RGGB
+    meta = _meta(shape=(40, 40))
+    dirty = develop(RawFrame(meta, mosaic.copy(), integral=True)).data
+    cleaned = mosaic.copy()
+    calibrate.replace_defects(cleaned, np.array([20 * 40 + 20], dtype=np.int64), "RGGB")
+    clean = develop(RawFrame(meta, cleaned, integral=False)).data
+    around = (slice(18, 23), slice(18, 23))
+    # Debayered as it was, the hot pixel spreads into its neighbours' red: a cross of colour.
+    assert float(dirty[around][:, :, 0].max()) > 5000.0
+    # Replaced before debayering, every channel around it stays at the sky.
+    assert float(np.abs(clean[around] - 1000.0).max()) < 20.0
