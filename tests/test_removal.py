@@ -265,7 +265,8 @@ class _Live:
     """A worker's side of the daemon, on the test's thread: stacks frames, journals them, runs commands."""
 
     def __init__(self, root: Path, method: str) -> None:
-        self.config = Config().with_overrides({"stack.method": method})
+        # Defects found from consecutive frames depend on the frames around each one (see _journal_night).
+        self.config = Config().with_overrides({"stack.method": method, "calibration.defects": "off"})
         (root / "work").mkdir(parents=True)
         self.journal = Journal(root / "journal.jsonl")
         self.owner = _Owner(Stacker(self.config, workdir=root / "work"))

@@ -249,9 +249,9 @@ class Removals:
                 assert e.transform is not None
                 with self.stacks.lock:
                     if record.action == "remove":
-                        self.stacks.stacker.subtract_known(e.path, e.transform, ledger.weight(e))
+                        self.stacks.stacker.subtract_known(e.path, e.transform, ledger.weight(e), e.facts)
                     else:
-                        self.stacks.stacker.add_known(e.path, e.transform, ledger.weight(e))
+                        self.stacks.stacker.add_known(e.path, e.transform, ledger.weight(e), e.facts)
                 done.append(seq)
         except (OSError, FrameError, StateError) as exc:
             log.error("removal %d: %s could not be %s (%s); re-integrating instead", record.id,
@@ -270,13 +270,13 @@ class Removals:
                 assert e.transform is not None
                 if _changed(e) is not None:
                     raise FrameError(f"{e.path} changed or vanished")
-                self.stacks.stacker.subtract_known(e.path, e.transform, ledger.weight(e))
+                self.stacks.stacker.subtract_known(e.path, e.transform, ledger.weight(e), e.facts)
             for seq in sorted(before - after):
                 e = by_seq[seq]
                 assert e.transform is not None
                 if _changed(e) is not None:
                     raise FrameError(f"{e.path} changed or vanished")
-                self.stacks.stacker.add_known(e.path, e.transform, ledger.weight(e))
+                self.stacks.stacker.add_known(e.path, e.transform, ledger.weight(e), e.facts)
         except (OSError, FrameError, StateError, ValueError) as exc:
             log.error("finishing removal %d exactly failed (%s); re-integrating instead", last.id, exc)
             return False
@@ -348,7 +348,7 @@ class Removals:
         if problem is None:
             assert e.transform is not None
             try:
-                job.fork.add_known(e.path, e.transform, ledger.weight(e))
+                job.fork.add_known(e.path, e.transform, ledger.weight(e), e.facts)
                 return
             except (OSError, FrameError) as exc:
                 problem = str(exc)
