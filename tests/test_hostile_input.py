@@ -12,6 +12,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,12 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from astropy.io import fits
 
 from livestack import events
 from livestack.config import Config
+from livestack.errors import FrameError
 from livestack.live.daemon import Daemon
 from livestack.live.notify import Notifier
+from livestack.pipeline import Stacker
 from livestack.simulate import SimConfig, simulate
+from livestack.stages.frames import read_frame
 
 LOOPBACK = "tcp://127.0.0.1:*"
 SIZE = (480, 360)
@@ -130,3 +136,96 @@ def test_a_frame_closed_short_is_rejected_at_once_and_taken_when_completed(
         assert daemon.stacker.count == 2
     assert [(Path(e["path"]).name, e["verdict"]) for e in journal(tmp_path)] == [
         ("first.fits", "accepted"), ("cut.fits", "rejected"), ("cut.fits", "accepted")]
+
+
+# -- the reader: sizes from the header, never a read that cannot end ----------------------------------------
+
+
+def sparse_fits(path: Path, width: int, height: int) -> Path:
+    """A FITS file whose header claims ``width`` x ``height`` 16-bit pixels, made sparse: no block written."""
+    header = fits.Header([("SIMPLE", True), ("BITPIX", 16), ("NAXIS", 2), ("NAXIS1", width),
+                          ("NAXIS2", height), ("EXPTIME", 10.0)])
+    raw = header.tostring().encode("ascii")
+    data = width * height * 2
+    with open(path, "wb") as handle:
+        handle.write(raw)
+        handle.truncate(len(raw) + -(-data // 2880) * 2880)
+    return path
+
+
+def test_a_sparse_file_claiming_20000_by_20000_is_refused_from_its_header_with_little_memory(
+        tmp_path: Path) -> None:
+    path = sparse_fits(tmp_path / "huge.fits", 20000, 20000)
+    assert path.stat().st_size > 800_000_000 and path.stat().st_blocks * 512 < 1_000_000
+    # In a process of its own, so that its peak memory is its own: the growth over the imports' peak.
+    probe = (
+        "import resource, sys, time\n"
+        "from livestack.stages.frames import read_frame\n"
+        "from livestack.errors import FrameError\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "start = time.perf_counter()\n"
+        "try:\n"
+        "    read_frame(sys.argv[1])\n"
+        "except FrameError as exc:\n"
+        "    print(exc)\n"
+        "print(time.perf_counter() - start)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    message, seconds, grown_kib = done.stdout.splitlines()
+    assert "20000 x 20000 image (400 megapixels), more than the 100 megapixels" in message
+    assert float(seconds) < 5.0
+    assert int(grown_kib) < 50 * 1024, f"the peak memory grew by {int(grown_kib) / 1024:.0f} MB"
+
+
+def test_the_size_limit_is_configurable_and_checked_before_reading(
+        tmp_path: Path, frames: list[Path]) -> None:
+    width, height = SIZE
+    with pytest.raises(FrameError, match=r"480 x 360 image \(0 megapixels\), more than the 0.1 megapixels"):
+        read_frame(frames[0], max_pixels=100_000)
+    assert read_frame(frames[0], max_pixels=width * height).data.shape == (height, width)
+    config = Config(base=tmp_path).with_overrides({"frames.max_megapixels": 0.1})
+    result = Stacker(config).process(frames[0])
+    assert not result.accepted and "frames.max_megapixels" in (result.reason or "")
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "link to /dev/urandom", "folder"])
+def test_the_reader_refuses_what_is_not_a_regular_file_without_opening_it(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "odd.fits"
+    if kind == "FIFO":
+        os.mkfifo(path)  # opening it would block until a writer came
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        os.symlink("/dev/urandom", path)  # reading it would never end
+    outcome: list[BaseException] = []
+    reader = threading.Thread(target=lambda: _catch(outcome, path), name="test-reader", daemon=True)
+    reader.start()
+    reader.join(10.0)
+    if reader.is_alive():
+        with open(path, "wb"):  # release the blocked open (a FIFO) so that the thread ends
+            pass
+        reader.join(5.0)
+        pytest.fail(f"read_frame blocked on a {kind}")
+    (exc,) = outcome
+    assert isinstance(exc, FrameError) and "is not a regular file" in str(exc), exc
+
+
+def _catch(outcome: list[BaseException], path: Path) -> None:
+    try:
+        read_frame(path)
+    except BaseException as exc:
+        outcome.append(exc)
+
+
+def test_the_daemon_rejects_a_sparse_giant_from_its_header_and_goes_on(
+        tmp_path: Path, frames: list[Path]) -> None:
+    verdicts = Verdicts()
+    with daemon_on(tmp_path, verdicts) as daemon:
+        sparse_fits(daemon.watch_dir / "huge.fits", 20000, 20000)
+        shutil.copy(frames[0], daemon.watch_dir / "good.fits")
+        got = verdicts.wait(lambda v: {"huge.fits", "good.fits"} <= set(v), "both verdicts")
+    assert got["good.fits"]["verdict"] == "accepted"
+    assert got["huge.fits"]["verdict"] == "rejected"
+    assert "400 megapixels" in got["huge.fits"]["reason"]
