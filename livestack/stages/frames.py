@@ -69,6 +69,7 @@ from astropy.io.fits.verify import VerifyError
 from astropy.utils.exceptions import AstropyWarning
 
 from livestack.errors import FrameError
+from livestack.stages.fitscheck import FitsState, check_fits
 
 __all__ = [
     "BAYER_PATTERNS", "FITS_SUFFIXES", "MAX_PIXELS", "Frame", "FrameMeta", "RawFrame", "debayer", "develop",
@@ -209,7 +210,7 @@ def read_meta(path: str | Path, bayer_pattern: str | None = None) -> FrameMeta:
     """
     path = Path(path)
     override = _check_pattern_argument(bayer_pattern, path)
-    _check_not_empty(path)
+    _check_structure(path, whole=False)  # the header is enough: a file still being written is fine
     with _quiet_astropy():
         try:
             with fits.open(path, memmap=True, do_not_scale_image_data=True, uint=False) as hdul:
@@ -275,7 +276,7 @@ def read_raw(path: str | Path, bayer_pattern: str | None = None, max_pixels: int
     """
     path = Path(path)
     override = _check_pattern_argument(bayer_pattern, path)
-    _check_not_empty(path)
+    _check_structure(path)
     with _quiet_astropy():
         try:
             with fits.open(path, memmap=True, do_not_scale_image_data=True, uint=False) as hdul:
@@ -427,6 +428,23 @@ def _check_not_empty(path: Path) -> None:
         raise FrameError(f"{path} is not a regular file, so it is not read.")
     if st.st_size == 0:
         raise FrameError(f"{path} is empty (0 bytes).")
+
+
+def _check_structure(path: Path, whole: bool = True) -> None:
+    """Refuse what is not a regular file, is empty, or is not (whole, with ``whole``) FITS, before astropy.
+
+    astropy trusts a header's NAXIS (it loops over 10**20 axes) and maps data a file does not hold; the
+    structure check reads headers only, within the standard's bounds.
+    """
+    _check_not_empty(path)
+    try:
+        found = check_fits(path)
+    except OSError as exc:
+        raise FrameError(f"{path} cannot be read ({exc.strerror or exc}).") from exc
+    if found.state is FitsState.INVALID:
+        raise FrameError(f"{path} cannot be read as a FITS file ({found.reason}).")
+    if found.state is FitsState.INCOMPLETE and whole:
+        raise FrameError(f"{path} is truncated ({found.reason.removeprefix('still being written: ')}).")
 
 
 def _check_pixels(shape: tuple[int, int], max_pixels: int, path: Path) -> None:
@@ -737,6 +755,7 @@ def _wcs_header(header: fits.Header) -> str | None:
             if not wcs.has_celestial:
                 return None
             return str(wcs.celestial.to_header(relax=True).tostring())
-        except (ValueError, KeyError, TypeError, MemoryError):
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, MemoryError):
+            # astropy.wcs on a malformed header (a CTYPE that is a number ...): the frame simply has no WCS.
             return None
 
