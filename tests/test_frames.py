@@ -210,7 +210,8 @@ def test_unsupported_bitpix_is_rejected(tmp_path: Path) -> None:
     card = raw.index(b"BITPIX  =")
     raw[card:card + 80] = f"{'BITPIX':8}= {24:>20}".ljust(80).encode()
     path.write_bytes(bytes(raw))
-    with pytest.raises(FrameError, match=r"b24\.fits cannot be read as a FITS file \(HDU 0: BITPIX = 24 is not"):
+    with pytest.raises(FrameError,
+                       match=r"b24\.fits cannot be read as a FITS file \(HDU 0: BITPIX = 24 is not"):
         read_frame(path)
 
 
