@@ -157,7 +157,8 @@ def measure(size_key: str, polling: bool, repeat: int, staged: list[Path]) -> li
         watch.mkdir()
         config = Config(base=root).with_overrides({
             "watch.folder": "frames", "output.folder": "out", "state.folder": "state",
-            "watch.polling": polling, "network.publish": "tcp://127.0.0.1:*", "network.control": "tcp://127.0.0.1:*"})
+            "watch.polling": polling, "network.publish": "tcp://127.0.0.1:*", "network.control": "tcp://127.0.0.1:*",
+            "wcs.solve": "off"})
         daemon = Daemon(config)
         daemon.start()
         verdicts = Verdicts(daemon.publish_endpoint)

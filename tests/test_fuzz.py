@@ -209,7 +209,8 @@ def test_the_control_socket_answers_anything_and_the_daemon_goes_on(tmp_path: Pa
     config = Config(base=tmp_path).with_overrides({
         "watch.folder": "frames", "output.folder": "out", "watch.settle": 0.3, "watch.poll_interval": 0.1,
         "network.publish": "tcp://127.0.0.1:*", "network.control": "tcp://127.0.0.1:*",
-        "output.every_frames": 0, "output.every_seconds": 0.0, "output.image_format": "png"})
+        "output.every_frames": 0, "output.every_seconds": 0.0, "output.image_format": "png",
+        "wcs.solve": "off"})
     daemon = Daemon(config, notifier=Notifier(environ={}))
     daemon.start()
     ctx = zmq.Context()

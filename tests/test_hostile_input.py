@@ -72,7 +72,8 @@ def daemon_on(tmp_path: Path, verdicts: Verdicts, **overrides: Any) -> Iterator[
     values: dict[str, Any] = {
         "watch.folder": "frames", "output.folder": "out", "state.folder": "state", "watch.settle": 0.3,
         "watch.poll_interval": 0.1, "network.publish": LOOPBACK, "network.control": LOOPBACK,
-        "output.every_frames": 0, "output.every_seconds": 0.0, "output.image_format": "png"}
+        "output.every_frames": 0, "output.every_seconds": 0.0, "output.image_format": "png",
+        "wcs.solve": "off"}
     values.update(overrides)
     daemon = Daemon(Config(base=tmp_path).with_overrides(values), notifier=Notifier(environ={}),
                     listeners=(verdicts,))

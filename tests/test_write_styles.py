@@ -74,7 +74,8 @@ def daemon_on(tmp_path: Path, polling: bool, listener: Accepted) -> Iterator[Dae
         "watch.folder": "frames", "output.folder": "out", "state.folder": "state",
         "watch.polling": polling, "watch.settle": 1.0 if polling else LONG_SETTLE,
         "watch.poll_interval": 0.1, "network.publish": LOOPBACK, "network.control": LOOPBACK,
-        "output.every_frames": 0, "output.every_seconds": 0.0, "output.image_format": "png"})
+        "output.every_frames": 0, "output.every_seconds": 0.0, "output.image_format": "png",
+        "wcs.solve": "off"})
     daemon = Daemon(config, notifier=Notifier(environ={}), listeners=(listener,))
     daemon.start()
     try:
