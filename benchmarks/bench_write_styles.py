@@ -76,7 +76,8 @@ def slow_1mb(src: Path, watch: Path, name: str) -> None:
         for offset in range(0, len(data), step):
             handle.write(data[offset:offset + step])
             handle.flush()
-            time.sleep(max(0.0, start + (offset + step) / 1e6 - time.monotonic()))
+            if offset + step < len(data):  # no pause after the last chunk: the writer is done
+                time.sleep(max(0.0, start + (offset + step) / 1e6 - time.monotonic()))
 
 
 def new_subfolder(src: Path, watch: Path, name: str) -> None:

@@ -395,7 +395,8 @@ class Watcher:
         for path, st in self._scan(self.config.root):
             if self._stopping.is_set():
                 return
-            self._add(path, st, now, arrived=min(st.st_ctime, wall))
+            # When polling, a file a scan finds may still be written (no event will say): it settles.
+            self._add(path, st, now, arrived=None if self.config.polling else min(st.st_ctime, wall))
 
     def _run(self) -> None:
         """The worker: initial scan, then events, due checks and reconcile scans until stopped."""
@@ -452,7 +453,7 @@ class Watcher:
             # they are whole once their structure is. (watchdog also simulates events for them, but a scan
             # costs little and does not depend on that.)
             for file_path, st in self._scan(path):
-                self._add(file_path, st, now, arrived=min(st.st_ctime, wall))
+                self._add(file_path, st, now, arrived=None if self.config.polling else min(st.st_ctime, wall))
             return
         try:
             st = os.stat(path)
