@@ -284,8 +284,9 @@ class PhotometryConfig:
 class WcsConfig:
     """``[wcs]``: sky coordinates for stacks whose reference frame carries none, by a local plate solver."""
 
-    solve: str = _key("auto", "plate-solve the reference: 'auto' when it has no WCS, 'always' even when it "
-                              "has one, 'off' never", choices=("auto", "always", "off"))
+    solve: str = _key("auto", "plate-solve the reference: 'auto' when it has no WCS and its header gives a "
+                              "pointing or a pixel scale, 'always' (blind if need be), 'off' never",
+                      choices=("auto", "always", "off"))
     command: str = _key("", "solver command template ('' = astrometry.net's solve-field); see the README for "
                             "its placeholders")
     time_limit: float = _key(60.0, "seconds the solver may take per reference", minimum=1.0)

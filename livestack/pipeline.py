@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -57,7 +58,7 @@ from livestack.stages.photometry import (
 from livestack.stages.photometry import plan_photometry as _plan_photometry
 from livestack.stages.photometry import saturation_level as _saturation_level
 from livestack.stages.snapshot import StackInfo
-from livestack.stages.solve import Solution, SolveFailure, hints_from_header, solve
+from livestack.stages.solve import Solution, SolveFailure, SolveHints, hints_from_header, solve
 from livestack.stages.stack import Accumulator, make_accumulator
 from livestack.stages.warp import warp
 
@@ -1265,14 +1266,35 @@ class PhotometrySetup:
 
 
 def wants_solution(config: Config, reference: FrameMeta | None) -> bool:
-    """Whether the reference should be plate-solved: ``[wcs] solve`` and whether it already has a WCS."""
+    """Whether the reference should be plate-solved.
+
+    ``[wcs] solve = "always"``: yes. ``"auto"``: when it has no WCS and its header gives a pointing or a pixel
+    scale to start from (a blind search of the whole sky can keep a small computer's cores busy for minutes,
+    and a simulated sky has nothing to find). ``"off"``: no.
+    """
     if reference is None or config.wcs.solve == "off":
         return False
-    return config.wcs.solve == "always" or not reference.wcs_header
+    if config.wcs.solve == "always":
+        return True
+    if reference.wcs_header:
+        return False
+    hints = _reference_hints(reference.path)
+    return (hints.ra is not None and hints.dec is not None) or hints.scale_low is not None
 
 
-def solve_reference(config: Config, stacker: Stacker,
-                    image: np.ndarray | None = None) -> Solution | SolveFailure:
+def _reference_hints(path: str) -> SolveHints:
+    from astropy.io import fits as _fits
+
+    try:
+        with _fits.open(path) as hdul:
+            header = next((h.header for h in hdul if h.header.get("NAXIS", 0) >= 2), hdul[0].header)
+            return hints_from_header(header)
+    except (OSError, ValueError):
+        return SolveHints()
+
+
+def solve_reference(config: Config, stacker: Stacker, image: np.ndarray | None = None,
+                    cancel: threading.Event | None = None) -> Solution | SolveFailure:
     """Plate-solve a stacker's reference frame from its star list (slow: off the frame path).
 
     Parameters
@@ -1284,30 +1306,26 @@ def solve_reference(config: Config, stacker: Stacker,
     image : ndarray, optional
         The reference frame, for a solver command that asks for the image (``{image}``); read again from its
         file when such a command is configured and none is given.
+    cancel : threading.Event, optional
+        Set to stop the solver at once (a daemon stopping).
 
     Returns
     -------
     Solution or SolveFailure
     """
-    from astropy.io import fits as _fits
-
     meta, stars = stacker.reference_meta, stacker.reference_stars
     if meta is None or stars is None:
         return SolveFailure("error", "there is no reference frame to solve yet")
     if stacker.path == "surface":
         return SolveFailure("unsolved", "the stack is aligned on a surface (Moon, Sun, planet): no star "
                                         "field to solve")
-    try:
-        header: Mapping[str, Any] = _fits.getheader(meta.path)
-    except (OSError, ValueError):
-        header = {}
     if "{image}" in config.wcs.command and image is None:
         try:
             image = read_frame(meta.path, bayer_pattern=config.frames.bayer_pattern or None).luminance
         except FrameError as exc:
             return SolveFailure("error", f"the reference cannot be read again for the solver: {exc}")
-    return solve(stars, meta.shape, hints_from_header(header), image=image, command=config.wcs.command,
-                 time_limit=config.wcs.time_limit)
+    return solve(stars, meta.shape, _reference_hints(meta.path), image=image, command=config.wcs.command,
+                 time_limit=config.wcs.time_limit, cancel=cancel)
 
 
 def photometry_setup(config: Config, prepared: Prepared, transform: Transform,

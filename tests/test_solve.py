@@ -56,6 +56,22 @@ def test_hints_read_the_pointing_and_scale_however_the_capture_program_wrote_the
     assert hints_from_header({}) == SolveHints()
 
 
+def test_auto_solves_only_references_without_a_wcs_whose_header_gives_a_start(tmp_path: Path) -> None:
+    from livestack.config import Config
+    from livestack.pipeline import wants_solution
+    from livestack.simulate import SimConfig, simulate
+    from livestack.stages.frames import read_meta
+
+    (sim,) = simulate(tmp_path, SimConfig(frames=1, size=(64, 48), n_stars=5), sleep=lambda _s: None)
+    auto, always, off = (Config().with_overrides({"wcs.solve": mode}) for mode in ("auto", "always", "off"))
+    assert not wants_solution(auto, read_meta(sim))  # no pointing, no scale: no blind search
+    assert wants_solution(always, read_meta(sim)) and not wants_solution(off, read_meta(sim))
+    if PAIR.is_dir():
+        assert wants_solution(auto, read_meta(PAIR / "unsolved.fits"))  # the mount's RA-MNT/DEC-MNT
+        assert not wants_solution(auto, read_meta(PAIR / "solved.fits.fz"))  # it has a WCS
+        assert wants_solution(always, read_meta(PAIR / "solved.fits.fz"))
+
+
 def test_a_missing_solver_is_a_reason_not_an_exception() -> None:
     stars, _ = detect(np.random.default_rng(1).normal(100, 5, (64, 64)).astype(np.float32))
     outcome = solve(stars, (64, 64), command="no-such-solver-for-livestack {xyls}")
@@ -195,3 +211,32 @@ def test_without_a_solver_the_daemon_says_so_once_and_stacks_as_before(tmp_path:
                           "the warning")
     said = [e for e in recorder.events if e.topic == "log" and "not installed" in e["message"]]
     assert len(said) == 1 and not any(e.topic == "wcs" for e in recorder.events)
+
+
+@needs_solver
+def test_a_stopping_daemon_ends_a_blind_solve_at_once(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import time
+
+    from test_daemon import Recorder, make_config, running
+
+    from livestack.simulate import SimConfig, simulate
+
+    (frame,) = simulate(tmp_path / "camera", SimConfig(frames=1, size=(480, 360), n_stars=250),
+                        sleep=lambda _s: None)
+    config = make_config(tmp_path, **{"stack.method": "mean", "wcs.solve": "always", "wcs.time_limit": 300.0})
+    recorder = Recorder()
+    with running(config, listeners=(recorder,)) as daemon:
+        shutil.copy2(frame, tmp_path / "frames" / frame.name)
+        recorder.wait_for(lambda evs: any(e.topic == "frame" and e["verdict"] == "accepted" for e in evs),
+                          "the frame stacked")
+        mine = ["pgrep", "-P", str(os.getpid()), "-f", "solve-field"]  # this process's own solver
+        deadline = time.monotonic() + 30.0  # a simulated sky: the solver searches the whole sky in vain
+        while subprocess.run(mine, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "the solver never started"
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        daemon.stop()
+        assert time.monotonic() - t0 < 20.0
+    assert subprocess.run(mine, capture_output=True).returncode != 0

@@ -54,6 +54,7 @@ class Solver:
         self._requests: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._missing_said = False
+        self._cancel = threading.Event()
 
     def start(self) -> None:
         """Start the thread, unless solving is off."""
@@ -62,15 +63,16 @@ class Solver:
             self._thread.start()
 
     def stop(self) -> None:
-        """Drop what is queued and end the thread after the solve in hand (bounded by the time limit)."""
+        """Drop what is queued, stop the solver in hand, end the thread."""
         if self._thread is not None:
+            self._cancel.set()
             while True:
                 try:
                     self._requests.get_nowait()
                 except queue.Empty:
                     break
             self._requests.put(None)
-            self._thread.join(self.config.wcs.time_limit + 20.0)
+            self._thread.join(10.0)
             self._thread = None
 
     def reference(self, stacker: Stacker, session: int, image: np.ndarray | None = None) -> None:
@@ -92,8 +94,10 @@ class Solver:
     def _solve(self, request: _Request) -> None:
         meta = request.stacker.reference_meta
         assert meta is not None
-        outcome = solve_reference(self.config, request.stacker, request.image)
+        outcome = solve_reference(self.config, request.stacker, request.image, self._cancel)
         if isinstance(outcome, SolveFailure):
+            if outcome.kind == "cancelled":
+                return
             if outcome.kind == "missing":
                 if not self._missing_said:
                     log.warning("%s: stacks keep the reference's own WCS, if any", outcome.reason)

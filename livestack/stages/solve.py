@@ -27,12 +27,16 @@ Conventions: pixel positions are 0-based ``(x, y)`` as everywhere in livestack; 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -53,6 +57,8 @@ SCALE_SLACK = 0.15
 #: Search radius around a header's pointing, degrees: a mount's pointing model, or a crop of a wider frame
 #: whose centre the pointing describes.
 HINT_RADIUS = 3.0
+#: The solver runs this much nicer than livestack, so that it never slows the frame path.
+SOLVER_NICENESS = 10
 #: Stars handed to the solver, brightest first.
 MAX_STARS = 300
 
@@ -160,8 +166,8 @@ def hints_from_header(header: Mapping[str, Any]) -> SolveHints:
 
 
 def solve(stars: Stars, shape: tuple[int, int], hints: SolveHints = SolveHints(), *,
-          image: np.ndarray | None = None, command: str = "",
-          time_limit: float = 60.0) -> Solution | SolveFailure:
+          image: np.ndarray | None = None, command: str = "", time_limit: float = 60.0,
+          cancel: threading.Event | None = None) -> Solution | SolveFailure:
     """Solve a frame from its star list.
 
     Parameters
@@ -177,6 +183,8 @@ def solve(stars: Stars, shape: tuple[int, int], hints: SolveHints = SolveHints()
         A solver command template (see the module docstring); '' runs ``solve-field``.
     time_limit : float
         Seconds the solver may take.
+    cancel : threading.Event, optional
+        When set, the solver is stopped at once and the answer is a ``cancelled`` failure.
 
     Returns
     -------
@@ -216,23 +224,47 @@ def solve(stars: Stars, shape: tuple[int, int], hints: SolveHints = SolveHints()
                          "--radius", f"{hints.radius:g}"]
             args.append(str(xyls))
         t0 = time.monotonic()
+        log_path = folder / "solver.log"
         try:
-            done = subprocess.run(args, capture_output=True, text=True, timeout=time_limit + 15.0,
-                                  check=False)
-        except subprocess.TimeoutExpired:
-            return SolveFailure("timeout", f"the plate solver gave no answer within {time_limit:g} s")
+            with log_path.open("wb") as log:
+                # Below the frame path's priority, in a session of its own so that a stop ends all of it.
+                process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                           preexec_fn=lambda: os.nice(SOLVER_NICENESS))
+                outcome = _wait(process, time_limit + 15.0, cancel)
         except OSError as exc:
             return SolveFailure("error", f"the plate solver could not be run ({exc.strerror or exc})")
+        if outcome is not None:
+            return outcome
         seconds = time.monotonic() - t0
         if not wcs_path.is_file():
-            tail = " ".join((done.stderr or done.stdout or "").split()[-12:])
+            said = log_path.read_text(errors="replace").split()[-12:] if process.returncode else []
             return SolveFailure("unsolved", "the plate solver found no solution"
-                                + (f" ({tail})" if done.returncode else ""))
+                                + (f" ({' '.join(said)})" if said else ""))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             header = fits.getheader(wcs_path)
             matches = _matches(folder / "stars.corr")
         return _solution(header, shape, matches, program, seconds)
+
+
+def _wait(process: subprocess.Popen[bytes], limit: float,
+          cancel: threading.Event | None) -> SolveFailure | None:
+    """Wait for the solver; stop it (and its children) on time out or cancellation."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            process.wait(timeout=0.2)
+            return None
+        except subprocess.TimeoutExpired:
+            pass
+        cancelled = cancel is not None and cancel.is_set()
+        if cancelled or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            if cancelled:
+                return SolveFailure("cancelled", "the plate solver was stopped")
+            return SolveFailure("timeout", f"the plate solver gave no answer within {limit:g} s")
 
 
 def _template_values(folder: Path, hints: SolveHints, cols: int, rows: int,
