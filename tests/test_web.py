@@ -523,3 +523,15 @@ def test_a_page_that_stops_reading_holds_up_no_other(tmp_path: Path) -> None:
         server.stop()
         pub.close(linger=0)
         context.term()
+
+
+def test_the_viewer_imports_the_event_schema_and_no_processing_stage() -> None:
+    probe = ("import sys, livestack.clients.web.app, livestack.clients.web.server, "
+             "livestack.clients.web.model; "
+             "print(' '.join(sorted(m for m in sys.modules if m.startswith('livestack.'))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=WAIT,
+                            check=True).stdout.split()
+    assert "livestack.events" in loaded and "livestack.clients.bus" in loaded
+    processing = ("livestack.stages", "livestack.pipeline", "livestack.live")
+    forbidden = [m for m in loaded if m.startswith(processing)]
+    assert forbidden == []
