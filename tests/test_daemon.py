@@ -627,38 +627,87 @@ def test_a_journal_from_before_xxh3_still_recognises_its_frames(tmp_path: Path, 
 # -- 7. a new OBJECT, a new session in its own folder ------------------------------------------------------
 
 
-def test_a_new_object_starts_a_new_session_in_its_own_folder(tmp_path: Path) -> None:
-    config = make_config(tmp_path)
+def test_each_object_keeps_its_own_stack_and_folder_across_a_restart(tmp_path: Path) -> None:
+    # M 42, then M31, then M 42 again: the first stack goes on (never overwritten by the second), each in
+    # its own folder with its own reference; a restart restores both from the checkpoint and the journal.
+    config = make_config(tmp_path, **{"state.checkpoint_every_frames": 4})
     watch = config.path(config.watch.folder)
     out = config.path(config.output.folder)
-    m42 = simulate(tmp_path / "m42", SimConfig(frames=3, interval=10, size=SIZE, n_stars=N_STARS, seed=7,
+    m42 = simulate(tmp_path / "m42", SimConfig(frames=5, interval=10, size=SIZE, n_stars=N_STARS, seed=7,
                                                 object_name="M 42"), sleep=lambda _s: None)
-    m31 = simulate(tmp_path / "m31", SimConfig(frames=3, interval=10, size=SIZE, n_stars=N_STARS, seed=8,
+    m31 = simulate(tmp_path / "m31", SimConfig(frames=4, interval=10, size=SIZE, n_stars=N_STARS, seed=8,
                                                 object_name="M31", start=SimConfig().start.replace(hour=23)),
                    sleep=lambda _s: None)
     recorder = Recorder()
     with running(config, (recorder,)) as daemon:
-        for path in m42:
+        for path in m42[:3]:
             place(path, watch, "m42-" + path.name)
-        recorder.wait_for(decided(3), "the M 42 frames")
+        recorder.wait_for(decided(3), "the first M 42 frames")
         assert daemon.status()["output"] == str(out / "M_42")
-        for path in m31:
+        for path in m31[:3]:
             place(path, watch, "m31-" + path.name)
         recorder.wait_for(decided(6), "the M31 frames")
+        assert daemon.status()["output"] == str(out / "M31") and daemon.status()["frames"] == 3
+        for path in m42[3:]:
+            place(path, watch, "m42-" + path.name)
+        recorder.wait_for(decided(8), "M 42 again")
         status = daemon.status()
-    assert status["session"] == 2 and status["object"] == "M31" and status["frames"] == 3
-    assert status["output"] == str(out / "M31")
+    assert status["session"] == 1 and status["object"] == "M 42" and status["frames"] == 5
     assert [(p["object"], p["session"], p["verdict"]) for p in recorder.frames()] == (
-        [("M 42", 1, "accepted")] * 3 + [("M31", 2, "accepted")] * 3)
-    assert [e["session"] for e in journal(config)] == [1, 1, 1, 2, 2, 2]
-    snapshots = {(s["reason"], s["session"]): s for s in recorder.topic("snapshot")}
-    assert set(snapshots) == {("session end", 1), ("shutdown", 2)}
-    assert snapshots[("session end", 1)]["fits"] == str(out / "M_42" / "stack.fits")
-    assert snapshots[("shutdown", 2)]["fits"] == str(out / "M31" / "stack.fits")
-    for folder, name in (("M_42", "M 42"), ("M31", "M31")):
-        assert_whole_fits(out / folder / "stack.fits", 3)
-        assert fits.getheader(out / folder / "stack.fits")["OBJECT"] == name
+        [("M 42", 1, "accepted")] * 3 + [("M31", 1, "accepted")] * 3 + [("M 42", 1, "accepted")] * 2)
+    assert [e["session"] for e in journal(config)] == [1] * 8
+    reasons = {(s["reason"], Path(s["fits"]).parent.name) for s in recorder.topic("snapshot")}
+    assert {("target change", "M_42"), ("target change", "M31"), ("shutdown", "M_42"),
+            ("shutdown", "M31")} <= reasons
+    for folder, name, n in (("M_42", "M 42", 5), ("M31", "M31", 3)):
+        assert_whole_fits(out / folder / "stack.fits", n)
+        header = fits.getheader(out / folder / "stack.fits")
+        assert header["OBJECT"] == name and header["REFFRAME"].startswith(name.replace(" ", "").lower()[:3])
+    m42_alone = Stacker(config)
+    for path in m42:
+        assert m42_alone.process(path).accepted
+    assert np.array_equal(fits.getdata(out / "M_42" / "stack.fits"), m42_alone.result(), equal_nan=True)
     assert_no_error_logged(recorder)
+
+    # Restarted: both stacks come back; M31's next frame goes on from its 3.
+    recorder = Recorder()
+    with running(config, (recorder,)) as daemon:
+        place(m31[3], watch, "m31-" + m31[3].name)
+        recorder.wait_for(decided(1), "the last M31 frame")
+        status = daemon.status()
+    assert status["object"] == "M31" and status["frames"] == 4
+    assert_whole_fits(out / "M31" / "stack.fits", 4)
+    assert_whole_fits(out / "M_42" / "stack.fits", 5)
+
+
+def test_a_stray_frame_of_another_object_rejected_changes_no_stack(tmp_path: Path,
+                                                                  staged: list[Path]) -> None:
+    config = make_config(tmp_path)
+    watch = config.path(config.watch.folder)
+    out = config.path(config.output.folder)
+    stray = tmp_path / "stray.fits"
+    rng = np.random.default_rng(3)
+    header = fits.Header({"OBJECT": "FLAT PANEL", "EXPTIME": 1.0,
+                          "DATE-OBS": fits.getheader(staged[4])["DATE-OBS"]})
+    fits.PrimaryHDU(rng.normal(1000, 5, (64, 64)).astype(np.float32), header).writeto(stray)
+    recorder = Recorder()
+    with running(config, (recorder,)) as daemon:
+        for path in staged[:5]:
+            place(path, watch)
+        recorder.wait_for(decided(5), "five frames")
+        place(stray, watch, "zz-stray.fits")
+        recorder.wait_for(decided(6), "the stray frame")
+        assert daemon.status()["object"] == "SIM-FIELD" and daemon.status()["frames"] == 5
+        for path in staged[5:]:
+            place(path, watch)
+        recorder.wait_for(decided(11), "the other five frames")
+        status = daemon.status()
+    rejected = recorder.frames("rejected")
+    assert [p["name"] for p in rejected] == ["zz-stray.fits"] and rejected[0]["object"] == "FLAT PANEL"
+    assert status["session"] == 1 and status["frames"] == 10 and status["object"] == "SIM-FIELD"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["SIM-FIELD"]
+    assert_whole_fits(out / "SIM-FIELD" / "stack.fits", 10)
+    assert {s["session"] for s in recorder.topic("stack")} == {1}
 
 
 # -- 8. a reset survives a restart; leftovers of interrupted runs are cleared --------------------------------

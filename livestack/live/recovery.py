@@ -90,14 +90,16 @@ def resume(config: Config, journal: Journal, store: CheckpointStore, stacks: Sta
     # one would make every later journal line "older than the session before it".
     session = max(plan.session, stacks.session)
     if plan.checkpoint is not None or session != 1:
-        stacks.swap(stacks.new_stacker(session), session)
+        stacks.reset(stacks.new_stacker(session), session)
     if plan.checkpoint is not None:
         arrays = store.load(plan.checkpoint)
-        stacks.stacker.restore(arrays, plan.checkpoint.meta)
+        stacks.restore(arrays, plan.checkpoint.meta)
     replayed = 0
     for entry in plan.replay:
         if entry.session != stacks.session:
-            stacks.swap(stacks.new_stacker(entry.session), entry.session)
+            stacks.reset(stacks.new_stacker(entry.session), entry.session)
+        # Each frame to its target's stack, as when it was stacked (the journal keeps its OBJECT).
+        stacks.select(stacks.key_of(entry.facts.get("object") if entry.facts else None))
         path = Path(entry.path)
         try:
             same = content_hash(path, like=entry.hash) == entry.hash
@@ -113,7 +115,7 @@ def resume(config: Config, journal: Journal, store: CheckpointStore, stacks: Sta
     stacks.changed()
     if plan.checkpoint is not None or replayed:
         log.info("resumed session %d: %d frames from the checkpoint, %d stacked again from files",
-                 stacks.session, stacks.stacker.count - replayed, replayed)
+                 stacks.session, sum(s.count for s in stacks.targets()) - replayed, replayed)
         outputs.checkpoint_now()
     _remove_orphan_cubes(config, stacks, checkpointed=plan.checkpoint is not None)
     return memory
@@ -126,8 +128,8 @@ def _remove_orphan_cubes(config: Config, stacks: Stacks, checkpointed: bool) -> 
     # A crash before the session's first checkpoint leaves a median cube that nothing names: its frames
     # were just stacked again into a new cube. Left alone, each such crash costs the disk up to
     # checkpoint_every_frames frames.
-    meta = stacks.stacker.checkpoint()[1]
-    current = {f.get("acc_text", {}).get("cube") for f in meta.get("filters", ())}
+    current = {f.get("acc_text", {}).get("cube") for stacker in stacks.targets()
+               for f in stacker.checkpoint()[1].get("filters", ())}
     for stray in workdir.glob("median-*.cube"):
         if stray.name not in current:
             try:

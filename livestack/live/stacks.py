@@ -9,8 +9,12 @@ and never a wait for a frame in the middle of being stacked.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import numpy as np
 
@@ -38,7 +42,12 @@ class StackSummary:
 
 
 class Stacks:
-    """The current stack and its session; changed by the worker thread only.
+    """The stacks of the current session, one per target (OBJECT); changed by the worker thread only.
+
+    A frame goes to its target's stack (``key_of``): its own reference, median cube, snapshots in
+    ``<output>/<OBJECT>/``; a frame without OBJECT, or every frame when ``[stack] new_session_on_object`` is
+    off, goes to the current one. ``stacker`` is the stack the last frame went to. A reset (a new session)
+    starts over with one empty stack.
 
     Parameters
     ----------
@@ -56,27 +65,99 @@ class Stacks:
         #: Held while a stack is changed or read (``commit``, ``result``, ``checkpoint``, a swap).
         self.lock = threading.Lock()
         self.session = 1
-        self.stacker = self.new_stacker(1)
+        self._targets: dict[str, Stacker] = {"": self.new_stacker(1)}
+        self.current = ""
         self.summary = self._summarise()
 
+    @property
+    def stacker(self) -> Stacker:
+        """The current target's stack."""
+        return self._targets[self.current]
+
+    def targets(self) -> list[Stacker]:
+        """Every target's stack of the session, in the order they started."""
+        return list(self._targets.values())
+
     def new_stacker(self, session: int) -> Stacker:
-        """An empty stacker for a session (its median cube goes under ``work/session-<n>``)."""
+        """An empty stack of a session (median cubes, named uniquely, in ``work/session-<n>``)."""
         workdir = self.state_dir / "work" / f"session-{session}"
         if self.config.stack.method == "median":
             workdir.mkdir(parents=True, exist_ok=True)
         return Stacker(self.config, workdir=workdir)
 
+    def key_of(self, object_name: str | None) -> str:
+        """The target a frame with this OBJECT goes to."""
+        if not self.config.stack.new_session_on_object or not object_name or not object_name.strip():
+            return self.current
+        return " ".join(object_name.split()).lower()
+
+    def select(self, key: str) -> bool:
+        """Make ``key`` the current target, starting its stack if it has none (worker); True if it is new.
+
+        The first target of a session takes over the session's empty stack (and its reference, when one was
+        set by ``set_reference``).
+        """
+        if key == self.current:
+            return False
+        new = key not in self._targets
+        with self.lock:
+            if new:
+                empty = self._targets.get("")
+                if self.current == "" and empty is not None and empty.count == 0:
+                    del self._targets[""]
+                    self._targets[key] = empty
+                else:
+                    self._targets[key] = self.new_stacker(self.session)
+            self.current = key
+        self.changed()
+        return new
+
+    def drop(self, key: str, back_to: str) -> Stacker:
+        """Forget a target a rejected frame started, and make ``back_to`` current again (worker).
+
+        Returns
+        -------
+        Stacker
+            The stack to discard: the dropped one, or a fresh one when the dropped one was the session's
+            empty stack and goes back to being it.
+        """
+        with self.lock:
+            dropped = self._targets.pop(key)
+            if back_to not in self._targets:
+                # It had taken over the session's empty stack (perhaps with a reference set by request).
+                self._targets[back_to], dropped = dropped, self.new_stacker(self.session)
+            self.current = back_to
+        self.changed()
+        return dropped
+
     def folder(self, stacker: Stacker | None = None) -> Path:
-        """Where a stack's snapshots go: a subfolder per OBJECT when sessions follow objects."""
+        """Where a stack's snapshots go: a subfolder per OBJECT when targets are kept apart."""
         ref = (stacker or self.stacker).reference_meta
         if self.config.stack.new_session_on_object and ref is not None and ref.object:
             return self.output_dir / safe_name(ref.object)
         return self.output_dir
 
     def swap(self, stacker: Stacker, session: int) -> Stacker:
-        """Make ``stacker`` the current stack of ``session`` (worker); returns the old one."""
+        """Replace the current target's stack (worker; a re-integration); returns the old one.
+
+        A ``session`` other than the current one starts that session with ``stacker`` alone (``reset``).
+        """
+        if session != self.session:
+            old = self.reset(stacker, session)
+            return old[0] if len(old) == 1 else stacker
         with self.lock:
-            old, self.stacker, self.session = self.stacker, stacker, session
+            old_stack = self._targets[self.current]
+            self._targets[self.current] = stacker
+        self.changed()
+        return old_stack
+
+    def reset(self, stacker: Stacker, session: int) -> list[Stacker]:
+        """Start ``session`` with ``stacker`` as its only stack (worker); returns every stack replaced."""
+        with self.lock:
+            old = list(self._targets.values())
+            self._targets = {"": stacker}
+            self.current = ""
+            self.session = session
         self.changed()
         return old
 
@@ -125,6 +206,55 @@ class Stacks:
                 if image is not None and info.ncombine > 0:
                     out[name] = (info, image)
             return out
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Every target's stack (copies, under the caller's lock): arrays ``t<i>_...`` and their meta.
+
+        Returns
+        -------
+        arrays : dict of ndarray
+            Empty when no target has a reference yet.
+        meta : dict
+            ``targets``: a list of ``{"key", "meta"}``; ``current``: the current target's key.
+        """
+        arrays: dict[str, np.ndarray] = {}
+        targets: list[dict[str, Any]] = []
+        for key, stacker in self._targets.items():
+            a, m = stacker.checkpoint()
+            if not a:
+                continue
+            prefix = f"t{len(targets)}_"
+            arrays.update({prefix + name: value for name, value in a.items()})
+            targets.append({"key": key, "meta": m})
+        return arrays, {"empty": not arrays, "targets": targets, "current": self.current,
+                        "removals": int(self.stacker.removals)}
+
+    def restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """Resume every target from ``checkpoint()`` (or a one-stack checkpoint of an earlier version)."""
+        if "targets" not in meta:
+            self.stacker.restore(arrays, meta)
+            key = self.key_of(self.stacker.reference_meta.object if self.stacker.reference_meta else None)
+            if key != self.current:
+                self._targets = {key: self.stacker}
+                self.current = key
+            self.changed()
+            return
+        self._targets = {}
+        for i, target in enumerate(meta["targets"]):
+            key = str(target["key"])
+            prefix = f"t{i}_"
+            stacker = self.new_stacker(self.session)
+            stacker.restore({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)},
+                            target["meta"])
+            self._targets[key] = stacker
+        current = str(meta.get("current", ""))
+        if current not in self._targets:
+            self._targets[current] = self.new_stacker(self.session)
+        self.current = current
+        self.stacker.removals = int(meta.get("removals", self.stacker.removals))
+        self.changed()
 
     def _summarise(self) -> StackSummary:
         stacker = self.stacker

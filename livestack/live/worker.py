@@ -280,8 +280,11 @@ class Worker:
             self.stats.read_ahead += 1
         # While this frame is aligned, warped and accumulated (which release the GIL), read the next one.
         self._read_ahead()
+        previous, previous_stack = self.stacks.current, self.stacks.stacker
+        target, new_target = previous, False
         if isinstance(prepared, Prepared):
-            self._maybe_new_session(prepared)
+            target = self.stacks.key_of(prepared.frame.meta.object)
+            new_target = self.stacks.select(target)
         # The frame's verdict is journaled and published before the lock lets the writer see the stack with
         # it: a snapshot or a preview never counts a frame whose event has not gone out.
         with self.stacks.lock:
@@ -299,6 +302,8 @@ class Worker:
                 return  # stopping: the frame is in no checkpoint, the next start stacks it once
             self.outputs.unjournaled = False
             self._decided(key, digest, seq, path, result, item.completed)
+        if target != previous:
+            self._target_decided(target, previous, previous_stack, new_target, result)
         self.stacks.changed()
         if result.accepted:
             self.outputs.stacked()
@@ -397,14 +402,23 @@ class Worker:
 
     # -- sessions and commands ------------------------------------------------------------------------
 
-    def _maybe_new_session(self, prepared: Prepared) -> None:
-        stacker = self.stacks.stacker
-        ref = stacker.reference_meta
-        obj = prepared.frame.meta.object
-        if (self.config.stack.new_session_on_object and ref is not None and stacker.count > 0
-                and obj and ref.object and obj.strip().lower() != ref.object.strip().lower()):
-            log.warning("OBJECT changed from %s to %s: starting a new stack", ref.object, obj)
-            self._new_session(None)
+    def _target_decided(self, target: str, previous: str, previous_stack: Stacker, new: bool,
+                        result: FrameResult) -> None:
+        """A frame of another target than the last was decided: keep its stack, or forget a stray."""
+        if not result.accepted:
+            # A rejected frame changes no stack: a target it started goes, and the last one stays current.
+            if new and self.stacks.stacker.count == 0:
+                self.outputs.writer.submit(self.stacks.drop(target, previous).discard)
+            else:
+                self.stacks.select(previous)
+            return
+        if previous_stack is self.stacks.stacker:
+            return  # the session's first target, which took over its empty stack
+        log.info("%s goes to %s stack in %s", Path(result.path).name, "a new" if new else "its own",
+                 self.stacks.folder())
+        if previous_stack.count > 0:
+            # The stack left behind is saved as it is now; it goes on when its target's frames come back.
+            self.outputs.queue_snapshot("target change", previous_stack)
 
     def _run_command(self, command: Command) -> None:
         try:
@@ -430,16 +444,18 @@ class Worker:
             problem = fresh.use_reference(reference)
             if problem:
                 raise LivestackError(f"{reference} cannot be the reference: {problem}")
-        if self.stacks.stacker.count > 0:
-            self.outputs.queue_snapshot("session end")
-        old = self.stacks.swap(fresh, session)
+        for stacker in self.stacks.targets():
+            if stacker.count > 0:
+                self.outputs.queue_snapshot("session end", stacker)
+        old = self.stacks.reset(fresh, session)
         if self.removals is not None:
             self.removals.session_changed()
         self.outputs.session_started()
         self.outputs.checkpoint()
-        # After the old stack's last snapshot and the new session's checkpoint (the writer runs jobs in
-        # order): the old median cube is no longer needed by anything.
-        self.outputs.writer.submit(old.discard)
+        # After the old stacks' last snapshots and the new session's checkpoint (the writer runs jobs in
+        # order): their median cubes are no longer needed by anything.
+        for stacker in old:
+            self.outputs.writer.submit(stacker.discard)
         self.outputs.stack_event()
         log.info("session %d started%s", session, f" with reference {reference}" if reference else "")
 

@@ -220,12 +220,15 @@ class Outputs:
 
     # -- snapshots ------------------------------------------------------------------------------------
 
-    def queue_snapshot(self, reason: str) -> None:
-        """Snapshot the current stack on the writer thread (even if the worker swaps it meanwhile)."""
-        self._since_snapshot = 0
-        self._last_snapshot = time.monotonic()
-        stacker, session = self.stacks.stacker, self.stacks.session
-        self.writer.submit(lambda: self.write_snapshot(reason, stacker, session))
+    def queue_snapshot(self, reason: str, stacker: Stacker | None = None) -> None:
+        """Snapshot a stack (the current target's by default) on the writer thread, as it will be then."""
+        if stacker is None:
+            self._since_snapshot = 0
+            self._last_snapshot = time.monotonic()
+            stacker = self.stacks.stacker
+        session = self.stacks.session
+        chosen = stacker
+        self.writer.submit(lambda: self.write_snapshot(reason, chosen, session))
 
     def session_started(self) -> None:
         self._since_snapshot = 0
@@ -420,7 +423,7 @@ class Outputs:
     def checkpoint(self) -> None:
         """Copy the stack's state now (consistent with the journal) and let the writer save it."""
         with self.stacks.lock:
-            arrays, meta = self.stacks.stacker.checkpoint()  # copies of the accumulators' arrays
+            arrays, meta = self.stacks.checkpoint()  # copies of every target's accumulators
         session = self.stacks.session
         meta = {**meta, "session": session}
         seq, store = self.seq, self.store
@@ -457,7 +460,7 @@ class Outputs:
 
     def checkpoint_now(self) -> None:
         """Save a checkpoint on this thread (after recovery, before any other thread runs)."""
-        arrays, meta = self.stacks.stacker.checkpoint()
+        arrays, meta = self.stacks.checkpoint()
         session = self.stacks.session
         try:
             self.store.save(self.seq, session, arrays or EMPTY_STACK, {**meta, "session": session})
@@ -477,8 +480,9 @@ class Outputs:
             log.warning("stopping without a final checkpoint or snapshot: the journal could not be written")
             return
         self.checkpoint()
-        if self.stacks.stacker.count > 0:
-            self.queue_snapshot("shutdown")
+        for stacker in self.stacks.targets():
+            if stacker.count > 0:
+                self.queue_snapshot("shutdown", stacker)
 
 
 
