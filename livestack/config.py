@@ -108,6 +108,8 @@ class AlignConfig:
     """``[align]``: registration onto the reference and its validation."""
 
     reference: str = _key("", "frame to align onto ('' = the first frame with enough stars)")
+    reference_folder: str = _key("", "another folder whose frames set_reference may name (besides the "
+                                 "watched folder)")
     reference_min_stars: int = _key(15, "stars a frame needs to become the reference", minimum=3)
     model: str = _key("similarity", "transform model", choices=("similarity", "affine"))
     interpolation: str = _key("bicubic", "warp interpolation (bilinear blurs undersampled stars)",
@@ -150,7 +152,8 @@ class StackConfig:
                         choices=("mean", "kappa-sigma", "median", "max", "mean-without-max"))
     kappa: float = _key(3.0, "kappa-sigma rejection threshold, in sigmas", minimum=0.0, exclusive_min=True)
     warmup: int = _key(5, "frames before kappa-sigma starts rejecting", minimum=2)
-    new_session_on_object: bool = _key(True, "a change of OBJECT starts a new stack in its own subfolder")
+    new_session_on_object: bool = _key(True, "each OBJECT is stacked apart, in its own subfolder (off: one "
+                                       "stack for all)")
     normalise: str = _key("additive", "match each frame's sky to the reference's before stacking: add the "
                           "difference, scale by the stars' flux then add, or none",
                           choices=("additive", "scale", "none"))

@@ -307,3 +307,28 @@ def test_status_event_accepts_the_new_states() -> None:
                                   last_latency=None, insecure=False, problem=problem)
         assert event["state"] == state and event["problem"] == problem
     assert np.isfinite(1.0)
+
+
+# -- 8. set_reference: frames in the watched folder only, and nothing said about other paths ----------------
+
+
+def test_set_reference_takes_only_frames_in_the_watched_folder(tmp_path: Path, staged: list[Path]) -> None:
+    from livestack.clients.bus import ControlClient
+
+    config = make_config(tmp_path)
+    watch = config.path(config.watch.folder)
+    secret = tmp_path / "secret.fits"
+    secret.write_bytes(staged[0].read_bytes())
+    (watch / "sub").mkdir()
+    (watch / "sub" / "link.fits").symlink_to(secret)
+    inside = place(staged[1], watch)
+    with (running(config) as daemon, ControlClient(daemon.control_endpoint, timeout=WAIT) as control):
+        wait_until(lambda: daemon.status()["accepted"] == 1, "the frame in the folder stacked")
+        replies = [control.request("set_reference", path=p) for p in
+                   ("/etc/shadow", "/etc/no-such-file", str(secret), str(watch / "sub" / "link.fits"),
+                    str(watch / "nothing.fits"), str(watch / ".." / "secret.fits"))]
+        good = control.request("set_reference", path=str(inside))
+    assert all(r["ok"] is False for r in replies)
+    assert len({r["error"] for r in replies}) == 1  # the same sentence, whether the file exists or not
+    assert "shadow" not in replies[0]["error"] and str(watch) in replies[0]["error"]
+    assert good["ok"] is True and good["result"]["reference"] == str(inside.resolve())

@@ -426,7 +426,7 @@ class Worker:
                 self._new_session(None)
                 command.future.set_result({"session": self.stacks.session})
             elif command.name == "set_reference":
-                path = Path(command.args["path"])
+                path = self._reference_path(command.args.get("path"))
                 self._new_session(path)
                 command.future.set_result({"session": self.stacks.session, "reference": str(path)})
             elif (command.name in REMOVAL_COMMANDS or command.name == SWITCH) and self.removals is not None:
@@ -435,6 +435,29 @@ class Worker:
                 command.future.set_exception(LivestackError(f"unknown command {command.name}"))
         except LivestackError as exc:
             command.future.set_exception(exc)
+
+    def _reference_path(self, requested: object) -> Path:
+        """The frame a ``set_reference`` request names, if it lies in the watched or the reference folder.
+
+        Anything else gets the same answer whether it exists or not: a client learns nothing about the
+        daemon's other files.
+        """
+        roots = [self.config.path(self.config.watch.folder)]
+        if self.config.align.reference_folder:
+            roots.append(self.config.path(self.config.align.reference_folder))
+        where = " or ".join(str(r) for r in roots)
+        refusal = LivestackError(f"set_reference takes a frame file inside {where}")
+        if not isinstance(requested, str) or not requested or "\0" in requested:
+            raise refusal
+        path = Path(requested)
+        try:
+            resolved = path.resolve()
+            inside = any(resolved.is_relative_to(root.resolve()) for root in roots)
+            if not inside or not resolved.is_file():
+                raise refusal
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise refusal from exc
+        return resolved
 
     def _new_session(self, reference: Path | None) -> None:
         """Close the current stack (final snapshot) and start an empty one."""
