@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 
-import numpy as np
-
 from livestack.config import Config
 from livestack.live.reports import StackView, safe_name
 from livestack.pipeline import FilterSummary, Stacker

@@ -485,8 +485,6 @@ class Outputs:
                 self.queue_snapshot("shutdown", stacker)
 
 
-
-
 def _fit(picture: np.ndarray, side: int) -> np.ndarray:
     """A rendered uint8 picture shrunk (area average) so that its longest side is at most ``side``."""
     rows, cols = picture.shape[:2]
