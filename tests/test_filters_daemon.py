@@ -138,3 +138,30 @@ def test_composites_are_rate_limited_and_only_rebuilt_when_a_channel_changed() -
     assert not schedule.filter_changed(folder, "L", 3) and schedule.filter_changed(folder, "L", 4)
     schedule.composite_failed(folder)  # a write that failed is retried, even with nothing new
     assert schedule.composite_due(folder, (("L", 3), ("R", 2)), forced=True)
+
+
+def test_a_target_interrupted_by_another_goes_on_where_it_was(tmp_path: Path) -> None:
+    config = make_config(tmp_path, **{"stack.method": "mean", "output.every_frames": 1,
+                                      "compose.every_seconds": 0.0})
+    recorder = Recorder()
+    first = _sim(frames=4, filters=("L", "R"), object_name="NGC-1")
+    other = _sim(frames=2, filters=("L",), object_name="NGC-2", seed=12,
+                 start=first.start + timedelta(minutes=10))
+    again = _sim(frames=2, filters=("R",), object_name="NGC-1", start=first.start + timedelta(minutes=20))
+    with running(config, (recorder,)):
+        a1 = simulate(tmp_path / "frames" / "a1", first, sleep=_no_sleep)
+        recorder.wait_for(decided(4), "the first target's frames")
+        b = simulate(tmp_path / "frames" / "b", other, sleep=_no_sleep)
+        recorder.wait_for(decided(6), "the other target's frames")
+        a2 = simulate(tmp_path / "frames" / "a2", again, sleep=_no_sleep)
+        recorder.wait_for(decided(8), "the first target's frames again")
+    assert len(recorder.frames("accepted")) == 8
+    out = tmp_path / "out"
+    first_target = _batch(config, [*a1, *a2])
+    for name, frames in (("L", 2), ("R", 4)):
+        with fits.open(out / "NGC-1" / name / "stack.fits") as hdul:
+            assert hdul[0].header["NCOMBINE"] == frames
+            _same(hdul[0].data, first_target.result(name))
+    with fits.open(out / "NGC-2" / "stack.fits") as hdul:
+        assert hdul[0].header["NCOMBINE"] == 2 and hdul[0].header["OBJECT"] == "NGC-2"
+        _same(hdul[0].data, _batch(config, b).result("L"))
