@@ -97,7 +97,29 @@ class Accumulator(Protocol):
     def restore(self, state: dict[str, np.ndarray]) -> None: ...
 
 
-class MeanStack:
+class _Tally:
+    """What every accumulator reports alike: the frames added and the per-pixel coverage."""
+
+    _count: int
+    _coverage: np.ndarray
+
+    @property
+    def count(self) -> int:
+        """Frames added."""
+        return self._count
+
+    @property
+    def coverage(self) -> np.ndarray:
+        """int32 ``(H, W)``: frames that offered a valid value at each pixel (read-only view)."""
+        return _readonly(self._coverage)
+
+    @property
+    def rejected_fraction(self) -> float:
+        """Rejected over offered samples: 0 for an accumulator that keeps every sample."""
+        return 0.0
+
+
+class MeanStack(_Tally):
     """Weighted mean: per pixel, a float64 sum of ``weight * value`` and a float64 sum of weights.
 
     Parameters
@@ -120,21 +142,6 @@ class MeanStack:
         self._weight = np.zeros((height, width), dtype=np.float64)
         self._coverage = np.zeros((height, width), dtype=np.int32)
         self._count = 0
-
-    @property
-    def count(self) -> int:
-        """Frames added."""
-        return self._count
-
-    @property
-    def coverage(self) -> np.ndarray:
-        """int32 ``(H, W)``: frames that covered each pixel (read-only view)."""
-        return _readonly(self._coverage)
-
-    @property
-    def rejected_fraction(self) -> float:
-        """Always 0: the mean rejects nothing."""
-        return 0.0
 
     def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
         """Add an aligned frame.
@@ -213,7 +220,7 @@ class MeanStack:
         self._count = int(state["count"])
 
 
-class KappaSigmaStack:
+class KappaSigmaStack(_Tally):
     """Kappa-sigma clipped mean, streamed: a running weighted mean and variance per pixel and channel.
 
     Parameters
@@ -297,16 +304,6 @@ class KappaSigmaStack:
     def warmup(self) -> int:
         """Frames buffered before streaming (``warmup`` capped by the memory budget)."""
         return self._warmup
-
-    @property
-    def count(self) -> int:
-        """Frames added."""
-        return self._count
-
-    @property
-    def coverage(self) -> np.ndarray:
-        """int32 ``(H, W)``: frames that offered a valid value at each pixel (read-only view)."""
-        return _readonly(self._coverage)
 
     @property
     def rejected_fraction(self) -> float:
@@ -456,7 +453,7 @@ class KappaSigmaStack:
         self._buffered = 0
 
 
-class MedianStack:
+class MedianStack(_Tally):
     """Exact per-pixel median of every frame, from a cube of frames kept on disk.
 
     Parameters
@@ -500,21 +497,6 @@ class MedianStack:
         self._count = 0
         self._path: Path | None = None
         self._scratch: np.ndarray | None = None
-
-    @property
-    def count(self) -> int:
-        """Frames in the cube."""
-        return self._count
-
-    @property
-    def coverage(self) -> np.ndarray:
-        """int32 ``(H, W)``: frames that covered each pixel (read-only view)."""
-        return _readonly(self._coverage)
-
-    @property
-    def rejected_fraction(self) -> float:
-        """Always 0: the median keeps every sample."""
-        return 0.0
 
     @property
     def cube_path(self) -> Path | None:
@@ -636,7 +618,7 @@ class MedianStack:
                     _read_exact(cube, view[k, r], frame_offset + ((y0 + r) * width + x0) * pixel)
 
 
-class MaxStack:
+class MaxStack(_Tally):
     """Per-pixel maximum: star trails when the frames are not aligned (a fixed camera under a turning sky).
 
     Parameters
@@ -658,21 +640,6 @@ class MaxStack:
         self._max = np.full(self._dims, -np.inf, dtype=np.float32)
         self._coverage = np.zeros(self._dims[:2], dtype=np.int32)
         self._count = 0
-
-    @property
-    def count(self) -> int:
-        """Frames added."""
-        return self._count
-
-    @property
-    def coverage(self) -> np.ndarray:
-        """int32 ``(H, W)``: frames that covered each pixel (read-only view)."""
-        return _readonly(self._coverage)
-
-    @property
-    def rejected_fraction(self) -> float:
-        """Always 0."""
-        return 0.0
 
     def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
         """Fold a frame into the maximum (``weight`` is checked, then ignored).
@@ -715,7 +682,7 @@ class MaxStack:
         self._count = int(state["count"])
 
 
-class MeanWithoutMaxStack:
+class MeanWithoutMaxStack(_Tally):
     """Weighted mean of each pixel's samples without its largest one: one satellite or plane per pixel goes.
 
     Parameters
@@ -747,16 +714,6 @@ class MeanWithoutMaxStack:
         self._top_weight = np.zeros(self._dims, dtype=np.float32)
         self._coverage = np.zeros(self._dims[:2], dtype=np.int32)
         self._count = 0
-
-    @property
-    def count(self) -> int:
-        """Frames added."""
-        return self._count
-
-    @property
-    def coverage(self) -> np.ndarray:
-        """int32 ``(H, W)``: frames that covered each pixel (read-only view)."""
-        return _readonly(self._coverage)
 
     @property
     def rejected_fraction(self) -> float:
