@@ -431,3 +431,25 @@ def test_fit_preview_keeps_the_aspect_and_averages() -> None:
     tiny = np.array([[[10], [20]]], np.uint8)
     assert fit_preview(tiny, 4, 1)[..., 0].tolist() == [[10, 10, 20, 20], [10, 10, 20, 20]]
     assert fit_preview(tiny, 0, 5).size == 0
+
+
+def test_events_arriving_while_a_dialog_is_open_still_reach_the_dashboard(daemon: FakeDaemon) -> None:
+    # The daemon keeps talking while the visitor reads the help or a confirmation: nothing may look for the
+    # dashboard's widgets in the dialog.
+    async def scenario() -> None:
+        app = _app(daemon)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _wait_for(pilot, lambda: "NGC 7000" in _header(app), "the first status")
+            for key, screen in (("question_mark", HelpScreen), ("r", ConfirmScreen)):
+                await pilot.press(key)
+                await _wait_for(pilot, lambda s=screen: isinstance(app.screen, s), "the dialog")
+                before = daemon.received
+                daemon.received = before + 3
+                app.apply_events([daemon.status(), _frame(before + 10, "accepted")])
+                await pilot.pause(0.3)  # the receiving worker delivers more status events meanwhile
+                await pilot.press("escape" if screen is HelpScreen else "n")
+                await _wait_for(pilot, lambda s=screen: not isinstance(app.screen, s), "the dialog to close")
+                await _wait_for(pilot, lambda n=before + 3: f"received {n}" in _counters(app), "the counters")
+            assert daemon.requests == []
+
+    asyncio.run(scenario())

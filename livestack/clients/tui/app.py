@@ -23,6 +23,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, RichLog, Static
@@ -369,7 +370,17 @@ class LivestackApp(App[None]):
 
     def on_event_received(self, message: EventReceived) -> None:
         """Fold an event posted by the receiving worker into the dashboard."""
+        if not self.is_running or self._dashboard_closed():
+            return  # posted while the app was closing: its widgets are gone
         self._apply(message.event)
+
+    def _dashboard_closed(self) -> bool:
+        """True once the dashboard's widgets have been removed (the app is shutting down)."""
+        try:
+            self.screen_stack[0].query_one("#header", Static)
+        except (NoMatches, IndexError):
+            return True
+        return False
 
     def on_connection_changed(self, message: ConnectionChanged) -> None:
         """Show the connection's new state."""
