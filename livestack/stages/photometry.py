@@ -395,7 +395,7 @@ def measure(stamps: Sequence[Stamp], fwhm: float, params: PhotometryParams) -> t
     """
     from photutils.aperture import CircularAnnulus, CircularAperture
 
-    fwhm = float(fwhm) if math.isfinite(fwhm) and fwhm > 0 else 3.0
+    fwhm = _usable_fwhm(fwhm)
     r_ap, r_in, r_out = params.aperture * fwhm, params.annulus_inner * fwhm, params.annulus_outer * fwhm
     results: list[StarFlux] = []
     for stamp in stamps:
@@ -582,7 +582,7 @@ class Photometer:
                 )
             )
         self.curve.add(rows)
-        aperture = self.plan.params.aperture * (fwhm if math.isfinite(fwhm) and fwhm > 0 else 3.0)
+        aperture = self.plan.params.aperture * _usable_fwhm(fwhm)
         return FramePhotometry(rows=tuple(rows), fluxes=tuple(fluxes), aperture=aperture)
 
 
@@ -800,6 +800,11 @@ def write_lightcurve(path: str | Path, curve: LightCurve, meta: dict[str, object
     table.write(buffer, format=fmt)
     atomic_write(out, buffer.getvalue().encode())
     return out
+
+
+def _usable_fwhm(fwhm: float) -> float:
+    """The frame's FWHM, or 3 pixels when it could not be measured (apertures must have a size)."""
+    return float(fwhm) if math.isfinite(fwhm) and fwhm > 0 else 3.0
 
 
 def _clipped_sky(values: np.ndarray) -> tuple[float, float, float]:
