@@ -452,8 +452,6 @@ def test_rewritten_file_delivered_again(tmp_path: Path, watch: Start) -> None:
     write_atomic(path, fits_bytes(shape=(150, 60)))  # another size: another version of the file
     (second,) = recorder.take()
     assert first.path == second.path == path and first.size != second.size
-    os.utime(path)  # same size, new mtime: another version too
-    recorder.take()
     recorder.assert_quiet()
 
 
@@ -588,6 +586,28 @@ def test_a_metadata_change_after_the_close_does_not_restart_the_settle_wait(
     # Whole from the close: not later than the writer's last call returned (plus the event's trip).
     assert delivery.completed <= time.time() and delivery.completed - closed < 0.1
     recorder.assert_quiet()
+
+
+@pytest.mark.parametrize("style", ["chmod", "utime", "touch"])
+def test_a_metadata_change_after_the_delivery_does_not_deliver_it_again(
+        tmp_path: Path, watch: Start, style: str) -> None:
+    # The delivery may come from the close (or from the create event of a file already whole) before the copy
+    # tool's final chmod or utime: the new mtime is the same content, not a new version of the file.
+    _, recorder = watch()
+    path = tmp_path / "copied.fits"
+    path.write_bytes(fits_bytes())
+    (delivery,) = recorder.take()
+    if style == "chmod":
+        os.chmod(path, 0o640)
+    elif style == "utime":
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    else:
+        os.utime(path)
+    recorder.assert_quiet(period=5 * SETTLE)
+    # A real rewrite afterwards (new content, same size) is still a new version, delivered again.
+    path.write_bytes(fits_bytes())
+    (again,) = recorder.take()
+    assert again.path == delivery.path
 
 
 def test_a_file_moved_in_from_outside_is_whole_at_once(tmp_path: Path, watch: Start) -> None:

@@ -51,11 +51,14 @@ holds as files moved in.
 
 Exactly once
 ------------
-Each ``(path, size, mtime)`` is delivered at most once per ``Watcher``. A file re-written later with a
-different size or mtime is delivered again (the daemon's journal dedupes by content hash, across restarts
-too). Files present at start are delivered first, ordered by mtime then path; the daemon re-orders by
-DATE-OBS if it wants to. A reconcile scan every ``reconcile_interval`` seconds picks up any file the events
-missed (an inotify queue overflow, a remount, a share that dropped and came back).
+Each ``(path, size, mtime)`` is delivered at most once per ``Watcher``. A metadata-only change after the
+delivery (a copy tool's final chmod or utime, a ``touch``) is the same content and is not delivered again
+(with OS events; when polling nothing tells a utime from a write, and the daemon's content hash drops the
+repeat). A file re-written later with a different size or mtime is delivered again (the daemon's journal
+dedupes by content hash, across restarts too). Files present at start are delivered first, ordered by mtime
+then path; the daemon re-orders by DATE-OBS if it wants to. A reconcile scan every ``reconcile_interval``
+seconds picks up any file the events missed (an inotify queue overflow, a remount, a share that dropped and
+came back).
 
 Threads
 -------
@@ -226,6 +229,7 @@ class Watcher:
         self._real_root = Path(os.path.realpath(config.root))
         self._pending: dict[Path, _Candidate] = {}
         self._delivered: set[tuple[Path, int, int]] = set()
+        self._last_delivered: dict[Path, tuple[int, int]] = {}  # the version of each path delivered last
         self._reported: set[tuple[Path, int, int]] = set()
 
     def start(self) -> None:
@@ -467,10 +471,17 @@ class Watcher:
             self._pending.setdefault(path, _Candidate()).due = now
             return
         candidate = self._pending.get(path)
+        fresh = candidate is None
         if candidate is None:
             candidate = self._pending[path] = _Candidate()
         key = _key(st)
         candidate.observe(key, now, wall)
+        if kind is _Kind.META and self._touched_after_delivery(path, key, candidate, fresh):
+            # Only the mtime moved on the content already delivered: remember the new version as delivered.
+            self._delivered.add((path, *key))
+            self._last_delivered[path] = key
+            del self._pending[path]
+            return
         if kind is _Kind.WRITTEN:
             candidate.signal = None
             candidate.due = now + self.config.settle
@@ -489,6 +500,21 @@ class Watcher:
             # file): whole if its structure is complete now.
             candidate.signal = _Signal(kind is _Kind.CLOSED, key, wall)
             candidate.due = now
+
+    def _touched_after_delivery(self, path: Path, key: tuple[int, int], candidate: _Candidate,
+                                fresh: bool) -> bool:
+        """True when a metadata-only event finds the content delivered last for ``path``, with a new mtime.
+
+        Either no write was seen since the delivery (the event made the candidate), or the only close seen
+        since is of the delivered version (the create event of a file already whole delivered it first).
+        """
+        last = self._last_delivered.get(path)
+        if last is None or last[0] != key[0] or last == key:
+            return False
+        if fresh:
+            return True
+        signal = candidate.signal
+        return signal is not None and (path, *signal.key) in self._delivered
 
     def _add(self, path: Path, st: os.stat_result | None, now: float, arrived: float | None = None) -> None:
         """Make a scanned file a candidate unless it is known already.
@@ -603,6 +629,7 @@ class Watcher:
     def _deliver(self, path: Path, key: tuple[int, int], completed: float) -> None:
         """Hand a file over, once."""
         self._delivered.add((path, *key))
+        self._last_delivered[path] = key
         self._pending.pop(path, None)
         try:
             self._on_frame(path, completed)
