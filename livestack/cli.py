@@ -535,7 +535,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                        trails=_indices(args.trails), write_mode=args.write_mode,
                        filters=parse_filters(args.filters) if args.filters else (), target=args.target,
                        object_name=_TARGET_OBJECTS[args.target], fixed_pattern=args.fixed_pattern,
-                       hot_pixels=args.hot_pixels, blank_frames=_indices(args.blank))
+                       hot_pixels=args.hot_pixels, blank_frames=_indices(args.blank), dither=args.dither,
+                       barrel=args.barrel)
     out = Path(args.outdir)
     print(f"simulating {args.frames} frames of {width}x{height} into {out} every {args.interval:g} s",
           file=sys.stderr)
@@ -1009,6 +1010,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="moon/planet: the sensor's fixed pattern, in multiples of the target's contrast")
     m.add_argument("--hot-pixels", type=int, metavar="N", help="number of hot pixels on the sensor")
     m.add_argument("--blank", metavar="N,N", help="indices of frames with nothing in view")
+    m.add_argument("--dither", type=float, default=0.0, metavar="PX",
+                   help="largest random offset of each frame in x and y, pixels (a dithering mount)")
+    m.add_argument("--barrel", type=float, default=0.0, metavar="K",
+                   help="wide-field lens: barrel distortion, the fraction a corner star moves inwards "
+                        "(0.01 = 1%%)")
     m.set_defaults(func=_cmd_simulate)
 
     o = sub.add_parser("compose", help="a colour composite from per-filter stack FITS files")

@@ -125,6 +125,9 @@ class AlignConfig:
                                exclusive_min=True)
     max_stars: int = _key(500, "brightest stars used for matching", minimum=10)
     triangle_stars: int = _key(50, "brightest stars used by the rotation-invariant fallback", minimum=5)
+    distortion: str = _key("auto", "correct a wide field's smooth distortion beyond the affine fit: off, on "
+                           "(when enough stars cover the frame) or auto (only when it measurably lowers the "
+                           "residuals)", choices=("off", "auto", "on"))
     max_fwhm_factor: float = _key(1.6, "reject frames whose FWHM exceeds the reference's by this factor "
                                   "(0 = off)", minimum=0.0)
     min_star_fraction: float = _key(0.3, "reject frames with fewer stars than this fraction of the "

@@ -90,7 +90,11 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "transparency": _OPT_NUM,     # matched stars' flux relative to the reference's, per second
         "weight": _OPT_NUM,           # the frame's weight in the stack (accepted frames)
         "transform": _OPT_DICT,       # {"matrix": [[a,b,tx],[c,d,ty]], "dx", "dy", "rotation", "scale",
-                                      #  "inliers", "rms", "method"}; dx, dy: frame centre's shift
+                                      #  "inliers", "rms", "method", "distortion", "rms_before",
+                                      #  "rms_after"}; dx, dy: frame centre's shift; distortion: a smooth
+                                      #  correction is warped with (rms is then its residual);
+                                      #  rms_before/after: the star pairs' RMS without and with one, when
+                                      #  one was evaluated (else null)
         "timings": (dict,),           # stage name -> seconds
         "latency": _OPT_NUM,          # seconds from file complete to this event
         "session": (int,),            # stack session number (a reset or new OBJECT starts a new one)

@@ -33,7 +33,7 @@ import numpy as np
 from livestack.config import ComposeConfig, Config
 from livestack.errors import FrameError, StateError
 from livestack.stages import calibrate, normalise, surface
-from livestack.stages.align import AlignParams, Transform, align
+from livestack.stages.align import AlignParams, Distortion, Transform, align
 from livestack.stages.calibrate import Master, MasterLibrary
 from livestack.stages.compose import Composite, canonical_filter, compose, parse_weights
 from livestack.stages.detect import Quality, Stars, detect
@@ -63,8 +63,8 @@ from livestack.stages.stack import Accumulator, make_accumulator
 from livestack.stages.warp import warp
 
 __all__ = ["UNALIGNED_METHODS", "FilterSummary", "FrameResult", "PhotometrySetup", "Prepared", "Stacker",
-           "build_composite", "composite_info", "expand_paths", "filter_key", "frame_facts", "order_by_time",
-           "photometry_setup", "solve_reference", "wants_solution"]
+           "build_composite", "composite_info", "distortion_from_facts", "expand_paths", "filter_key",
+           "frame_facts", "order_by_time", "photometry_setup", "solve_reference", "wants_solution"]
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -175,7 +175,9 @@ def frame_facts(result: FrameResult) -> dict[str, Any]:
     dict
         ``path``, ``date_obs`` (ISO UTC), ``exptime``, ``filter``, ``object``, ``matrix`` (6 floats, frame ->
         reference), ``dx``, ``dy``, ``rotation``, ``scale``, ``inliers``, ``residual``, ``method``, ``stars``,
-        ``fwhm``, ``ellipticity``, ``background``, ``noise``, ``sharpness``, ``reference``, ``weight``;
+        ``fwhm``, ``ellipticity``, ``background``, ``noise``, ``sharpness``, ``reference``, ``weight``,
+        ``distortion`` (``Distortion.to_json`` of the correction warped with, or None), ``residual_before``
+        and ``residual_after`` (the star pairs' RMS without and with it, when it was evaluated);
         ``masters`` when the result carries calibration. A value not measured is None (JSON has no NaN).
     """
     meta, q, t = result.meta, result.quality, result.transform
@@ -193,6 +195,7 @@ def frame_facts(result: FrameResult) -> dict[str, Any]:
         "sharpness": None if result.sharpness is None else _finite_or_none(result.sharpness),
         "matrix": None, "dx": None, "dy": None, "rotation": None, "scale": None, "inliers": None,
         "residual": None, "method": None, "reference": result.reference,
+        "distortion": None, "residual_before": None, "residual_after": None,
     }
     if t is not None:
         facts["matrix"] = [float(v) for v in t.matrix.ravel()]
@@ -200,6 +203,11 @@ def frame_facts(result: FrameResult) -> dict[str, Any]:
             facts["dx"], facts["dy"] = t.centre_shift(meta.shape)
         facts.update(rotation=t.rotation, scale=t.scale, inliers=int(t.inliers),
                      residual=_finite_or_none(t.rms), method=t.method)
+        if t.distortion is not None:
+            facts["distortion"] = t.distortion.to_json()
+        if t.rms_before is not None and t.rms_after is not None:
+            facts["residual_before"] = _finite_or_none(t.rms_before)
+            facts["residual_after"] = _finite_or_none(t.rms_after)
     # Calibration and weighting add these to the result when they run; a table without them keeps its
     # columns, empty.
     masters = getattr(result, "masters", None) or getattr(result, "calibration", None)
@@ -301,7 +309,8 @@ class Stacker:
         self._params = AlignParams(
             model="affine" if a.model == "affine" else "similarity", min_inliers=a.min_inliers,
             min_matched_fraction=a.min_matched_fraction, max_rms=a.max_rms, min_spread=a.min_spread,
-            match_radius=a.match_radius, max_stars=a.max_stars, triangle_stars=a.triangle_stars)
+            match_radius=a.match_radius, max_stars=a.max_stars, triangle_stars=a.triangle_stars,
+            distortion="on" if a.distortion == "on" else "off" if a.distortion == "off" else "auto")
         self._bayer = config.frames.bayer_pattern or None
         self._max_pixels = round(config.frames.max_megapixels * 1e6)
         c = config.calibration
@@ -526,7 +535,8 @@ class Stacker:
         matrix : array-like
             The frame's 2x3 transform (or its 6 numbers, row-major), as journaled when it was stacked.
         facts : Mapping, optional
-            The frame's journaled facts (``frame_facts``): its normalisation and replaced defects.
+            The frame's journaled facts (``frame_facts``): its normalisation, replaced defects and distortion
+            correction.
 
         Returns
         -------
@@ -559,8 +569,8 @@ class Stacker:
         if not self._aligns:
             aligned, footprint = np.array(frame.data), np.ones(self._ref_meta.shape, dtype=bool)
         else:
-            aligned, footprint = warp(frame.data, m, self._ref_meta.shape, self.config.align.interpolation)
-        norm = normalisation_from_facts(facts)
+            aligned, footprint = warp(frame.data, m, self._ref_meta.shape, self.config.align.interpolation,
+                                      distortion_from_facts(facts))
         norm = normalisation_from_facts(facts)
         if norm is not None:
             normalise.apply(aligned, norm)
@@ -1106,7 +1116,7 @@ class Stacker:
         t0 = time.perf_counter()
         if self._aligns:
             aligned, footprint = warp(frame.data, transform.matrix, self._ref_meta.shape,
-                                      self.config.align.interpolation)
+                                      self.config.align.interpolation, transform.distortion)
         else:
             aligned, footprint = frame.data, np.ones(self._ref_meta.shape, dtype=bool)
         t1 = time.perf_counter()
@@ -1546,6 +1556,32 @@ def normalisation_from_facts(facts: Mapping[str, Any] | None) -> Normalisation |
     return Normalisation(scale=tuple(float(v) for v in facts["norm_scale"]),
                          offset=tuple(float(v) for v in facts["norm_offset"]),
                          weight=float(facts.get("weight") or 1.0))
+
+
+def distortion_from_facts(facts: Mapping[str, Any] | None) -> Distortion | None:
+    """The distortion correction a frame was warped with, from its journaled facts (``frame_facts``).
+
+    Parameters
+    ----------
+    facts : Mapping or None
+
+    Returns
+    -------
+    Distortion or None
+        None when the facts name none (an affine warp, or a frame journaled before corrections existed).
+
+    Raises
+    ------
+    FrameError
+        When the journaled correction cannot be read back.
+    """
+    value = (facts or {}).get("distortion")
+    if value is None:
+        return None
+    try:
+        return Distortion.from_json(value)
+    except ValueError as exc:
+        raise FrameError(f"the journaled distortion correction cannot be read: {exc}") from exc
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -25,6 +25,14 @@ angle ``theta = i * rotation_per_frame`` (plus 180 degrees from ``flip_at`` on),
 (x, y) pixel axes: a sky point ``s`` lands on ``p = c + R(theta) (s - c) + D``. The true transform of the
 frame is the inverse, ``s = A p + t``, the same convention as ``align.Transform.matrix``.
 
+Wide fields. ``dither`` adds to each frame after the first a seeded random offset of up to ``dither`` pixels
+in x and in y (a mount dithering between exposures), on top of the drift. ``barrel`` bends the optics'
+view radially about the frame centre: a point at distance ``r`` from the centre is drawn at
+``r (1 - barrel (r / r_corner)**2)``, ``r_corner`` the distance of a corner pixel, so a corner star moves
+inwards by ``barrel`` of its distance (0.01: 1% at the corners). The distortion is fixed to the camera, not
+the sky, so a star seen at different places in two frames is bent by different amounts: no affine transform
+maps one frame onto another exactly. ``true_matrix`` and ``truth.csv`` give the undistorted part.
+
 Filter wheels. With ``filters`` set, frame ``i`` is taken through ``filters[i % len(filters)]``: each
 star's flux is its colour response in that band (``FILTER_BANDS``), the sky is the band's share of the
 light-polluted sky, the exposure is the band's (narrowband filters expose longer and still see fewer
@@ -158,6 +166,7 @@ _STAMP_BUDGET = 2_000_000    # stamp pixels rendered per batch, to bound memory 
 _RGB = "RGB"
 # Stream tags for numpy SeedSequence: independent random streams for each aspect of the simulation.
 _TAG_TILE, _TAG_SENSOR, _TAG_NOISE, _TAG_EVENT = 1, 2, 3, 4
+_TAG_DITHER = 6
 
 _COMMENTS: Mapping[str, str] = MappingProxyType({
     "IMAGETYP": "type of exposure",
@@ -285,6 +294,11 @@ class SimConfig:
         Relative RMS change of the FWHM from frame to frame (seeing that comes and goes); 0 keeps ``fwhm``.
     transit : Transit or None
         A star that dims in a transit, for light curves; its time is the frame's mid-exposure.
+    dither : float
+        Largest random offset of a frame, pixels in x and in y, on top of the drift (CLI ``--dither``).
+    barrel : float
+        Radial (barrel) distortion of the optics: how far a corner star is drawn towards the centre, as a
+        fraction of its distance (CLI ``--barrel``; 0.01 is 1% at the corners). Negative: pincushion.
 
     Raises
     ------
@@ -320,6 +334,8 @@ class SimConfig:
     blank_frames: tuple[int, ...] = ()
     seeing_jitter: float = 0.0
     transit: Transit | None = None
+    dither: float = 0.0
+    barrel: float = 0.0
 
     def __post_init__(self) -> None:
         # Accept lists from a CLI or a notebook; store tuples so the value stays immutable and hashable.
@@ -363,6 +379,10 @@ class SimConfig:
         if self.transit is not None and not (0 <= self.transit.depth < 1 and self.transit.duration > 0
                                              and 0 < self.transit.ingress <= self.transit.duration / 2):
             problems.append("transit needs 0 <= depth < 1 and 0 < ingress <= duration / 2")
+        if not self.dither >= 0:
+            problems.append(f"dither must be >= 0 pixels, not {self.dither}")
+        if not -0.1 <= self.barrel <= 0.1:
+            problems.append(f"barrel must be between -0.1 and 0.1 (10% at the corners), not {self.barrel}")
         if self.subdir_every < 0:
             problems.append(f"subdir_every must be >= 0, not {self.subdir_every}")
         if self.target not in TARGETS:
@@ -512,8 +532,10 @@ def field_stars(config: SimConfig, index: int) -> FieldStars:
     width, height = config.size
     margin = _stamp_half(config.fwhm * (1.0 + 4.0 * config.seeing_jitter), WIND_ELONGATION) + 1.0
     inverse = true_matrix(config, index)
-    corners = np.array([[-margin, -margin], [width - 1 + margin, -margin],
-                        [-margin, height - 1 + margin], [width - 1 + margin, height - 1 + margin]])
+    # Barrel distortion draws stars from beyond the edges inwards: look that much further out.
+    reach = margin + abs(config.barrel) * 1.5 * math.hypot(width, height) / 2.0
+    corners = np.array([[-reach, -reach], [width - 1 + reach, -reach],
+                        [-reach, height - 1 + reach], [width - 1 + reach, height - 1 + reach]])
     sky_corners = corners @ inverse[:, :2].T + inverse[:, 2]
     tx0, ty0 = np.floor(sky_corners.min(axis=0) / _TILE).astype(int)
     tx1, ty1 = np.floor(sky_corners.max(axis=0) / _TILE).astype(int)
@@ -527,6 +549,8 @@ def field_stars(config: SimConfig, index: int) -> FieldStars:
         sky = np.vstack([sky, [tr.x, tr.y, seen, 1.0, 1.0, 1.0]])
     forward = _forward(config, index)
     xy = sky[:, :2] @ forward[:, :2].T + forward[:, 2]
+    if config.barrel:
+        xy = _bend(xy, config.size, config.barrel)
     keep = ((xy[:, 0] >= -margin) & (xy[:, 0] <= width - 1 + margin)
             & (xy[:, 1] >= -margin) & (xy[:, 1] <= height - 1 + margin))
     return FieldStars(x=_frozen(xy[keep, 0]), y=_frozen(xy[keep, 1]), flux=_frozen(sky[keep, 2]),
@@ -814,10 +838,23 @@ def _forward(config: SimConfig, index: int) -> np.ndarray:
     rotation = np.array([[cos_t, -sin_t], [sin_t, cos_t]])
     centre = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
     drift = index * np.asarray(config.drift)
+    if config.dither and index > 0:
+        drift = drift + np.random.default_rng([config.seed, _TAG_DITHER, index]).uniform(
+            -config.dither, config.dither, 2)
     result = np.empty((2, 3))
     result[:, :2] = rotation
     result[:, 2] = centre - rotation @ centre + drift
     return result
+
+
+def _bend(xy: np.ndarray, size: tuple[int, int], barrel: float) -> np.ndarray:
+    """Positions ``(N, 2)`` moved radially about the frame centre by the optics' barrel distortion."""
+    width, height = size
+    centre = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
+    offset = xy - centre
+    corner_sq = float(np.sum(centre**2))
+    factor = 1.0 - barrel * np.sum(offset**2, axis=1) / corner_sq
+    return centre + offset * factor[:, None]
 
 
 def _kind(config: SimConfig, index: int) -> str:

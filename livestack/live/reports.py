@@ -84,7 +84,9 @@ def frame_event(seq: int, path: Path, verdict: str, result: FrameResult | None, 
         dx, dy = t.centre_shift(meta.shape)
         transform = {"matrix": t.matrix.tolist(), "dx": dx, "dy": dy,
                      "rotation": t.rotation, "scale": t.scale, "inliers": t.inliers, "rms": t.rms,
-                     "method": t.method}
+                     "method": t.method, "distortion": t.distortion is not None,
+                     "rms_before": finite(t.rms_before) if t.rms_before is not None else None,
+                     "rms_after": finite(t.rms_after) if t.rms_after is not None else None}
     return events.make_event(
         "frame", seq=seq, path=str(path), name=path.name, verdict=verdict,
         reason=result.reason if result else None,

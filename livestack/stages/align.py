@@ -3,7 +3,9 @@
 Public API:
 
 - ``Transform``: frozen 2x3 matrix mapping a frame pixel ``(x = column, y = row)`` onto the reference,
-  with its rotation, scale, inliers, residual and the method that found it.
+  with its rotation, scale, inliers, residual and the method that found it, and the smooth distortion
+  correction that goes with it on a wide field.
+- ``Distortion``: frozen polynomial correction of where a reference pixel reads in the frame (SIP-like).
 - ``AlignParams``: frozen tuning and validation thresholds.
 - ``Alignment``: frozen result: a ``Transform`` or the reason the frame cannot be aligned.
 - ``align(reference, stars, guess=None, params=AlignParams()) -> Alignment``.
@@ -36,17 +38,38 @@ all stars refines it.
 - the scale (each singular value of the linear part, for an affine model) is within
   ``1 +- scale_tolerance``.
 
+*Distortion* (``params.distortion`` ``"auto"`` or ``"on"``): a lens or a wide field bends the sky, so
+after an affine fit the stars of a distant dither still miss by pixels near the corners, in a smooth
+pattern. The stars are paired again with the affine prediction, a polynomial of order
+``DISTORTION_ORDER`` in the reference's normalised coordinates (``u = (x - cx) / s``, ``v = (y - cy) / s``,
+``c`` the centre of the reference and ``s`` half its diagonal) is fitted to where the reference's stars
+land in the frame beyond the affine, pairs beyond ``clip_sigma`` are clipped, and the pairing is redone
+with the corrected prediction (``MATCH_PASSES`` times), which brings in the corner stars the affine missed.
+The non-linear coefficients carry a small ridge penalty (``DISTORTION_RIDGE``) so that the surface stays
+smooth between stars. The correction is fitted only when it is well constrained: at least
+``DISTORTION_MIN_STARS`` pairs, with ``DISTORTION_CELL_STARS`` of them in every cell but
+``DISTORTION_EMPTY_CELLS`` (and in at least ``DISTORTION_MIN_CELLS``) of the ``DISTORTION_GRID`` x
+``DISTORTION_GRID`` cells of the reference whose centre the frame sees: only where the frame overlaps the
+reference is the correction used. ``"on"`` then applies it;
+``"auto"`` applies it only when it measurably helps: its held-out residual RMS (``DISTORTION_FOLDS``-fold
+cross-validation) must be at most ``DISTORTION_GAIN`` times, and ``DISTORTION_MIN_GAIN`` pixels below,
+that of an affine map fitted the same way. A narrow, undistorted field leaves it off (the correction then
+fits noise, and noise does not cross-validate). The affine ``matrix`` is the same with or without it.
+
 Conventions: ``matrix`` maps frame pixel ``(x, y)`` (x = column, y = row, pixel centres at integers) onto
 the reference. ``rotation`` is counter-clockwise in these axes (from +x towards +y; on a display with row 0
 at the top, that is clockwise). A frame whose centre ``c`` lands at ``matrix @ c`` has drifted by
 ``matrix @ c - c`` in the reference's pixels: the ``dx, dy`` of the data folders' ``transforms.csv``.
+A ``Distortion`` goes the other way, as the warp reads: reference pixel ``p`` is read in the frame at
+``inverse(matrix) @ p + correction(p)`` (``Transform.frame_position``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import astroalign
 import numpy as np
@@ -54,7 +77,7 @@ from scipy.spatial import cKDTree
 
 from livestack.stages.detect import Stars
 
-__all__ = ["AlignParams", "Alignment", "Transform", "align"]
+__all__ = ["DISTORTION_MODES", "AlignParams", "Alignment", "Distortion", "Transform", "align"]
 
 #: Rounds of (pair by nearest neighbour, fit, clip) in a refinement; each round re-pairs with the transform
 #: of the previous one, which recovers the stars a small rotation error kept out of ``match_radius``.
@@ -66,6 +89,32 @@ CLIP_PASSES = 3
 MIN_CLIP_SIGMA = 0.05
 #: Fewest pairs a least-squares fit is attempted with.
 MIN_FIT_PAIRS = 3
+
+#: ``AlignParams.distortion``: never correct distortion, correct it when it measurably helps, or whenever the
+#: stars constrain it.
+DISTORTION_MODES: tuple[str, ...] = ("off", "auto", "on")
+#: Highest total degree of the distortion polynomial (10 coefficients per axis at 3): enough for the radial
+#: distortion of a camera lens seen through a dither, few enough for a few hundred stars.
+DISTORTION_ORDER = 3
+#: Fewest star pairs a distortion correction is fitted with (five per coefficient of one axis).
+DISTORTION_MIN_STARS = 50
+#: The reference is cut into this many cells per side to check that the pairs cover the frame's view of it.
+DISTORTION_GRID = 3
+#: Of the cells whose centre the frame sees, at least ``DISTORTION_MIN_CELLS`` and all but
+#: ``DISTORTION_EMPTY_CELLS`` must each hold ``DISTORTION_CELL_STARS`` pairs: a polynomial extrapolated
+#: into an empty corner can bend anywhere.
+DISTORTION_MIN_CELLS = 4
+DISTORTION_EMPTY_CELLS = 1
+DISTORTION_CELL_STARS = 3
+#: Ridge weight on the non-linear coefficients, per star, in normalised coordinates: shrinks a coefficient
+#: the stars barely constrain, and changes a well-measured one by about a thousandth.
+DISTORTION_RIDGE = 1e-3
+#: Folds of the cross-validation that ``"auto"`` decides with.
+DISTORTION_FOLDS = 5
+#: ``"auto"``: the held-out RMS with the correction must be at most this fraction of the affine's ...
+DISTORTION_GAIN = 0.8
+#: ... and lower by at least this many pixels (a tenth of a typical centroid error would not show).
+DISTORTION_MIN_GAIN = 0.03
 
 
 @dataclass(frozen=True)
@@ -89,6 +138,13 @@ class Transform:
     method : str
         ``"reference"`` (the reference itself), ``"fast"`` (prediction + nearest neighbour) or
         ``"triangles"`` (astroalign's invariant search).
+    distortion : Distortion or None
+        The smooth correction the warp applies on top of ``matrix``; None when none is applied. With one,
+        ``inliers`` and ``rms`` are those of the corrected fit.
+    rms_before, rms_after : float or None
+        When a distortion correction was evaluated: the residual RMS of the star pairs it was fitted to
+        without it (the affine ``matrix`` alone) and with it, pixels, whether or not it is applied. None
+        when it was not evaluated (``distortion = "off"``, or too few stars spread over the frame).
     """
 
     matrix: np.ndarray
@@ -98,6 +154,9 @@ class Transform:
     rms: float
     matched_fraction: float
     method: str
+    distortion: Distortion | None = None
+    rms_before: float | None = None
+    rms_after: float | None = None
 
     @property
     def shift(self) -> tuple[float, float]:
@@ -116,6 +175,15 @@ class Transform:
         centre = np.array([[(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0]])
         dx, dy = self.apply(centre)[0] - centre[0]
         return float(dx), float(dy)
+
+    def frame_position(self, xy: np.ndarray) -> np.ndarray:
+        """Where ``(N, 2)`` reference pixels are read in the frame: the inverse map, with the distortion."""
+        xy = np.asarray(xy, dtype=np.float64)
+        inverse = _inverse(self.matrix)
+        out = xy @ inverse[:, :2].T + inverse[:, 2]
+        if self.distortion is not None:
+            out += self.distortion.correction(xy)
+        return out
 
     @classmethod
     def from_matrix(cls, matrix: np.ndarray, method: str, inliers: int = 0, rms: float = 0.0,
@@ -151,6 +219,86 @@ class Transform:
 
 
 @dataclass(frozen=True)
+class Distortion:
+    """A smooth correction of where reference pixels are read in a frame, beyond the affine transform.
+
+    Reference pixel ``(x, y)`` is read in the frame at ``inverse(matrix) @ (x, y) + (P_x(u, v), P_y(u, v))``
+    with ``u = (x - centre[0]) / scale``, ``v = (y - centre[1]) / scale`` and
+    ``P(u, v) = sum_k coeffs[k] * u**i_k * v**j_k`` over the terms of ``terms(order)``: every ``(i, j)`` with
+    ``i + j <= order``, by degree then by falling power of ``u``. The constant and linear terms let the fit
+    adjust the affine part; the warp evaluates exactly this, so the same numbers always give the same warp.
+
+    Attributes
+    ----------
+    centre : tuple of float
+        ``(cx, cy)``, reference pixels.
+    scale : float
+        Pixels per unit of ``u`` and ``v``.
+    order : int
+    coeffs_x, coeffs_y : tuple of float
+        One per term, pixels.
+    """
+
+    centre: tuple[float, float]
+    scale: float
+    order: int
+    coeffs_x: tuple[float, ...]
+    coeffs_y: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        count = len(self.terms(self.order))
+        if len(self.coeffs_x) != count or len(self.coeffs_y) != count:
+            raise ValueError(f"a distortion of order {self.order} has {count} coefficients per axis, not "
+                             f"{len(self.coeffs_x)} and {len(self.coeffs_y)}.")
+        values = (*self.centre, self.scale, *self.coeffs_x, *self.coeffs_y)
+        if not all(math.isfinite(v) for v in values) or not self.scale > 0:
+            raise ValueError("a distortion needs finite coefficients and a positive scale.")
+
+    @staticmethod
+    def terms(order: int) -> tuple[tuple[int, int], ...]:
+        """The ``(i, j)`` exponents of ``u**i * v**j``, in the order of the coefficients."""
+        return tuple((degree - j, j) for degree in range(order + 1) for j in range(degree + 1))
+
+    def correction(self, xy: np.ndarray) -> np.ndarray:
+        """The ``(N, 2)`` offsets, frame pixels, added to the affine inverse at reference pixels ``xy``."""
+        design = _design(self._normalised(np.asarray(xy, dtype=np.float64)), self.order)
+        return np.column_stack([design @ np.asarray(self.coeffs_x), design @ np.asarray(self.coeffs_y)])
+
+    def grid(self) -> np.ndarray:
+        """Coefficients as ``(2, order + 1, order + 1)``: ``[axis, i, j]`` multiplies ``u**i * v**j``."""
+        out = np.zeros((2, self.order + 1, self.order + 1))
+        for k, (i, j) in enumerate(self.terms(self.order)):
+            out[0, i, j] = self.coeffs_x[k]
+            out[1, i, j] = self.coeffs_y[k]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dictionary that ``from_json`` turns back into an equal value (floats round-trip)."""
+        return {"centre": list(self.centre), "scale": self.scale, "order": self.order,
+                "x": list(self.coeffs_x), "y": list(self.coeffs_y)}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Distortion:
+        """The distortion a ``to_json`` dictionary describes.
+
+        Raises
+        ------
+        ValueError
+            When the dictionary does not describe a distortion.
+        """
+        try:
+            centre = value["centre"]
+            return cls(centre=(float(centre[0]), float(centre[1])), scale=float(value["scale"]),
+                       order=int(value["order"]), coeffs_x=tuple(float(v) for v in value["x"]),
+                       coeffs_y=tuple(float(v) for v in value["y"]))
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ValueError(f"not a distortion: {exc}") from exc
+
+    def _normalised(self, xy: np.ndarray) -> np.ndarray:
+        return (xy - np.asarray(self.centre)) / self.scale
+
+
+@dataclass(frozen=True)
 class AlignParams:
     """Alignment tuning and validation thresholds (config section ``[align]``).
 
@@ -178,6 +326,8 @@ class AlignParams:
         Largest drift from ``guess``, pixels, that the fast path's offset vote looks for.
     scale_tolerance : float
         The scale must be within ``1 +- scale_tolerance``.
+    distortion : {"off", "auto", "on"}
+        Whether a smooth distortion correction is fitted and applied (see the module docstring).
     """
 
     model: Literal["similarity", "affine"] = "similarity"
@@ -191,6 +341,7 @@ class AlignParams:
     triangle_stars: int = 50
     search_radius: float = 100.0
     scale_tolerance: float = 0.1
+    distortion: Literal["off", "auto", "on"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -229,10 +380,14 @@ def align(reference: Stars, stars: Stars, guess: Transform | None = None,
     Raises
     ------
     ValueError
-        If ``params.model`` is not ``"similarity"`` or ``"affine"``.
+        If ``params.model`` is not ``"similarity"`` or ``"affine"``, or ``params.distortion`` not one of
+        ``DISTORTION_MODES``.
     """
     if params.model not in ("similarity", "affine"):
         raise ValueError(f"align model must be 'similarity' or 'affine', not {params.model!r}.")
+    if params.distortion not in DISTORTION_MODES:
+        raise ValueError(f"align distortion must be one of {', '.join(DISTORTION_MODES)}, "
+                         f"not {params.distortion!r}.")
     needed = params.min_inliers
     if len(stars) < needed:
         return _fail(f"{len(stars)} stars found (at least {needed} needed)")
@@ -246,7 +401,7 @@ def align(reference: Stars, stars: Stars, guess: Transform | None = None,
                        params=params)
 
     start = np.eye(2, 3) if guess is None else np.asarray(guess.matrix, dtype=np.float64)
-    fit = _refine(problem, _vote_shift(problem, start))
+    fit = _distort(problem, _refine(problem, _vote_shift(problem, start)))
     fast_reason = None if fit is None else _invalid(problem, fit)
     if fit is not None and fast_reason is None:
         return Alignment(transform=_transform(problem, fit, "fast"), reason=None)
@@ -256,7 +411,7 @@ def align(reference: Stars, stars: Stars, guess: Transform | None = None,
     except (astroalign.MaxIterError, ValueError):
         # When the fast path did pair stars, why that pairing was refused says more than "nothing found".
         return _fail(fast_reason or "no pattern of stars in common with the reference was found")
-    fit = _refine(problem, np.asarray(found.params, dtype=np.float64)[:2])
+    fit = _distort(problem, _refine(problem, np.asarray(found.params, dtype=np.float64)[:2]))
     if fit is None:
         return _fail("the pattern of stars found in common with the reference did not hold over the frame")
     reason = _invalid(problem, fit)
@@ -282,12 +437,18 @@ class _Problem:
 
 @dataclass(frozen=True)
 class _Fit:
-    """A fitted matrix with the frame/reference indices of its inlier pairs and their RMS residual."""
+    """A fitted matrix with the frame/reference indices of its inlier pairs and their RMS residual.
+
+    With a distortion correction applied, the pairs and the RMS are those of the corrected fit.
+    """
 
     matrix: np.ndarray
     frm_index: np.ndarray
     ref_index: np.ndarray
     rms: float
+    distortion: Distortion | None = None
+    rms_before: float | None = None
+    rms_after: float | None = None
 
 
 def _fail(reason: str) -> Alignment:
@@ -445,8 +606,124 @@ def _invalid(problem: _Problem, fit: _Fit) -> str | None:
 
 
 def _transform(problem: _Problem, fit: _Fit, method: str) -> Transform:
-    return Transform.from_matrix(fit.matrix, method, inliers=int(fit.frm_index.size), rms=fit.rms,
-                                 matched_fraction=_matched_fraction(problem, fit))
+    found = Transform.from_matrix(fit.matrix, method, inliers=int(fit.frm_index.size), rms=fit.rms,
+                                  matched_fraction=_matched_fraction(problem, fit))
+    return replace(found, distortion=fit.distortion, rms_before=fit.rms_before, rms_after=fit.rms_after)
+
+
+def _inverse(matrix: np.ndarray) -> np.ndarray:
+    inverse = np.empty((2, 3))
+    inverse[:, :2] = np.linalg.inv(matrix[:, :2])
+    inverse[:, 2] = -inverse[:, :2] @ matrix[:, 2]
+    return inverse
+
+
+def _design(uv: np.ndarray, order: int) -> np.ndarray:
+    """``(N, terms)``: the polynomial's terms at normalised points ``uv``, in ``Distortion.terms`` order."""
+    u_pow = uv[:, 0:1] ** np.arange(order + 1)
+    v_pow = uv[:, 1:2] ** np.arange(order + 1)
+    return np.column_stack([u_pow[:, i] * v_pow[:, j] for i, j in Distortion.terms(order)])
+
+
+def _solve(design: np.ndarray, target: np.ndarray, order: int) -> np.ndarray | None:
+    """Ridge least squares of ``target`` ``(N, 2)`` on ``design``; the non-linear terms are penalised."""
+    penalised = np.array([i + j >= 2 for i, j in Distortion.terms(order)], dtype=np.float64)
+    normal = design.T @ design + np.diag(penalised * DISTORTION_RIDGE * design.shape[0])
+    try:
+        return np.linalg.solve(normal, design.T @ target)
+    except np.linalg.LinAlgError:
+        return None
+
+
+def _distort(problem: _Problem, fit: _Fit | None) -> _Fit | None:
+    """``fit`` with a distortion correction when ``params.distortion`` asks for one and the stars allow it.
+
+    The correction is fitted in the direction the warp reads (reference -> frame), so the stars are paired
+    around their predicted frame positions; see the module docstring for the steps and the decision.
+    """
+    params = problem.params
+    if fit is None or params.distortion == "off":
+        return fit
+    rows, cols = problem.ref_shape
+    centre = np.array([(cols - 1) / 2.0, (rows - 1) / 2.0])
+    scale = math.hypot(cols, rows) / 2.0
+    design_all = _design((problem.ref - centre) / scale, DISTORTION_ORDER)
+    inverse = _inverse(fit.matrix)
+    base = _apply(inverse, problem.ref)
+    frm_tree = cKDTree(problem.frm)
+    coeffs = np.zeros((design_all.shape[1], 2))
+    ref_index = frm_index = np.empty(0, dtype=np.intp)
+    for _ in range(MATCH_PASSES):
+        distance, found = frm_tree.query(base + design_all @ coeffs, distance_upper_bound=params.match_radius)
+        ref_index = np.flatnonzero(np.isfinite(distance))
+        frm_index = found[ref_index]
+        # One frame star takes only its closest reference star.
+        order = np.argsort(distance[ref_index], kind="stable")
+        _, first = np.unique(frm_index[order], return_index=True)
+        keep = np.sort(order[first])
+        ref_index, frm_index = ref_index[keep], frm_index[keep]
+        if ref_index.size < DISTORTION_MIN_STARS:
+            return fit
+        offsets = problem.frm[frm_index] - base[ref_index]
+        design = design_all[ref_index]
+        inlier = np.ones(ref_index.size, dtype=bool)
+        for _ in range(CLIP_PASSES):
+            solved = _solve(design[inlier], offsets[inlier], DISTORTION_ORDER)
+            if solved is None:
+                return fit
+            coeffs = solved
+            residual = np.hypot(*(design @ coeffs - offsets).T)
+            sigma = max(math.sqrt(float(np.mean(residual[inlier] ** 2)) / 2.0), MIN_CLIP_SIGMA)
+            updated = residual <= params.clip_sigma * sigma
+            if np.array_equal(updated, inlier) or updated.sum() < DISTORTION_MIN_STARS:
+                break
+            inlier = updated
+        ref_index, frm_index = ref_index[inlier], frm_index[inlier]
+        if ref_index.size < DISTORTION_MIN_STARS:
+            return fit
+    if not _covers(problem, problem.ref[ref_index], inverse):
+        return fit
+    offsets = problem.frm[frm_index] - base[ref_index]
+    design = design_all[ref_index]
+    rms_before = float(np.sqrt(np.mean(np.sum(offsets**2, axis=1))))
+    rms_after = float(np.sqrt(np.mean(np.sum((design @ coeffs - offsets) ** 2, axis=1))))
+    if params.distortion == "auto":
+        held_affine = _held_out(design[:, : len(Distortion.terms(1))], offsets, 1)
+        held_poly = _held_out(design, offsets, DISTORTION_ORDER)
+        if held_poly > min(DISTORTION_GAIN * held_affine, held_affine - DISTORTION_MIN_GAIN):
+            return replace(fit, rms_before=rms_before, rms_after=rms_after)
+    distortion = Distortion(centre=(float(centre[0]), float(centre[1])), scale=scale,
+                            order=DISTORTION_ORDER, coeffs_x=tuple(float(v) for v in coeffs[:, 0]),
+                            coeffs_y=tuple(float(v) for v in coeffs[:, 1]))
+    return _Fit(matrix=fit.matrix, frm_index=frm_index, ref_index=ref_index, rms=rms_after,
+                distortion=distortion, rms_before=rms_before, rms_after=rms_after)
+
+
+def _covers(problem: _Problem, xy: np.ndarray, inverse: np.ndarray) -> bool:
+    """Whether the pairs fill the cells of the reference the frame sees, so the polynomial is pinned there."""
+    rows, cols = problem.ref_shape
+    cx = np.clip((xy[:, 0] + 0.5) * DISTORTION_GRID // cols, 0, DISTORTION_GRID - 1).astype(np.intp)
+    cy = np.clip((xy[:, 1] + 0.5) * DISTORTION_GRID // rows, 0, DISTORTION_GRID - 1).astype(np.intp)
+    counts = np.bincount(cy * DISTORTION_GRID + cx, minlength=DISTORTION_GRID**2)
+    steps = (np.arange(DISTORTION_GRID) + 0.5) / DISTORTION_GRID
+    gx, gy = np.meshgrid(steps * cols - 0.5, steps * rows - 0.5)
+    centres = np.column_stack([gx.ravel(), gy.ravel()])
+    seen = _inside(_apply(inverse, centres), problem.frm_shape)
+    filled = counts[seen] >= DISTORTION_CELL_STARS
+    return int(filled.sum()) >= max(DISTORTION_MIN_CELLS, int(seen.sum()) - DISTORTION_EMPTY_CELLS)
+
+
+def _held_out(design: np.ndarray, offsets: np.ndarray, order: int) -> float:
+    """RMS of each pair's residual when it is left out of the fit (``DISTORTION_FOLDS``-fold, interleaved)."""
+    squared = 0.0
+    for fold in range(DISTORTION_FOLDS):
+        test = np.zeros(offsets.shape[0], dtype=bool)
+        test[fold::DISTORTION_FOLDS] = True
+        coeffs = _solve(design[~test], offsets[~test], order)
+        if coeffs is None:
+            return math.inf
+        squared += float(np.sum((design[test] @ coeffs - offsets[test]) ** 2))
+    return math.sqrt(squared / offsets.shape[0])
 
 
 def _frozen(values: np.ndarray) -> np.ndarray:

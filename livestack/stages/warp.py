@@ -3,9 +3,10 @@
 Public API:
 
 - ``INTERPOLATIONS``: ``("bilinear", "bicubic", "lanczos")``.
-- ``warp(image, matrix, shape, interpolation="bilinear") -> tuple[ndarray, ndarray]``: the aligned float32
-  image (same channels as ``image``) and a ``bool`` footprint ``(H, W)``, True where every input sample the
-  interpolation used lies inside the frame. ``matrix`` is a ``Transform.matrix`` (frame -> reference).
+- ``warp(image, matrix, shape, interpolation="bilinear", distortion=None) -> tuple[ndarray, ndarray]``: the
+  aligned float32 image (same channels as ``image``) and a ``bool`` footprint ``(H, W)``, True where every
+  input sample the interpolation used lies inside the frame. ``matrix`` is a ``Transform.matrix``
+  (frame -> reference), ``distortion`` its ``Transform.distortion``.
 
 How it works. OpenCV's ``warpAffine`` resamples all channels (up to 4) in one call; it is given the forward
 matrix and inverts it itself, so output pixel ``p`` reads the frame at ``inverse(matrix) @ p``. The footprint
@@ -25,16 +26,28 @@ Sub-pixel accuracy (centroid of a star, measured): bilinear < 0.001 px; Lanczos-
 OpenCV's bicubic (Keys, a = -0.75, which does not reproduce a linear ramp) up to 0.048 px, varying with the
 sub-pixel phase. Bilinear is the default; Lanczos keeps more detail at a higher cost.
 
+With a distortion correction (``align.Distortion``) the map is no longer affine: a dense map of where each
+output pixel reads in the frame is built (float32, one compiled pass over the rows: each row's polynomial in
+``u`` has coefficients that depend on the row alone, so a pixel costs a cubic's Horner step per axis) and
+OpenCV's ``remap`` resamples with it. The footprint is then tested pixel by pixel in the same pass, with the
+same ``EDGE_MARGIN``. ``remap`` rounds positions to 1/32 px like ``warpAffine``; the map is a pure function
+of the transform's numbers, so a journaled transform warps a frame again to the same bits.
+
 The stage never changes OpenCV's global state (``cv2.setNumThreads`` belongs to the daemon).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numba
 import numpy as np
 
-__all__ = ["INTERPOLATIONS", "warp"]
+if TYPE_CHECKING:
+    from livestack.stages.align import Distortion
+
+__all__ = ["INTERPOLATIONS", "dense_map", "warp"]
 
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "lanczos")
 
@@ -53,8 +66,8 @@ _KERNELS: dict[str, tuple[int, int, int]] = {
 }
 
 
-def warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int],
-         interpolation: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
+def warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int], interpolation: str = "bilinear",
+         distortion: Distortion | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Resample a frame onto the reference grid.
 
     Parameters
@@ -69,6 +82,9 @@ def warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int],
     interpolation : str
         One of ``INTERPOLATIONS``: ``"bilinear"`` (fastest), ``"bicubic"`` or ``"lanczos"`` (Lanczos-4,
         8x8 samples, sharpest and slowest).
+    distortion : Distortion, optional
+        A smooth correction of where reference pixels are read in the frame, beyond ``matrix`` (see
+        ``align.Distortion``); the frame is then resampled through a dense map.
 
     Returns
     -------
@@ -100,6 +116,8 @@ def warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int],
     height, width = int(shape[0]), int(shape[1])
 
     source = np.ascontiguousarray(image, dtype=np.float32)
+    if distortion is not None:
+        return _remap(source, forward, distortion, (height, width), flag, before, after)
     aligned = cv2.warpAffine(source, forward, (width, height), flags=flag,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0.0, 0.0, 0.0, 0.0))
     # OpenCV drops a trailing channel axis of length one; give the caller back what it passed.
@@ -110,6 +128,97 @@ def warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int],
     footprint = np.empty((height, width), dtype=np.bool_)
     _fill_footprint(first, last, footprint, aligned.reshape(height, width, -1))
     return aligned, footprint
+
+
+def dense_map(matrix: np.ndarray, distortion: Distortion, shape: tuple[int, int],
+              frame_shape: tuple[int, int],
+              support: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each pixel of the reference grid is read in the frame, and whether its samples are inside it.
+
+    Parameters
+    ----------
+    matrix : ndarray
+        ``(2, 3)`` frame -> reference.
+    distortion : Distortion
+    shape : tuple of int
+        ``(H, W)`` of the reference grid.
+    frame_shape : tuple of int
+        ``(h, w)`` of the frame.
+    support : tuple of int
+        Samples the kernel reads before and after ``floor`` of a position (bilinear: ``(0, 1)``).
+
+    Returns
+    -------
+    map_x, map_y : ndarray
+        float32 ``(H, W)``: the frame column and row each output pixel reads.
+    footprint : ndarray
+        bool ``(H, W)``.
+    """
+    inverse = cv2.invertAffineTransform(np.asarray(matrix, dtype=np.float64))
+    height, width = int(shape[0]), int(shape[1])
+    map_x = np.empty((height, width), dtype=np.float32)
+    map_y = np.empty((height, width), dtype=np.float32)
+    footprint = np.empty((height, width), dtype=np.bool_)
+    before, after = support
+    bounds = np.array([before + EDGE_MARGIN, frame_shape[1] - after - EDGE_MARGIN,
+                       before + EDGE_MARGIN, frame_shape[0] - after - EDGE_MARGIN])
+    _fill_map(inverse, distortion.grid(), np.array([*distortion.centre, distortion.scale]), bounds,
+              map_x, map_y, footprint)
+    return map_x, map_y, footprint
+
+
+def _remap(source: np.ndarray, forward: np.ndarray, distortion: Distortion, shape: tuple[int, int], flag: int,
+           before: int, after: int) -> tuple[np.ndarray, np.ndarray]:
+    height, width = shape
+    map_x, map_y, footprint = dense_map(forward, distortion, shape, source.shape[:2], (before, after))
+    aligned = cv2.remap(source, map_x, map_y, flag, borderMode=cv2.BORDER_CONSTANT,
+                        borderValue=(0.0, 0.0, 0.0, 0.0))
+    aligned = aligned.reshape((height, width, *source.shape[2:]))
+    _nan_outside(footprint, aligned.reshape(height, width, -1))
+    return aligned, footprint
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def _fill_map(inverse: np.ndarray, grid: np.ndarray, norm: np.ndarray, bounds: np.ndarray, map_x: np.ndarray,
+              map_y: np.ndarray, footprint: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Affine inverse plus the polynomial at every output pixel (float64 sums, float32 results)."""
+    height, width = map_x.shape
+    terms = grid.shape[1]
+    cx, cy, scale = norm[0], norm[1], norm[2]
+    for y in numba.prange(height):
+        v = (y - cy) / scale
+        # The row's polynomial in u: row[axis, i] = sum_j grid[axis, i, j] v**j.
+        row = np.zeros((2, terms))
+        for axis in range(2):
+            for i in range(terms):
+                acc = 0.0
+                for j in range(terms - 1, -1, -1):
+                    acc = acc * v + grid[axis, i, j]
+                row[axis, i] = acc
+        base_x = inverse[0, 1] * y + inverse[0, 2]
+        base_y = inverse[1, 1] * y + inverse[1, 2]
+        for x in range(width):
+            u = (x - cx) / scale
+            px = 0.0
+            py = 0.0
+            for i in range(terms - 1, -1, -1):
+                px = px * u + row[0, i]
+                py = py * u + row[1, i]
+            fx = base_x + inverse[0, 0] * x + px
+            fy = base_y + inverse[1, 0] * x + py
+            map_x[y, x] = fx
+            map_y[y, x] = fy
+            footprint[y, x] = bounds[0] <= fx <= bounds[1] and bounds[2] <= fy <= bounds[3]
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def _nan_outside(footprint: np.ndarray, aligned: np.ndarray) -> None:  # pragma: no cover - compiled
+    height, width = footprint.shape
+    nan = np.float32(np.nan)
+    for y in numba.prange(height):
+        for x in range(width):
+            if not footprint[y, x]:
+                aligned[y, x, :] = nan
 
 
 def _row_intervals(inverse: np.ndarray, frame_h: int, frame_w: int, before: int, after: int,

@@ -336,9 +336,19 @@ class Dashboard:
             fwhm=_quality(p),
             shift=_DASH if dx is None or dy is None else f"{hypot(dx, dy):.1f}",
             rotation=_DASH if rotation is None else f"{rotation:+.2f}°",
-            rms=_DASH if rms is None else f"{rms:.2f}",
+            rms=_residual(rms, transform),
             status=str(p["verdict"]),
         )
+
+
+def _residual(rms: float | None, transform: Mapping[str, Any]) -> str:
+    """The fit's residual; with a distortion correction, the residual without it first (``0.62>0.11``)."""
+    if rms is None:
+        return _DASH
+    before = _number(transform.get("rms_before"))
+    if transform.get("distortion") and before is not None:
+        return f"{before:.2f}>{rms:.2f}"
+    return f"{rms:.2f}"
 
 
 def _quality(payload: Mapping[str, Any]) -> str:
