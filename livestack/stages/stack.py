@@ -242,8 +242,9 @@ class KappaSigmaStack(_Tally):
     ``kappa * 1.4826 * MAD`` from their median are rejected (a satellite trail in frame 2 does not poison
     the stack), the rest seed the running mean and variance. Until then ``result()`` returns that robust
     combination of the frames buffered so far. Judging costs two streaming passes over the buffer and a
-    second look at the few pixels whose samples spread wider than the limit's least value (``_judge_buffer``),
-    and no memory beyond the buffer and the moments.
+    second look at the few pixels whose samples spread wider than the limit's least value (``_judge_buffer``).
+    The moments are written over the first four buffered frames and the others go back, so the warm-up's end
+    needs no memory beyond the buffer and one plane of variances.
 
     *Noise floor.* Sigma from a handful of samples is often far too small by chance, and a pixel whose sigma
     is too small rejects every later good sample: it freezes. So sigma never goes below a floor per channel,
@@ -267,7 +268,8 @@ class KappaSigmaStack(_Tally):
     up: normalise the background before stacking.
 
     Memory: mean, M2 and weight sum as float32 and the accepted count as int32, 16 bytes per pixel and
-    channel, plus the coverage; float32 is enough because Welford's update never subtracts large sums.
+    channel, plus the coverage; float32 is enough because Welford's update never subtracts large sums. The
+    warm-up holds ``4 * warmup`` bytes per pixel and channel, and 4 more while it is judged.
     """
 
     method: str = "kappa-sigma"
@@ -289,8 +291,9 @@ class KappaSigmaStack(_Tally):
         self._count = 0
         self._offered = 0
         self._rejected = 0
-        # Warm-up: frames with NaN where not valid, and their weights.
-        self._buffer: np.ndarray | None = None
+        # Warm-up: frames with NaN where not valid (one array each, so that the judged warm-up can give
+        # the ones it does not reuse back), and their weights.
+        self._buffer: list[np.ndarray] = []
         self._buffer_weights = np.zeros(self._warmup, dtype=np.float64)
         self._buffered = 0
         # Streaming state, allocated when the warm-up ends.
@@ -329,9 +332,9 @@ class KappaSigmaStack(_Tally):
         """
         image3, mask, weight = _check_frame(self._shape, image, footprint, weight)
         if self._mean is None:
-            if self._buffer is None:
-                self._buffer = np.empty((self._warmup, *self._dims), dtype=np.float32)
-            _mask_copy(image3, mask, self._buffer[self._buffered], self._coverage)
+            slot = np.empty(self._dims, dtype=np.float32)
+            _mask_copy(image3, mask, slot, self._coverage)
+            self._buffer.append(slot)
             self._buffer_weights[self._buffered] = weight
             self._buffered += 1
             self._count += 1
@@ -349,9 +352,9 @@ class KappaSigmaStack(_Tally):
     def result(self) -> np.ndarray:
         """The clipped mean, float32, NaN where never covered (the robust warm-up combination before)."""
         if self._mean is None:
-            if self._buffer is None:
+            if not self._buffer:
                 return np.full(self._shape, np.nan, dtype=np.float32)
-            mean, _, _, n, _, _, _ = self._judge_buffer()
+            mean, _, _, n, _, _, _ = self._judge_buffer(in_place=False)
         else:
             mean, n = self._mean, self._n
         return np.where(n > 0, mean, np.float32(np.nan)).reshape(self._shape)
@@ -367,10 +370,9 @@ class KappaSigmaStack(_Tally):
             "coverage": self._coverage.copy(),
         }
         if self._mean is None:
-            buffered = self._buffered
-            state["buffer"] = (self._buffer[:buffered].copy() if self._buffer is not None
+            state["buffer"] = (np.stack(self._buffer) if self._buffer
                                else np.zeros((0, *self._dims), dtype=np.float32))
-            state["buffer_weights"] = self._buffer_weights[:buffered].copy()
+            state["buffer_weights"] = self._buffer_weights[: self._buffered].copy()
         else:
             state.update(mean=self._mean.copy(), m2=self._m2.copy(), wsum=self._wsum.copy(), n=self._n.copy(),
                          floor=self._floor.copy())
@@ -398,8 +400,7 @@ class KappaSigmaStack(_Tally):
             if buffer.shape[1:] != self._dims or weights.shape != buffer.shape[:1]:
                 raise StateError("The kappa-sigma warm-up buffer in the state does not fit this stack.")
             size = max(self._warmup, buffer.shape[0])
-            self._buffer = np.empty((size, *self._dims), dtype=np.float32)
-            self._buffer[: buffer.shape[0]] = buffer
+            self._buffer = [np.array(frame) for frame in buffer]
             self._buffer_weights = np.zeros(size, dtype=np.float64)
             self._buffer_weights[: buffer.shape[0]] = weights
             self._buffered = buffer.shape[0]
@@ -415,41 +416,52 @@ class KappaSigmaStack(_Tally):
         self._wsum = _take(state, "wsum", self._dims, np.float32)
         self._n = _take(state, "n", self._dims, np.int32)
         self._floor = _take(state, "floor", self._dims[2:], np.float64)
-        self._buffer = None
+        self._buffer = []
         self._buffered = 0
 
-    def _judge_buffer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
+    def _judge_buffer(self, in_place: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                   np.ndarray, int, int]:
         """Robust moments of the buffered frames: mean, M2, weight sum, accepted count, noise floor,
         offered, rejected.
 
-        Two passes over the buffer. The first measures each pixel's sample variance, for the noise floor
-        (held in ``m2``'s memory until the second pass overwrites it: no scratch array). The second takes
-        the moments of a row's samples and gives a second look only to the pixels whose reach (how far a
-        sample can lie from the median) exceeds ``kappa * floor``, the least the limit can be: most sky
-        pixels have nothing to clip.
+        Two passes over the buffer. The first measures each pixel's sample variance, for the noise floor.
+        The second takes the moments of a row's samples and gives a second look only to the pixels whose
+        reach (how far a sample can lie from the median) exceeds ``kappa * floor``, the least the limit can
+        be: most sky pixels have nothing to clip.
+
+        ``in_place`` (the warm-up's end) writes the moments over the first four buffered frames: each pixel's
+        samples are all read before its moments are written, so the judged warm-up needs no memory beyond
+        the buffer and one plane of variances, and the buffer's other frames go back.
         """
-        assert self._buffer is not None
-        buffer = self._buffer[: self._buffered]
+        frames = tuple(self._buffer)
         weights = self._buffer_weights[: self._buffered]
-        mean = np.empty(self._dims, dtype=np.float32)
-        m2 = np.empty(self._dims, dtype=np.float32)
-        wsum = np.empty(self._dims, dtype=np.float32)
-        n = np.empty(self._dims, dtype=np.int32)
-        counts = np.zeros((self._dims[0], self._dims[2], buffer.shape[0] + 1), dtype=np.int64)
-        _sample_variance(buffer, m2, n, counts)
-        floor = _noise_floor(m2, counts.sum(axis=0))
+        if in_place:
+            # Fewer than four buffered frames (a warm-up of two or three) leave moments without a slot.
+            slots = [*frames[:4], *(np.empty(self._dims, dtype=np.float32) for _ in range(4 - len(frames)))]
+            mean, m2, wsum, n = slots[0], slots[1], slots[2], slots[3].view(np.int32)
+        else:
+            mean = np.empty(self._dims, dtype=np.float32)
+            m2 = np.empty(self._dims, dtype=np.float32)
+            wsum = np.empty(self._dims, dtype=np.float32)
+            n = np.empty(self._dims, dtype=np.int32)
+        variance = np.empty(self._dims, dtype=np.float32)
+        counts = np.zeros((self._dims[0], self._dims[2], len(frames) + 1), dtype=np.int64)
+        _sample_variance(frames, variance, counts)
+        floor = _noise_floor(variance, counts.sum(axis=0))
+        del variance
         offered = np.zeros(self._dims[0], dtype=np.int64)
         rejected = np.zeros(self._dims[0], dtype=np.int64)
-        _robust_init(buffer, weights, self._kappa, MAD_TO_SIGMA, MIN_TEST_SAMPLES, floor, mean, m2, wsum, n,
+        _robust_init(frames, weights, self._kappa, MAD_TO_SIGMA, MIN_TEST_SAMPLES, floor, mean, m2, wsum, n,
                      offered, rejected)
         return mean, m2, wsum, n, floor, int(offered.sum()), int(rejected.sum())
 
     def _finish_warmup(self) -> None:
-        mean, self._m2, self._wsum, self._n, self._floor, offered, rejected = self._judge_buffer()
+        judged = self._judge_buffer(in_place=True)
+        mean, self._m2, self._wsum, self._n, self._floor, offered, rejected = judged
         self._offered += offered
         self._rejected += rejected
         self._mean = mean
-        self._buffer = None  # the warm-up memory goes back now
+        self._buffer = []  # the frames beyond the four that now hold the moments go back now
         self._buffered = 0
 
 
@@ -1154,15 +1166,16 @@ def _kappa_plane(image: np.ndarray, valid: np.ndarray, weight: float, kappa: flo
 
 
 @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
-def _sample_variance(buffer: np.ndarray, variance: np.ndarray, samples: np.ndarray,
+def _sample_variance(buffer: tuple[np.ndarray, ...], variance: np.ndarray,
                      counts: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Unbiased variance of each pixel's non-NaN buffered samples (NaN below two), and their number;
+    """Unbiased variance of each pixel's non-NaN buffered samples (NaN below two);
     ``counts[y, c, m]`` += pixels of row ``y`` with ``m`` samples in channel ``c``.
 
     Frame by frame along a row, so that the loops stream the buffer and vectorise; the mean first, then the
     squared deviations (the row stays in cache between the two).
     """
-    frames, height, width, channels = buffer.shape
+    frames = len(buffer)
+    height, width, channels = buffer[0].shape
     for y in numba.prange(height):
         total = np.empty(width, dtype=np.float64)
         spread = np.empty(width, dtype=np.float64)
@@ -1172,8 +1185,9 @@ def _sample_variance(buffer: np.ndarray, variance: np.ndarray, samples: np.ndarr
             spread[:] = 0.0
             count[:] = 0
             for f in range(frames):
+                plane = buffer[f]
                 for x in range(width):
-                    value = np.float64(buffer[f, y, x, c])
+                    value = np.float64(plane[y, x, c])
                     if value == value:  # not NaN
                         total[x] += value
                         count[x] += 1
@@ -1181,14 +1195,14 @@ def _sample_variance(buffer: np.ndarray, variance: np.ndarray, samples: np.ndarr
                 if count[x]:
                     total[x] /= count[x]
             for f in range(frames):
+                plane = buffer[f]
                 for x in range(width):
-                    value = np.float64(buffer[f, y, x, c])
+                    value = np.float64(plane[y, x, c])
                     if value == value:
                         delta = value - total[x]
                         spread[x] += delta * delta
             for x in range(width):
                 m = count[x]
-                samples[y, x, c] = m
                 counts[y, c, m] += 1
                 variance[y, x, c] = np.float32(spread[x] / (m - 1)) if m >= 2 else np.float32(np.nan)
 
@@ -1233,9 +1247,10 @@ def _gather_range(plane: np.ndarray, low: float, high: float, offsets: np.ndarra
 
 
 @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
-def _robust_init(buffer: np.ndarray, weights: np.ndarray, kappa: float, mad_to_sigma: float, min_test: int,
-                 floor: np.ndarray, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray, n: np.ndarray,
-                 offered: np.ndarray, rejected: np.ndarray) -> None:  # pragma: no cover - compiled
+def _robust_init(buffer: tuple[np.ndarray, ...], weights: np.ndarray, kappa: float, mad_to_sigma: float,
+                 min_test: int, floor: np.ndarray, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray,
+                 n: np.ndarray, offered: np.ndarray,
+                 rejected: np.ndarray) -> None:  # pragma: no cover - compiled
     """Median/MAD-clip each pixel's buffered samples, then the weighted mean and M2 of the kept ones.
 
     Row by row: first the weighted moments of every sample and each pixel's reach, the larger of
@@ -1246,8 +1261,12 @@ def _robust_init(buffer: np.ndarray, weights: np.ndarray, kappa: float, mad_to_s
     the two middle ones for an even count), then the moments of the kept ones in frame order. The means and
     squared deviations come in two passes (West's running update gives the same to rounding, with a
     division per sample).
+
+    The outputs may be frames of ``buffer`` itself: a pixel's samples are all read before its moments are
+    written, and nothing else reads them.
     """
-    frames, height, width, channels = buffer.shape
+    frames = len(buffer)
+    height, width, channels = buffer[0].shape
     for y in numba.prange(height):
         weighted = np.empty(width, dtype=np.float64)
         weight = np.empty(width, dtype=np.float64)
@@ -1273,8 +1292,9 @@ def _robust_init(buffer: np.ndarray, weights: np.ndarray, kappa: float, mad_to_s
             deviations[:] = 0.0
             for f in range(frames):
                 w = weights[f]
+                plane = buffer[f]
                 for x in range(width):
-                    value = np.float64(buffer[f, y, x, c])
+                    value = np.float64(plane[y, x, c])
                     if value == value:  # not NaN
                         weighted[x] += w * value
                         weight[x] += w
@@ -1288,8 +1308,9 @@ def _robust_init(buffer: np.ndarray, weights: np.ndarray, kappa: float, mad_to_s
                     weighted[x] /= weight[x]
             for f in range(frames):
                 w = weights[f]
+                plane = buffer[f]
                 for x in range(width):
-                    value = np.float64(buffer[f, y, x, c])
+                    value = np.float64(plane[y, x, c])
                     if value == value:
                         delta = value - weighted[x]
                         deviations[x] += w * delta * delta
@@ -1304,7 +1325,7 @@ def _robust_init(buffer: np.ndarray, weights: np.ndarray, kappa: float, mad_to_s
                 if m >= min_test and reach > limit_floor:
                     m = 0
                     for f in range(frames):
-                        value = np.float64(buffer[f, y, x, c])
+                        value = np.float64(buffer[f][y, x, c])
                         if value == value:
                             values[m] = value
                             order[m] = f
