@@ -88,7 +88,7 @@ def test_subtracting_every_frame_leaves_an_empty_stack_and_adding_back_restores_
     assert stack.count == 0
     assert not stack.coverage.any()
     assert np.isnan(stack.result()).all()
-    assert not stack.state()["weight"].any() and not stack.state()["sum"].any()
+    assert not stack.state()["weight"].any() and not stack.state()["mean"].any()
     with pytest.raises(ValueError, match="empty"):
         stack.subtract(*frames[0])
     for image, footprint, weight in frames:

@@ -102,6 +102,44 @@ def test_weighted_mean_matches_numpy_average() -> None:
     assert np.isnan(stack.result()[~covered]).all() and (~covered).any()
 
 
+def test_float32_running_mean_stays_within_float32_resolution_over_thousands_of_frames() -> None:
+    """The mean is stored as float32: after 3000 weighted frames it still matches a float64 average to a
+    few float32 roundings, far below the stack's noise (10 / sqrt(3000) ~ 0.18 here)."""
+    rng = np.random.default_rng(21)
+    shape = (16, 24)
+    stack = MeanStack(shape)
+    moment = np.zeros(shape)
+    total = np.zeros(shape)
+    footprint = np.ones(shape, dtype=bool)
+    for _ in range(3000):
+        frame = (SKY + NOISE * rng.standard_normal(shape)).astype(np.float32)
+        weight = float(rng.uniform(0.2, 3.0))
+        stack.add(frame, footprint, weight)
+        moment += weight * frame.astype(np.float64)
+        total += weight
+    np.testing.assert_allclose(stack.result(), moment / total, rtol=2e-6, atol=0)
+
+
+def test_mean_resumes_from_a_state_of_float64_sums() -> None:
+    """Checkpoints written while the mean kept float64 sums resume as the same mean."""
+    rng = np.random.default_rng(22)
+    frames = _noisy(rng, 6, (12, 10))
+    footprints = _footprints(rng, 6, (12, 10), slack=4)
+    weights = np.linspace(0.5, 2.0, 6)
+    w = weights[:, None, None] * footprints
+    old = {"method": np.array("mean"), "shape": np.array((12, 10), dtype=np.int64), "count": np.array(4),
+           "sum": (w[:4] * np.where(footprints[:4], frames[:4], 0)).sum(axis=0)[:, :, None],
+           "weight": w[:4].sum(axis=0), "coverage": footprints[:4].sum(axis=0).astype(np.int32)}
+    stack = MeanStack((12, 10))
+    stack.restore(old)
+    for frame, footprint, weight in zip(frames[4:], footprints[4:], weights[4:], strict=True):
+        stack.add(frame, footprint, weight)
+    covered = footprints.any(axis=0)
+    expected = (w * np.where(footprints, frames, 0)).sum(axis=0)[covered] / w.sum(axis=0)[covered]
+    np.testing.assert_allclose(stack.result()[covered], expected, rtol=1e-6)
+    assert stack.count == 6 and np.isnan(stack.result()[~covered]).all()
+
+
 def test_nan_inside_the_footprint_does_not_poison_the_pixel() -> None:
     stack = MeanStack((4, 4, 3))
     frame = np.full((4, 4, 3), 5.0, dtype=np.float32)
@@ -370,6 +408,36 @@ def test_median_memory_stays_within_its_budget(budget: int, tmp_path: Path) -> N
     # The block buffer, the one-block output and the result itself; nothing that grows with the cube.
     assert peak < budget + 2 * result.nbytes + 64_000, peak
     np.testing.assert_array_equal(result, np.median(frames, axis=0))
+
+
+def test_kappa_sigma_warmup_end_needs_no_memory_beyond_its_buffer() -> None:
+    """Judging the warm-up writes the moments over buffered frames: what it allocates stays within one
+    frame (the variances) and the noise floor's sample, and afterwards the stack holds 16 bytes per pixel,
+    not the buffer."""
+    shape = (600, 800)  # large enough that the noise floor's median works on a sample, as on real frames
+    rng = np.random.default_rng(23)
+    frames = _noisy(rng, 6, shape)
+    footprint = np.ones(shape, dtype=bool)
+    first = KappaSigmaStack(shape, warmup=5)
+    for frame in frames[:5]:  # a first stack loads the compiled kernels, which allocate on their own
+        first.add(frame, footprint)
+    stack = KappaSigmaStack(shape, warmup=5)
+    for frame in frames[:4]:
+        stack.add(frame, footprint)
+    frame_bytes = frames[0].nbytes
+    tracemalloc.start()
+    try:
+        stack.add(frames[4], footprint)  # the warm-up's end
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The fifth frame's slot and the variances; separate moments would add four frames' worth.
+    assert peak < 2.5 * frame_bytes, peak / frame_bytes
+    # The fifth frame's slot went back; the moments took the four that were there.
+    assert kept < 200_000, kept / frame_bytes
+    stack.add(frames[5], footprint)
+    first.add(frames[5], footprint)
+    np.testing.assert_array_equal(stack.result(), first.result())
 
 
 def test_block_shape_respects_the_budget() -> None:
