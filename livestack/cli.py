@@ -92,13 +92,16 @@ def _cmd_stack(args: argparse.Namespace) -> int:
                         progress.console.print(f"[yellow]rejected[/] {name}: {result.reason}")
                     progress.update(task, name=name, advance=1)
         image = stacker.result()
+        exptime = stacker.exptime
         if image is not None and stacker.count > 0 and len(stacker.filters) > 1:
             image_path = _write_filter_stacks(stacker, results, fits_path, config,
                                               args.frames_csv or config.output.frames_csv, console)
         elif image is not None and stacker.count > 0:
             rows = _result_rows(results)
             _solve_for_stack(config, stacker, console)
-            write_snapshot(fits_path, image, replace(stacker.info(), frames=rows),
+            info = replace(stacker.info(), frames=rows)
+            stacker.discard()  # the accumulators' memory goes back before the snapshot's pictures are made
+            write_snapshot(fits_path, image, info,
                            image_format=config.output.image_format, flatten=config.output.flatten_background,
                            surface=stacker.path == "surface",
                            frames_csv=args.frames_csv or config.output.frames_csv,
@@ -108,7 +111,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     accepted = [r for r in results if r.accepted]
     reasons = Counter(r.reason for r in results if not r.accepted)
     console.print(f"[bold]{len(accepted)}[/] of {len(results)} frames stacked "
-                  f"({config.stack.method}), total exposure {_hms(stacker.exptime)}")
+                  f"({config.stack.method}), total exposure {_hms(exptime)}")
     for reason, n in reasons.most_common():
         console.print(f"  rejected {n}: {reason}")
     if not accepted:
