@@ -73,9 +73,9 @@ from typing import Any, Literal
 
 import astroalign
 import numpy as np
-from scipy.spatial import cKDTree
 
 from livestack.stages.detect import Stars
+from livestack.stages.neighbours import nearest, within
 
 __all__ = ["DISTORTION_MODES", "AlignParams", "Alignment", "Distortion", "Transform", "align"]
 
@@ -396,8 +396,7 @@ def align(reference: Stars, stars: Stars, guess: Transform | None = None,
 
     ref = reference.xy[: params.max_stars]
     frm = stars.xy[: params.max_stars]
-    tree = cKDTree(ref)
-    problem = _Problem(ref=ref, frm=frm, tree=tree, ref_shape=reference.shape, frm_shape=stars.shape,
+    problem = _Problem(ref=ref, frm=frm, ref_shape=reference.shape, frm_shape=stars.shape,
                        params=params)
 
     start = np.eye(2, 3) if guess is None else np.asarray(guess.matrix, dtype=np.float64)
@@ -429,7 +428,6 @@ class _Problem:
 
     ref: np.ndarray
     frm: np.ndarray
-    tree: cKDTree
     ref_shape: tuple[int, int]
     frm_shape: tuple[int, int]
     params: AlignParams
@@ -467,11 +465,10 @@ def _vote_shift(problem: _Problem, matrix: np.ndarray) -> np.ndarray:
     """
     params = problem.params
     predicted = _apply(matrix, problem.frm)
-    pairs = cKDTree(predicted).sparse_distance_matrix(problem.tree, params.search_radius,
-                                                      output_type="ndarray")
-    if pairs.shape[0] < params.min_inliers:
+    frm_index, ref_index, _ = within(problem.ref, predicted, params.search_radius)
+    if frm_index.size < params.min_inliers:
         return matrix
-    offsets = problem.ref[pairs["j"]] - predicted[pairs["i"]]
+    offsets = problem.ref[ref_index] - predicted[frm_index]
     nbins = max(1, math.ceil(2.0 * params.search_radius / params.match_radius))
     edges = np.linspace(-params.search_radius, params.search_radius, nbins + 1)
     counts, _, _ = np.histogram2d(offsets[:, 0], offsets[:, 1], bins=(edges, edges))
@@ -494,7 +491,7 @@ def _refine(problem: _Problem, matrix: np.ndarray) -> _Fit | None:
     fit: _Fit | None = None
     for _ in range(MATCH_PASSES):
         predicted = _apply(matrix, problem.frm)
-        distance, ref_index = problem.tree.query(predicted, distance_upper_bound=params.match_radius)
+        distance, ref_index = nearest(problem.ref, predicted, params.match_radius)
         frm_index = np.flatnonzero(np.isfinite(distance))
         ref_index = ref_index[frm_index]
         # One reference star takes only its closest frame star.
@@ -650,11 +647,10 @@ def _distort(problem: _Problem, fit: _Fit | None) -> _Fit | None:
     design_all = _design((problem.ref - centre) / scale, DISTORTION_ORDER)
     inverse = _inverse(fit.matrix)
     base = _apply(inverse, problem.ref)
-    frm_tree = cKDTree(problem.frm)
     coeffs = np.zeros((design_all.shape[1], 2))
     ref_index = frm_index = np.empty(0, dtype=np.intp)
     for _ in range(MATCH_PASSES):
-        distance, found = frm_tree.query(base + design_all @ coeffs, distance_upper_bound=params.match_radius)
+        distance, found = nearest(problem.frm, base + design_all @ coeffs, params.match_radius)
         ref_index = np.flatnonzero(np.isfinite(distance))
         frm_index = found[ref_index]
         # One frame star takes only its closest reference star.

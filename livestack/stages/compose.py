@@ -47,9 +47,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from scipy.spatial import cKDTree
 
 from livestack.stages.detect import detect
+from livestack.stages.neighbours import nearest
 from livestack.stages.snapshot import flatten_background
 
 __all__ = [
@@ -456,8 +456,7 @@ def _common(rx: np.ndarray, ry: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.
     """Indices of the reference stars that a star of the other list lies within ``MATCH_RADIUS`` of."""
     if len(rx) == 0 or len(x) == 0:
         return np.empty(0, dtype=np.int64)
-    distance, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([rx, ry]),
-                                                         distance_upper_bound=MATCH_RADIUS)
+    distance, _ = nearest(np.column_stack([x, y]), np.column_stack([rx, ry]), MATCH_RADIUS)
     return np.flatnonzero(np.isfinite(distance))
 
 

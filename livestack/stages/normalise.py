@@ -40,10 +40,10 @@ from typing import Any
 import cv2
 import numba
 import numpy as np
-from scipy.spatial import cKDTree
 
 from livestack.stages.align import Transform
 from livestack.stages.detect import Stars
+from livestack.stages.neighbours import nearest
 
 __all__ = [
     "MODES",
@@ -180,7 +180,7 @@ def transparency(reference: Stars, stars: Stars, transform: Transform, exptime: 
     if n_ref < MIN_MATCHED or n < MIN_MATCHED:
         return float("nan")
     predicted = transform.apply(stars.xy[:n])
-    distance, index = cKDTree(reference.xy[:n_ref]).query(predicted, distance_upper_bound=MATCH_RADIUS)
+    distance, index = nearest(reference.xy[:n_ref], predicted, MATCH_RADIUS)
     found = np.isfinite(distance)
     if int(found.sum()) < MIN_MATCHED:
         return float("nan")
