@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from photutils.psf import fit_fwhm
 
+from livestack.clients.tui.model import Dashboard
 from livestack.config import Config
 from livestack.live.reports import frame_event
 from livestack.pipeline import FrameResult, Stacker, frame_facts
@@ -93,8 +94,13 @@ def test_wide_field_corners_stay_sharp_with_distortion_on_and_blur_without(wide:
         assert t is not None and t.distortion is not None
         assert t.rms_before is not None and t.rms_after is not None
         assert t.rms_after == t.rms and t.rms_after < t.rms_before
-        published = frame_event(1, Path(result.path), "accepted", result, 0.1, 1).payload["transform"]
+        event = frame_event(1, Path(result.path), "accepted", result, 0.1, 1)
+        published = event.payload["transform"]
         assert published["distortion"] is True
+        # Where frame stats are shown: the dashboard's rms column, without > with.
+        dashboard = Dashboard()
+        dashboard.apply(event)
+        assert dashboard.rows()[0].rms == f"{t.rms_before:.2f}>{t.rms_after:.2f}"
         assert published["rms_before"] == pytest.approx(t.rms_before)
         assert published["rms_after"] == pytest.approx(t.rms_after)
     ratios = [r.transform.rms_after / r.transform.rms_before for r in on_results[1:] if r.transform]
@@ -200,3 +206,30 @@ def test_dense_map_is_the_affine_inverse_plus_the_polynomial() -> None:
         np.testing.assert_allclose(mapped[mapped_fp], plain[plain_fp], atol=1.0)
         assert np.isnan(mapped[~mapped_fp]).all()
     assert Distortion.from_json(json.loads(json.dumps(bent.to_json()))) == bent
+
+
+def test_resuming_from_a_checkpoint_warps_the_rest_as_before(wide: list[Path], tmp_path: Path) -> None:
+    """A restart replays the journal's frames after the checkpoint: the same corrections, the same stack."""
+    config = Config().with_overrides({"align.distortion": "auto", "stack.method": "kappa-sigma",
+                                      "calibration.defects": "off"})
+    frames = wide[:6]
+    straight = Stacker(config, workdir=tmp_path / "straight")
+    results = [straight.process(p) for p in frames]
+    assert all(r.accepted for r in results)
+    expected = straight.result()
+    first = Stacker(config, workdir=tmp_path / "first")
+    for path in frames[:3]:
+        assert first.process(path).accepted
+    arrays, meta = first.checkpoint()
+    resumed = Stacker(config, workdir=tmp_path / "resumed")
+    resumed.restore({k: np.array(v) for k, v in arrays.items()}, json.loads(json.dumps(meta)))
+    replayed = [resumed.process(p) for p in frames[3:]]
+    for before, after in zip(results[3:], replayed, strict=True):
+        assert before.transform is not None and after.transform is not None
+        assert after.transform.distortion is not None
+        assert after.transform.distortion == before.transform.distortion
+    image = resumed.result()
+    assert expected is not None and image is not None
+    assert image.tobytes() == expected.tobytes()
+    for stacker in (straight, first, resumed):
+        stacker.discard()

@@ -246,6 +246,8 @@ class Distortion:
     coeffs_y: tuple[float, ...]
 
     def __post_init__(self) -> None:
+        if not 1 <= self.order <= DISTORTION_ORDER:
+            raise ValueError(f"a distortion's order must be 1 to {DISTORTION_ORDER}, not {self.order}.")
         count = len(self.terms(self.order))
         if len(self.coeffs_x) != count or len(self.coeffs_y) != count:
             raise ValueError(f"a distortion of order {self.order} has {count} coefficients per axis, not "
