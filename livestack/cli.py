@@ -183,9 +183,9 @@ def _stack_outputs(out: Path, image_format: str, stem: str = "stack") -> tuple[P
 
 
 _REPORT_COLUMNS = ("file", "verdict", "reason", "m00", "m01", "m02", "m10", "m11", "m12", "rotation_deg",
-                   "scale", "inliers", "rms", "method", "stars", "fwhm", "ellipticity", "background",
-                   "noise", "calibration", "defects", "t_read", "t_calibrate", "t_detect", "t_align",
-                   "t_warp", "t_stack")
+                   "scale", "inliers", "rms", "method", "rms_before", "rms_after", "stars", "fwhm",
+                   "ellipticity", "background", "noise", "calibration", "defects", "t_read", "t_calibrate",
+                   "t_detect", "t_align", "t_warp", "t_stack")
 
 
 def _write_report(path: Path, results: Sequence[Any]) -> None:
@@ -200,6 +200,7 @@ def _write_report(path: Path, results: Sequence[Any]) -> None:
             row = [r.path, r.verdict, r.reason or "", *matrix,
                    f"{t.rotation:.5f}" if t else "", f"{t.scale:.6f}" if t else "",
                    t.inliers if t else "", f"{t.rms:.4f}" if t else "", t.method if t else "",
+                   _fmt(t.rms_before if t else None, 4), _fmt(t.rms_after if t else None, 4),
                    q.stars if q else "", _fmt(q.fwhm if q else None), _fmt(q.ellipticity if q else None),
                    _fmt(q.background if q else None), _fmt(q.noise if q else None),
                    r.calibration or "", "" if r.defects is None else r.defects]

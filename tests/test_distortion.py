@@ -6,6 +6,7 @@ fitted by photutils at the stars' true positions (the simulator's), in the corne
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import warnings
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from photutils.psf import fit_fwhm
 
+from livestack.cli import main
 from livestack.clients.tui.model import Dashboard
 from livestack.config import Config
 from livestack.live.reports import frame_event
@@ -150,6 +152,14 @@ def test_narrow_undistorted_field_leaves_auto_off(tmp_path: Path) -> None:
         assert t.distortion is None
         # Evaluated and published all the same: nothing to gain on a field the affine fit maps exactly.
         assert t.rms_before is not None and t.rms_after is not None and t.rms_before < 0.2
+    # The batch command's report publishes the same figures.
+    report = tmp_path / "report.csv"
+    assert main(["stack", *map(str, paths), "-o", str(tmp_path / "out.fits"), "--report", str(report),
+                 "--method", "mean", "-q"]) == 0
+    with report.open() as handle:
+        rows = list(csv.DictReader(handle))[1:]
+    assert rows and all(float(r["rms_after"]) <= float(r["rms_before"]) < 0.2 for r in rows)
+    assert all(float(r["rms"]) < 0.2 for r in rows)
     # The stars would constrain a correction: "on" fits one; "auto" declined it on the held-out residuals.
     _, forced = _stack(paths, "on", tmp_path / "forced")
     assert all(r.transform is not None and r.transform.distortion is not None for r in forced[1:])
