@@ -23,6 +23,7 @@ from livestack.live.reports import frame_event
 from livestack.pipeline import FrameResult, Stacker, frame_facts
 from livestack.simulate import SimConfig, field_stars, simulate
 from livestack.stages.align import DISTORTION_ORDER, Distortion
+from livestack.stages.provenance import FrameRow, frames_hdu, read_frames
 from livestack.stages.warp import INTERPOLATIONS, dense_map, warp
 
 #: A wide field: 1% barrel distortion at the corners, dithers of up to 150 px in x and y.
@@ -123,6 +124,12 @@ def test_journaled_correction_warps_again_to_the_same_bits(wide: list[Path], tmp
     expected = live.result()
     facts = [json.loads(json.dumps(frame_facts(r), allow_nan=False)) for r in results]
     assert all(f["distortion"] is not None and f["residual_after"] < f["residual_before"] for f in facts[1:])
+    # The FRAMES table of a snapshot shows them too.
+    table = read_frames(frames_hdu([FrameRow.from_facts(i, "", "accepted", None, f)
+                                    for i, f in enumerate(facts, start=1)]))
+    assert [row.distortion for row in table] == [False, True, True, True, True]
+    assert all(row.residual_after is not None and row.residual_before is not None
+               and row.residual_after < row.residual_before for row in table[1:])
 
     def replay(strip: bool) -> np.ndarray:
         again = Stacker(config, workdir=tmp_path)

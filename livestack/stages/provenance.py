@@ -14,7 +14,8 @@ Public API:
 Conventions. One row per frame received for the stack, in journal order: accepted, rejected and removed
 frames alike. ``MATRIX`` is the 2x3 affine matrix frame -> reference, row-major ``[a, b, tx, c, d, ty]``
 (``[x_ref, y_ref] = [[a, b], [c, d]] @ [x, y] + [tx, ty]``, x = column, y = row, pixel centres at integers),
-the matrix ``stages.warp.warp`` resamples with. ``DX, DY`` are where the frame's centre lands on the
+the matrix ``stages.warp.warp`` resamples with (and, where ``DISTORTION`` is true, a smooth correction on top
+of it whose coefficients the journal keeps). ``DX, DY`` are where the frame's centre lands on the
 reference minus the centre (``Transform.centre_shift``). A value that was not measured (a rejected frame's
 transform, a frame without calibration) is NaN in a floating column, -1 in an integer one and an empty string
 in a text column: columns degrade, they never disappear, so readers can rely on the layout.
@@ -58,6 +59,9 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("SCALE", "D", "", "scale"),
     ("INLIERS", "J", "", "stars matched in the fit"),
     ("RESIDUAL", "D", "pix", "RMS residual of the fit"),
+    ("RESIDUAL_BEFORE", "D", "pix", "RMS residual without a distortion correction"),
+    ("RESIDUAL_AFTER", "D", "pix", "RMS residual with a distortion correction"),
+    ("DISTORTION", "L", "", "warped with a distortion correction"),
     ("STARS", "J", "", "stars detected"),
     ("FWHM", "D", "pix", "median FWHM"),
     ("ELLIPTICITY", "D", "", "median 1 - b/a"),
@@ -91,6 +95,12 @@ class FrameRow:
     matrix : tuple of 6 float or None
         Frame -> reference, row-major.
     dx, dy, rotation, scale, residual : float or None
+    residual_before, residual_after : float or None
+        The matched stars' RMS residual without and with a wide field's distortion correction, when one was
+        evaluated (``Transform.rms_before``, ``rms_after``).
+    distortion : bool
+        True when the frame was warped with a distortion correction beyond ``matrix`` (its coefficients are in
+        the journal's facts).
     inliers : int or None
     stars : int or None
     fwhm, ellipticity, background, noise, weight : float or None
@@ -118,6 +128,9 @@ class FrameRow:
     scale: float | None = None
     inliers: int | None = None
     residual: float | None = None
+    residual_before: float | None = None
+    residual_after: float | None = None
+    distortion: bool = False
     stars: int | None = None
     fwhm: float | None = None
     ellipticity: float | None = None
@@ -165,7 +178,9 @@ class FrameRow:
             masters=facts.get("masters"), matrix=None if matrix is None else tuple(matrix),
             dx=_num(facts.get("dx")), dy=_num(facts.get("dy")), rotation=_num(facts.get("rotation")),
             scale=_num(facts.get("scale")), inliers=_int(facts.get("inliers")),
-            residual=_num(facts.get("residual")), stars=_int(facts.get("stars")),
+            residual=_num(facts.get("residual")), residual_before=_num(facts.get("residual_before")),
+            residual_after=_num(facts.get("residual_after")), distortion=facts.get("distortion") is not None,
+            stars=_int(facts.get("stars")),
             fwhm=_num(facts.get("fwhm")),
             ellipticity=_num(facts.get("ellipticity")), background=_num(facts.get("background")),
             noise=_num(facts.get("noise")), weight=_num(facts.get("weight")), verdict=verdict, reason=reason,
