@@ -666,10 +666,19 @@ def _phase_translation(ref: SurfaceReference, work: np.ndarray, spectrum: np.nda
         surface = _correlation_surface(ref.spectrum, spectrum, ref.weights, work.shape)
         peak, confidence = _best_peak(surface, exclude=None, width=width)
         if math.hypot(*peak) <= zero:
-            # Zero is where the sensor's fixed pattern matches. The frame minus the reference holds no fixed
-            # pattern: when its surface has a confident peak, the target moved, and that peak says where to.
-            other = _correlation_surface(ref.spectrum, spectrum, ref.weights, work.shape, difference=True)
-            moved, moved_confidence = _best_peak(other, exclude=None, width=width)
+            # Zero is where the sensor's fixed pattern matches. The reference's pixels of one checkerboard
+            # colour against the frame's of the other share no per-pixel pattern: a confident peak away from
+            # zero there is the target's motion. Failing that, the frame minus the reference holds no fixed
+            # pattern at all: when its surface has a confident peak, the target moved, and that peak says
+            # where to (a turn too small to take out first blurs and shifts that peak a little).
+            half = _half_blur(work, ref.sigma_high, 1)
+            halves = _correlation_surface(ref.half_spectrum,
+                                          np.fft.rfft2((half - np.float32(half.mean())) * ref.window),
+                                          ref.weights, work.shape)
+            moved, moved_confidence = _best_peak(halves, exclude=None, width=width)
+            if math.hypot(*moved) <= zero:
+                other = _correlation_surface(ref.spectrum, spectrum, ref.weights, work.shape, difference=True)
+                moved, moved_confidence = _best_peak(other, exclude=None, width=width)
             if moved_confidence >= params.min_confidence:
                 peak, confidence = moved, moved_confidence
             elif confidence < params.confirm_confidence:
