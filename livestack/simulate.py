@@ -56,11 +56,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import cv2
 import numpy as np
 from astropy.io import fits
-from scipy import ndimage
 
 from livestack.errors import ConfigError
 
@@ -1101,7 +1101,7 @@ def _render_surface(config: SimConfig, index: int, kind: str, has_trail: bool,
     map_x = matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2] + scene.margin
     map_y = matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2] + scene.margin
     del xs, ys
-    light: np.ndarray = ndimage.map_coordinates(scene.coefficients, (map_y, map_x), output=np.float32,
+    light: np.ndarray = _spline().map_coordinates(scene.coefficients, (map_y, map_x), output=np.float32,
                                                 order=3, mode="mirror", prefilter=False)
     del map_x, map_y
     seeing = float(events.uniform(*SEEING_FWHM))
@@ -1135,6 +1135,13 @@ def _blur(image: np.ndarray, fwhm: float) -> np.ndarray:
                                        borderType=cv2.BORDER_REFLECT))
 
 
+def _spline() -> Any:
+    """scipy.ndimage, imported only when a starless target is drawn (it costs start-up time otherwise)."""
+    from scipy import ndimage
+
+    return ndimage
+
+
 @functools.lru_cache(maxsize=2)
 def _scene(config: SimConfig) -> _Scene:
     """The target in the sky plane, drawn once per session (the same for every frame)."""
@@ -1166,7 +1173,7 @@ def _scene(config: SimConfig) -> _Scene:
         image = SURFACE_SKY + PLANET_LEVEL * disk * edge
     image = _blur(image, 1.5)
     view = image[margin:margin + height, margin:margin + width]
-    coefficients = ndimage.spline_filter(image, order=3, output=np.float32, mode="mirror")
+    coefficients = _spline().spline_filter(image, order=3, output=np.float32, mode="mirror")
     return _Scene(image=_frozen(image), coefficients=_frozen(coefficients), margin=margin,
                   contrast=float(view.std()), level=float(view.mean()))
 
