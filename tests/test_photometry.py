@@ -282,9 +282,11 @@ def test_real_microobservatory_light_curve_of_a_constant_star() -> None:
     m = np.array([r.magnitude for r in rows])
     e = np.array([r.error for r in rows])
     scatter, predicted = float(np.std(m, ddof=1)), float(np.sqrt(np.mean(e**2)))
-    # Measured 2026-11-30: 4.8 mmag against 2.5 predicted (1.9x) with a gain of 22 e-/ADU. This guards the
-    # pipeline (a broken transform or aperture gives tens of mmag); it is not the 1.5x bound of a calibrated
-    # camera, which needs darks and flats this set does not have.
+    # Measured 2026-11-30: 4.85 mmag against 2.45 predicted (1.98x) at 22 e-/ADU; 1.55x at 12 and 2.29x at 33,
+    # the ends of what the hot pixels allow (benchmarks/bench_photometry_real.py). The excess is white (point
+    # to point as large as the scatter), barely follows the seeing, and survives every aperture, sky estimate
+    # and centring tried; Young's scintillation (~1.4 mmag a star) takes it to 1.7x. This guards the pipeline
+    # (a broken transform or aperture gives tens of mmag); it is not the 1.5x: it does not hold here.
     assert scatter < 0.006, (scatter, predicted)
     assert scatter < 2.5 * predicted, (scatter, predicted)
 
