@@ -39,7 +39,6 @@ The surface stretch (``surface=True``, for the Moon, the Sun and planets)
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,7 +51,7 @@ import sep
 from astropy.io import fits
 
 from livestack import __version__
-from livestack.atomic import atomic_write
+from livestack.atomic import atomic_file, atomic_write
 from livestack.stages.provenance import FrameRow, frames_hdu
 from livestack.stages.provenance import frames_csv as rows_csv
 
@@ -371,9 +370,10 @@ def write_fits(path: str | Path, image: np.ndarray, info: StackInfo) -> None:
         hdus.append(coverage)
     if info.frames is not None:
         hdus.append(frames_hdu(info.frames))
-    buffer = io.BytesIO()
-    fits.HDUList(hdus).writeto(buffer)
-    atomic_write(path, buffer.getbuffer())
+    # Straight into the temporary file: a serialised copy in memory would add the whole file (both images)
+    # to the peak of a daemon that still holds its accumulators.
+    with atomic_file(path) as handle:
+        fits.HDUList(hdus).writeto(handle)
 
 
 def stretch(image: np.ndarray, surface: bool = False) -> np.ndarray:
