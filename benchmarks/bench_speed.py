@@ -10,7 +10,8 @@ live
     temporary name renamed in place. The clock runs from the rename's return to a subscriber receiving the
     frame's ``accepted`` event. Reported: median and worst latency, the worst after the first frame and its
     ratio to the median, the frame that ends kappa-sigma's warm-up, the medians of the stages the daemon
-    timed (read, detect, align, warp, stack) and what the daemon adds around them (latency minus stages).
+    timed (read, detect, align, warp, stack), what the daemon adds around them (latency minus stages) and
+    the daemon's peak resident memory over the whole run (``wait4``), its last snapshot included.
 stack
     ``livestack stack`` as a whole process on the first 2 and on all N frames; per frame = (t_N - t_2) /
     (N - 2), for the default method (kappa-sigma) and for ``--method mean``, with each run's peak RSS
@@ -267,11 +268,8 @@ def bench_live(paths: list[Path], cadence: float, work: Path, source: Path | Non
         stop.set()
         listener.join()
         daemon.terminate()
-        try:  # it writes a last snapshot first: on a loaded machine that can take a while
-            daemon.wait(300)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        # It writes a last snapshot first: on a loaded machine that can take a while.
+        daemon_rss = _wait_rss(daemon, 300)
     names = [name for name, _ in blobs]
     missing = [n for n in names if n not in arrived]
     if missing:
@@ -285,11 +283,24 @@ def bench_live(paths: list[Path], cadence: float, work: Path, source: Path | Non
     overhead = [lat - sum(t.values()) for lat, t in zip(latencies, timings, strict=True)][1:]
     median = statistics.median(latencies)
     after_first = max(latencies[1:])
-    return {"latencies": latencies, "median": median, "worst": max(latencies),
+    return {"latencies": latencies, "median": median, "worst": max(latencies), "rss": daemon_rss,
             "worst_after_first": after_first, "worst_ratio": after_first / median,
             "warmup_end": latencies[WARMUP - 1],
             "warmup_end_stack": timings[WARMUP - 1].get("stack", 0.0), "stages": stages,
             "overhead": statistics.median(overhead)}
+
+
+def _wait_rss(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """Wait for ``process`` to end (killing it after ``timeout`` seconds): its peak resident memory, bytes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, _status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = 0  # reaped here: Popen must not wait for it again
+            return usage.ru_maxrss * 1024
+        if time.monotonic() > deadline:
+            process.kill()
+        time.sleep(0.1)
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -309,15 +320,15 @@ def report(results: dict[str, Any], sizes: list[str], frames: int, live_frames: 
         cadences = ", ".join(f"{k} MP {CADENCE[k]:g} s" for k in sizes)
         print(f"Live: rename -> `accepted` event, {live_frames} frames, cadence {cadences}\n")
         print("| frames | median | worst | worst after the first (x median) | warm-up end (its stack step) "
-              "| read | detect | align | warp | stack | daemon's own |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "| read | detect | align | warp | stack | daemon's own | daemon's peak RSS |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for key, row in results.items():
             if "live" in row:
                 lv = row["live"]
                 cells = [f"{lv['median']:.3f} s", f"{lv['worst']:.3f} s",
                          f"{lv['worst_after_first']:.3f} s ({lv['worst_ratio']:.1f}x)",
                          f"{lv['warmup_end']:.3f} s ({_ms(lv['warmup_end_stack'])})",
-                         *(_ms(lv["stages"][s]) for s in STAGES), _ms(lv["overhead"])]
+                         *(_ms(lv["stages"][s]) for s in STAGES), _ms(lv["overhead"]), _mib(lv["rss"])]
                 print(f"| {key} | " + " | ".join(cells) + " |")
         for size_key in sizes:
             mono, colour = results.get(f"{size_key} MP mono", {}), results.get(f"{size_key} MP colour", {})
