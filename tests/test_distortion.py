@@ -19,8 +19,9 @@ from photutils.psf import fit_fwhm
 from livestack.cli import main
 from livestack.clients.tui.model import Dashboard
 from livestack.config import Config
+from livestack.errors import FrameError
 from livestack.live.reports import frame_event
-from livestack.pipeline import FrameResult, Stacker, frame_facts
+from livestack.pipeline import FrameResult, Stacker, distortion_from_facts, frame_facts
 from livestack.simulate import SimConfig, field_stars, simulate
 from livestack.stages.align import DISTORTION_ORDER, Distortion
 from livestack.stages.provenance import FrameRow, frames_hdu, read_frames
@@ -250,3 +251,13 @@ def test_resuming_from_a_checkpoint_warps_the_rest_as_before(wide: list[Path], t
     assert image.tobytes() == expected.tobytes()
     for stacker in (straight, first, resumed):
         stacker.discard()
+
+
+def test_a_journaled_correction_that_cannot_be_read_is_a_frame_error() -> None:
+    assert distortion_from_facts({"distortion": None}) is None
+    assert distortion_from_facts(None) is None
+    for broken in ({"centre": [1.0, 2.0]}, {"centre": [1.0, 2.0], "scale": 10.0, "order": 3, "x": [0.0],
+                                            "y": [0.0]}, {"centre": [0, 0], "scale": -1.0, "order": 1,
+                                                          "x": [0.0] * 3, "y": [0.0] * 3}):
+        with pytest.raises(FrameError, match="journaled distortion correction cannot be read"):
+            distortion_from_facts({"distortion": broken})
