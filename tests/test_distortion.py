@@ -261,3 +261,24 @@ def test_a_journaled_correction_that_cannot_be_read_is_a_frame_error() -> None:
                                                           "x": [0.0] * 3, "y": [0.0] * 3}):
         with pytest.raises(FrameError, match="journaled distortion correction cannot be read"):
             distortion_from_facts({"distortion": broken})
+
+
+def test_removing_a_corrected_frame_from_a_mean_takes_out_what_was_put_in(wide: list[Path],
+                                                                          tmp_path: Path) -> None:
+    """``subtract_known`` re-warps with the journaled correction: the mean of the others is left."""
+    config = Config().with_overrides({"align.distortion": "on", "stack.method": "mean",
+                                      "calibration.defects": "off"})
+    frames = wide[:4]
+    live = Stacker(config, workdir=tmp_path)
+    results = [live.process(p) for p in frames]
+    assert all(r.accepted and r.transform is not None for r in results)
+    fact = json.loads(json.dumps(frame_facts(results[2]), allow_nan=False))
+    assert fact["distortion"] is not None
+    live.subtract_known(frames[2], fact["matrix"], fact["weight"], fact)
+    fresh = Stacker(config, workdir=tmp_path)
+    for path in (frames[0], frames[1], frames[3]):
+        assert fresh.process(path).accepted
+    left, expected = live.result(), fresh.result()
+    assert left is not None and expected is not None
+    np.testing.assert_array_equal(np.isnan(left), np.isnan(expected))
+    np.testing.assert_allclose(left, expected, rtol=1e-5, atol=1e-2)
