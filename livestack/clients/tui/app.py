@@ -71,8 +71,7 @@ _HELP = """\
             frames per minute (last 10 min); frames queued (oldest wait); file-to-stack latency;
             with a filter wheel, each filter's frames and exposure
   [b]frames[/b]    the latest frames, newest first: verdict or rejection reason, stars, FWHM (px),
-            shift from the reference (px), rotation, fit residual (rms px; with a wide
-            field's distortion correction, the residual without it > with it)
+            shift from the reference (px), rotation, fit residual (rms px)
   [b]plots[/b]     FWHM, star count, sky background and latency of the accepted frames tonight
   [b]preview[/b]   the stack as it stands, auto-stretched by the daemon
   [b]log[/b]       warnings and errors, rejections, snapshots, replies to your commands
