@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import threading
 import time
 from collections import deque
@@ -893,7 +894,8 @@ class Stacker:
                 else:
                     arrays[f"f{i}_{k}"] = v
             filters.append({"name": stack.name, "channels": stack.channels, "stars": stack.stars,
-                            "fwhm": stack.fwhm, "exptime": stack.exptime, "date_obs": _iso(stack.date_obs),
+                            "fwhm": _finite_or_none(stack.fwhm), "exptime": stack.exptime,
+                            "date_obs": _iso(stack.date_obs),
                             "date_end": _iso(stack.date_end), "acc_text": text,
                             "sky": None if stack.sky is None else [list(stack.sky.level),
                                                                    list(stack.sky.noise)],
@@ -956,7 +958,8 @@ class Stacker:
             state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
             state.update({k: np.array(v) for k, v in entry["acc_text"].items()})
             acc.restore(state)
-            stack = _FilterStack(entry["name"], acc, channels, int(entry["stars"]), float(entry["fwhm"]))
+            stack = _FilterStack(entry["name"], acc, channels, int(entry["stars"]),
+                                 math.nan if entry["fwhm"] is None else float(entry["fwhm"]))
             stack.exptime = float(entry["exptime"])
             stack.date_obs = _parse_iso(entry["date_obs"])
             stack.date_end = _parse_iso(entry["date_end"])

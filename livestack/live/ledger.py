@@ -4,6 +4,8 @@ Public API:
 
 - ``frame_rows(entries, removals, session, removing=()) -> tuple[FrameRow, ...]``: the ``FRAMES`` table of a
   session's stack from its journal.
+- ``FrameLedger(journal)``: the same table for a live daemon, each journal entry made into a row once:
+  ``rows(removals, session, removing=(), filter=None)``.
 - ``select(entries, *, seqs=(), names=(), start=None, end=None) -> list[JournalEntry]``: the accepted frames
   a removal request names (by seq, by file name or glob, by a DATE-OBS range).
 - ``parse_exclusions(items)``: ``restack --exclude`` items as seqs, seq ranges and names.
@@ -17,16 +19,20 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import sys
+import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from livestack.errors import LivestackError
-from livestack.live.state import JournalEntry, RemovalRecord, removed_seqs
+from livestack.live.state import Journal, JournalEntry, RemovalRecord, removed_seqs
 from livestack.pipeline import filter_key
 from livestack.stages.provenance import FrameRow
 
-__all__ = ["date_obs", "exptime", "frame_rows", "parse_exclusions", "parse_time", "select", "weight"]
+__all__ = ["FrameLedger", "date_obs", "exptime", "frame_rows", "parse_exclusions", "parse_time", "select",
+           "weight"]
 
 
 def frame_rows(entries: Sequence[JournalEntry], removals: Sequence[RemovalRecord], session: int,
@@ -53,6 +59,75 @@ def frame_rows(entries: Sequence[JournalEntry], removals: Sequence[RemovalRecord
     -------
     tuple of FrameRow
     """
+    rows = (_row(e) for e in entries if e.session == session)
+    return _table(rows, removals, session, removing, excluded, excluded_reason, filter)
+
+
+class FrameLedger:
+    """The ``FRAMES`` rows of a live journal's sessions, each entry made into a row once (any thread).
+
+    A daemon rewrites a stack's table at every snapshot; rebuilt from the whole journal each time, a night of
+    thousands of frames costs the writer more at each snapshot, until it falls behind the frames. This keeps
+    every session's rows as they were journaled (``stacked`` or ``rejected``), takes only the entries
+    journaled since the last call, and applies the removals (few) when asked.
+
+    Parameters
+    ----------
+    journal : Journal
+        Appended to by the worker while ``rows`` reads it.
+    """
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._lock = threading.Lock()
+        self._taken = 0
+        self._sessions: dict[int, list[tuple[str | None, FrameRow]]] = {}
+
+    def rows(self, removals: Sequence[RemovalRecord], session: int, removing: Iterable[int] = (),
+             filter: str | None = None) -> tuple[FrameRow, ...]:
+        """As ``frame_rows(journal.entries(), removals, session, removing, filter=filter)``.
+
+        Parameters
+        ----------
+        removals : sequence of RemovalRecord
+        session : int
+        removing : iterable of int
+        filter : str, optional
+
+        Returns
+        -------
+        tuple of FrameRow
+        """
+        with self._lock:
+            fresh = self._journal.entries(self._taken)
+            self._taken += len(fresh)
+            for e in fresh:
+                self._sessions.setdefault(e.session, []).append(_row(e))
+            rows = tuple(self._sessions.get(session, ()))
+        return _table(rows, removals, session, removing, (), "excluded", filter)
+
+
+def _row(e: JournalEntry) -> tuple[str | None, FrameRow]:
+    """A journal entry's row as journaled, with the key of its filter's stack (None: in every filter's table,
+    a file that could not be read)."""
+    facts = {**e.facts, "path": e.path, "reference": e.reference}
+    for name in ("stars", "fwhm", "ellipticity", "background", "noise"):
+        facts.setdefault(name, e.quality.get(name))
+    if e.transform is not None:
+        facts.setdefault("matrix", list(e.transform))
+    for name in ("filter", "object", "masters"):
+        # The same few names on thousands of rows: one string each.
+        if isinstance(facts.get(name), str):
+            facts[name] = sys.intern(facts[name])
+    row = FrameRow.from_facts(e.seq, e.hash, e.verdict, e.reason, facts)
+    unreadable = e.verdict != "accepted" and not e.facts.get("exptime") and e.facts.get("stars") is None
+    return None if unreadable else filter_key(e.facts.get("filter")), row
+
+
+def _table(rows: Iterable[tuple[str | None, FrameRow]], removals: Sequence[RemovalRecord], session: int,
+           removing: Iterable[int], excluded: Iterable[int], excluded_reason: str,
+           filter: str | None) -> tuple[FrameRow, ...]:
+    """A session's rows as of now: of one filter's stack when given, with the removals' states and reasons."""
     removed = removed_seqs(removals, session)
     pending, left_out = set(removing), set(excluded)
     reasons: dict[int, str | None] = {}
@@ -60,31 +135,20 @@ def frame_rows(entries: Sequence[JournalEntry], removals: Sequence[RemovalRecord
         if record.session == session and record.action == "remove":
             for seq in record.targets:
                 reasons[seq] = record.reason or "removed on request"
-    rows = []
-    for e in entries:
-        if e.session != session:
+    wanted = None if filter is None else filter_key(filter)
+    out = []
+    for key, row in rows:
+        if wanted is not None and key is not None and key != wanted:
             continue
-        unreadable = e.verdict != "accepted" and not e.facts.get("exptime") and e.facts.get("stars") is None
-        if filter is not None and not unreadable and filter_key(e.facts.get("filter")) != filter_key(filter):
-            continue
-        facts = {**e.facts, "path": e.path, "reference": e.reference}
-        for name in ("stars", "fwhm", "ellipticity", "background", "noise"):
-            facts.setdefault(name, e.quality.get(name))
-        if e.transform is not None:
-            facts.setdefault("matrix", list(e.transform))
-        reason = e.reason
-        if e.verdict != "accepted":
-            state = "rejected"
-        elif e.seq in pending:
-            state, reason = "removing", reasons.get(e.seq)
-        elif e.seq in removed:
-            state, reason = "removed", reasons.get(e.seq)
-        elif e.seq in left_out:
-            state, reason = "removed", excluded_reason
-        else:
-            state = "stacked"
-        rows.append(FrameRow.from_facts(e.seq, e.hash, e.verdict, reason, facts, state))
-    return tuple(rows)
+        if row.verdict == "accepted":
+            if row.seq in pending:
+                row = replace(row, state="removing", reason=reasons.get(row.seq))
+            elif row.seq in removed:
+                row = replace(row, state="removed", reason=reasons.get(row.seq))
+            elif row.seq in left_out:
+                row = replace(row, state="removed", reason=excluded_reason)
+        out.append(row)
+    return tuple(out)
 
 
 def select(entries: Sequence[JournalEntry], *, seqs: Iterable[int] = (), names: Iterable[str] = (),

@@ -119,6 +119,7 @@ class Removals:
         self._changed = changed
         self._job: _Job | None = None  # the worker's: the re-integration under way, if any
         self._removing: frozenset[int] = frozenset()  # read by the writer for the FRAMES table
+        self._ledger = ledger.FrameLedger(journal)  # the FRAMES rows, made once per frame
 
     # -- the worker's side ----------------------------------------------------------------------------
 
@@ -213,8 +214,7 @@ class Removals:
 
         Frames whose removal is under way (a re-integration) are ``removing``.
         """
-        return ledger.frame_rows(self.journal.entries(), self.journal.removals(), session,
-                                 removing=self._removing, filter=filter)
+        return self._ledger.rows(self.journal.removals(), session, removing=self._removing, filter=filter)
 
     @property
     def busy(self) -> bool:

@@ -489,6 +489,9 @@ class Journal:
     partial line without its newline; that frame was never counted) and takes an exclusive lock, so that
     a second daemon on the same state folder fails at once instead of interleaving lines.
 
+    In memory each entry is kept as its line (about 1.5 kB), not as parsed objects (five times that): a
+    night of thousands of frames must not grow the daemon. ``entries`` parses them when asked.
+
     Parameters
     ----------
     path : str or os.PathLike
@@ -509,9 +512,12 @@ class Journal:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._entries: list[JournalEntry] = []
+        # Every entry's line, without its newline; the last entry parsed.
+        self._lines: list[bytes] = []
+        self._last: JournalEntry | None = None
         self._removals: list[RemovalRecord] = []
-        self._by_hash: dict[str, JournalEntry] = {}
+        # Content hash -> (index of the entry that decided it, whether that was an acceptance).
+        self._by_hash: dict[str, tuple[int, bool]] = {}
         self._size = 0
         # A failed write left a partial line that could not be cut yet.
         self._torn = False
@@ -526,12 +532,12 @@ class Journal:
     @property
     def next_seq(self) -> int:
         """The seq the next entry must carry: one after the last journaled, 1 for an empty journal."""
-        return self._entries[-1].seq + 1 if self._entries else 1
+        return self._last.seq + 1 if self._last is not None else 1
 
     @property
     def session(self) -> int:
         """The session of the last entry, 0 for an empty journal."""
-        return self._entries[-1].session if self._entries else 0
+        return self._last.session if self._last is not None else 0
 
     def append(self, entry: JournalEntry) -> None:
         """Write one entry as a line, then ``os.fsync``: when this returns, the entry survives a crash.
@@ -550,8 +556,9 @@ class Journal:
         if self._fd is None:
             raise StateError(f"The journal {self.path} is closed.")
         self._check_next(entry, where="")
-        self._write((entry.to_json() + "\n").encode("utf-8"))
-        self._index(entry)
+        line = entry.to_json().encode("utf-8")
+        self._write(line + b"\n")
+        self._index(entry, line)
 
     def _write(self, line: bytes) -> None:
         assert self._fd is not None
@@ -598,14 +605,19 @@ class Journal:
         """The id the next removal record must carry."""
         return self._removals[-1].id + 1 if self._removals else 1
 
-    def entries(self) -> tuple[JournalEntry, ...]:
-        """Every entry, in seq order.
+    def entries(self, start: int = 0) -> tuple[JournalEntry, ...]:
+        """Every entry, in seq order (parsed at each call: keep what you need of them).
+
+        Parameters
+        ----------
+        start : int
+            Leave out the first ``start`` entries (a reader that took them before takes only the new ones).
 
         Returns
         -------
         tuple of JournalEntry
         """
-        return tuple(self._entries)
+        return tuple(JournalEntry.from_json(line.decode("utf-8")) for line in self._lines[start:])
 
     def seen(self, content: str) -> JournalEntry | None:
         """The entry that decided the fate of this content, if it was ever journaled.
@@ -620,7 +632,8 @@ class Journal:
         JournalEntry or None
             The acceptance if the content was accepted, else its latest rejection; None if never seen.
         """
-        return self._by_hash.get(content)
+        known = self._by_hash.get(content)
+        return None if known is None else JournalEntry.from_json(self._lines[known[0]].decode("utf-8"))
 
     def close(self) -> None:
         """Release the lock and the file; closing twice is harmless."""
@@ -640,7 +653,7 @@ class Journal:
         self.close()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._lines)
 
     def _open(self) -> int:
         try:
@@ -683,7 +696,7 @@ class Journal:
                 self._removals.append(entry)
                 continue
             self._check_next(entry, where=f" at line {number}")
-            self._index(entry)
+            self._index(entry, raw)
         if end < len(data):
             # A torn last line: its append never returned, so its frame was never counted. Cut it so
             # that the next append starts on a fresh line.
@@ -704,9 +717,10 @@ class Journal:
             raise StateError(f"The journal {self.path}{where} has session {entry.session}, "
                              f"older than the session {self.session} before it.")
         known = self._by_hash.get(entry.hash)
-        if entry.verdict == "accepted" and known is not None and known.verdict == "accepted":
+        if entry.verdict == "accepted" and known is not None and known[1]:
+            first = JournalEntry.from_json(self._lines[known[0]].decode("utf-8"))
             raise StateError(f"The journal {self.path}{where} would accept {entry.path} although the same "
-                             f"content was accepted as seq {known.seq} ({known.path}).")
+                             f"content was accepted as seq {first.seq} ({first.path}).")
 
     def _check_removal(self, record: RemovalRecord, where: str) -> None:
         if record.id != self.next_removal:
@@ -721,11 +735,12 @@ class Journal:
         if any(seq > record.at for seq in record.targets):
             raise StateError(f"The journal {self.path}{where} has a removal of frames not journaled yet.")
 
-    def _index(self, entry: JournalEntry) -> None:
-        self._entries.append(entry)
+    def _index(self, entry: JournalEntry, line: bytes) -> None:
+        self._lines.append(line)
+        self._last = entry
         known = self._by_hash.get(entry.hash)
-        if known is None or known.verdict != "accepted":
-            self._by_hash[entry.hash] = entry
+        if known is None or not known[1]:
+            self._by_hash[entry.hash] = (len(self._lines) - 1, entry.verdict == "accepted")
 
     def _roll_back(self) -> None:
         # A failed write (disk full) may have left part of a line; remove it now, or the next append

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
@@ -54,7 +54,6 @@ class DaemonStats:
     #: Frames stacked (or rejected) whose read and star search ran ahead, on the read-ahead thread.
     read_ahead: int = 0
     last_latency: float | None = None
-    latencies: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -381,7 +380,6 @@ class Worker:
             self.stats.rejected += 1
         latency = time.time() - completed
         self.stats.last_latency = latency
-        self.stats.latencies.append(latency)
         self.emit(frame_event(seq, path, result.verdict, result, latency, self.stacks.session))
 
     def _prepare(self, item: Queued, stacker: Stacker) -> Prepared | FrameResult:

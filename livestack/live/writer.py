@@ -4,7 +4,10 @@
   the next session's first checkpoint land in order. A job's failure is logged, never the end of the thread.
 - ``Outputs``: owned by the worker; counts frames and seconds since the last snapshot and checkpoint, copies
   what must be consistent with the journal (a checkpoint's arrays) while it holds the stack, and queues the
-  rest (stacking the snapshot, stretching the preview and the viewers' picture) for the writer.
+  rest (stacking the snapshot, stretching the preview and the viewers' picture) for the writer. When frames
+  come faster than the writer writes, an interval snapshot or a checkpoint still waiting in the queue takes
+  the newer one's place instead of a second job: the queue (and the copies of the stack it holds) stays
+  bounded, and a stop waits for one snapshot and one checkpoint, not for an evening's backlog.
 - ``ColourSnapshots``: owned by the writer thread; what it last wrote of each target's filters and when it
   last rebuilt a target's colour composite (at most every ``[compose] every_seconds``, and only when a
   channel changed: a composite costs about a second at 8.3 MP, never on the frame path).
@@ -191,6 +194,12 @@ class Outputs:
         # Stack events queued on the writer and not yet published (the worker adds, the writer subtracts).
         self._routed = 0
         self._routed_lock = threading.Lock()
+        # Jobs queued on the writer and not started yet that a newer request joins instead of queueing
+        # another (the worker adds, the writer takes them out as it starts them): interval snapshots by
+        # (stack, session), and the last checkpoint queued.
+        self._waiting_lock = threading.Lock()
+        self._waiting_snapshots: set[tuple[Stacker, int]] = set()
+        self._waiting_checkpoint: _CheckpointJob | None = None
 
     # -- after each frame -----------------------------------------------------------------------------
 
@@ -221,14 +230,32 @@ class Outputs:
     # -- snapshots ------------------------------------------------------------------------------------
 
     def queue_snapshot(self, reason: str, stacker: Stacker | None = None) -> None:
-        """Snapshot a stack (the current target's by default) on the writer thread, as it will be then."""
+        """Snapshot a stack (the current target's by default) on the writer thread, as it will be then.
+
+        An interval snapshot of a stack whose interval snapshot is still waiting in the writer's queue is
+        that one: it takes the stack as it is when it starts, so it holds this one's frames too.
+        """
         if stacker is None:
             self._since_snapshot = 0
             self._last_snapshot = time.monotonic()
             stacker = self.stacks.stacker
         session = self.stacks.session
         chosen = stacker
-        self.writer.submit(lambda: self.write_snapshot(reason, chosen, session))
+        if reason != "interval":
+            self.writer.submit(lambda: self.write_snapshot(reason, chosen, session))
+            return
+        key = (chosen, session)
+        with self._waiting_lock:
+            if key in self._waiting_snapshots:
+                return
+            self._waiting_snapshots.add(key)
+
+        def job() -> None:
+            with self._waiting_lock:
+                self._waiting_snapshots.discard(key)
+            self.write_snapshot(reason, chosen, session)
+
+        self.writer.submit(job)
 
     def session_started(self) -> None:
         self._since_snapshot = 0
@@ -435,7 +462,24 @@ class Outputs:
             # A new, still empty session (a reset): record it, or a restart would resume the old stack.
             arrays = EMPTY_STACK
         self.checkpointed_session = session
-        self.writer.submit(lambda: self._save(store, seq, session, arrays, meta))
+        with self._waiting_lock:
+            waiting = self._waiting_checkpoint
+            if waiting is not None and waiting.session == session:
+                # Not started yet: it saves this newer copy instead (same session, so the order of the
+                # writer's jobs is kept: a session's last snapshot still comes before the next session's
+                # first checkpoint).
+                waiting.seq, waiting.arrays, waiting.meta = seq, arrays, meta
+                return
+            job = self._waiting_checkpoint = _CheckpointJob(seq, session, arrays, meta)
+        self.writer.submit(lambda: self._save_waiting(store, job))
+
+    def _save_waiting(self, store: CheckpointStore, job: _CheckpointJob) -> None:
+        """Writer thread: save a queued checkpoint as it is when the writer comes to it."""
+        with self._waiting_lock:
+            if self._waiting_checkpoint is job:
+                self._waiting_checkpoint = None
+            seq, arrays, meta = job.seq, job.arrays, job.meta
+        self._save(store, seq, job.session, arrays, meta)
 
     def _save(self, store: CheckpointStore, seq: int, session: int, arrays: dict[str, np.ndarray],
               meta: dict[str, Any]) -> None:
@@ -483,6 +527,17 @@ class Outputs:
         for stacker in self.stacks.targets():
             if stacker.count > 0:
                 self.queue_snapshot("shutdown", stacker)
+
+
+class _CheckpointJob:
+    """A checkpoint queued on the writer: a newer copy of the same session replaces its content until the
+    writer starts it (under ``Outputs._waiting_lock``)."""
+
+    def __init__(self, seq: int, session: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.seq = seq
+        self.session = session
+        self.arrays = arrays
+        self.meta = meta
 
 
 def _fit(picture: np.ndarray, side: int) -> np.ndarray:
