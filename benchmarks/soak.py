@@ -4,8 +4,9 @@ The daemon runs as ``livestack run`` with default settings (kappa-sigma, snapsho
 checkpoints every 10) but for its folders, its loopback ports and no plate solving. This script writes frames
 into the watched folder (a temporary name, then a rename), keeping a few in flight, and removes each file once
 its verdict is in (the journal keeps it; the disk stays small). Every ``--every`` frames it samples the
-daemon's resident memory, open file descriptors and threads from /proc. A daemon that holds on to something
-per frame shows it as growth after the first frames (caches and numba's compilations come first).
+daemon's resident memory, open file descriptors and threads from /proc; at the end it times the stop (SIGTERM
+to exit: the last checkpoint and snapshot). A daemon that holds on to something per frame shows it as growth
+after the first frames (caches and numba's compilations come first).
 
 Each frame is one rendered field with a distinct header card (distinct content, the same pixels), so every
 frame is accepted and what is measured is the daemon, not the star field.
@@ -134,8 +135,18 @@ def main() -> None:
                     print(f"{label}: {base[column]:.0f} at frame {base[0]}, at most {max(later):.0f} after: "
                           f"growth {growth:+.1%}")
         finally:
+            # A stop after a long night: the last checkpoint and snapshot, then exit.
+            stopping = time.monotonic()
             proc.terminate()
-            proc.wait(timeout=WAIT)
+            try:
+                proc.wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                print(f"stop: the daemon did not exit within {WAIT:g} s of SIGTERM (killed)")
+            else:
+                print(f"stop: {time.monotonic() - stopping:.1f} s from SIGTERM to exit, "
+                      f"status {proc.returncode}")
 
 
 def _wait_and_remove(cond: threading.Condition, verdicts: dict[str, str], watch: Path, name: str) -> None:
