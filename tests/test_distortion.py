@@ -22,8 +22,9 @@ from livestack.config import Config
 from livestack.errors import FrameError
 from livestack.live.reports import frame_event
 from livestack.pipeline import FrameResult, Stacker, distortion_from_facts, frame_facts
-from livestack.simulate import SimConfig, field_stars, simulate
-from livestack.stages.align import DISTORTION_ORDER, Distortion
+from livestack.simulate import SimConfig, field_stars, render_frame, simulate, true_matrix
+from livestack.stages.align import DISTORTION_ORDER, AlignParams, Distortion, align
+from livestack.stages.detect import detect
 from livestack.stages.provenance import FrameRow, frames_hdu, read_frames
 from livestack.stages.warp import INTERPOLATIONS, dense_map, warp
 
@@ -282,3 +283,46 @@ def test_removing_a_corrected_frame_from_a_mean_takes_out_what_was_put_in(wide: 
     assert left is not None and expected is not None
     np.testing.assert_array_equal(np.isnan(left), np.isnan(expected))
     np.testing.assert_allclose(left, expected, rtol=1e-5, atol=1e-2)
+
+
+def test_fitted_map_follows_the_true_bent_mapping_over_the_frame() -> None:
+    """Where each reference pixel lies in a dithered frame, from the simulator's geometry, against the fit."""
+    reference = render_frame(WIDE, 0)
+    ref_stars = detect(reference.data.astype(np.float32))[0]
+    width, height = WIDE.size
+    centre = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
+    corner_sq = float(np.sum(centre**2))
+
+    def bend(xy: np.ndarray) -> np.ndarray:
+        offset = xy - centre
+        return centre + offset * (1.0 - WIDE.barrel * np.sum(offset**2, axis=1) / corner_sq)[:, None]
+
+    def unbend(xy: np.ndarray) -> np.ndarray:
+        straight = xy.copy()
+        for _ in range(50):  # a fixed point: the bend is a 1% change at most
+            offset = straight - centre
+            factor = 1.0 - WIDE.barrel * np.sum(offset**2, axis=1) / corner_sq
+            straight = centre + (xy - centre) / factor[:, None]
+        return straight
+
+    gx, gy = np.meshgrid(np.linspace(0, width - 1, 41), np.linspace(0, height - 1, 31))
+    grid = np.column_stack([gx.ravel(), gy.ravel()])
+    errors = {}
+    for index in (1, 2, 3):
+        frame = render_frame(WIDE, index)
+        stars = detect(frame.data.astype(np.float32))[0]
+        truth = true_matrix(WIDE, index)  # frame (undistorted) -> reference (undistorted)
+        sky = unbend(grid)
+        seen = bend((sky - truth[:, 2]) @ np.linalg.inv(truth[:, :2]).T)
+        inside = ((seen[:, 0] > 10) & (seen[:, 0] < width - 11)
+                  & (seen[:, 1] > 10) & (seen[:, 1] < height - 11))
+        for mode in ("on", "off"):
+            found = align(ref_stars, stars, params=AlignParams(distortion=mode)).transform
+            assert found is not None
+            miss = found.frame_position(grid[inside]) - seen[inside]
+            errors[(index, mode)] = float(np.sqrt(np.mean(np.sum(miss**2, axis=1))))
+    # With the correction the map is right to about a tenth of a pixel over the whole overlap, out to its
+    # edges; the affine map alone misses by most of a pixel on these dithers.
+    # Measured: 0.04-0.08 px RMS with it, 0.46-0.86 px without.
+    assert max(errors[(i, "on")] for i in (1, 2, 3)) < 0.12, errors
+    assert min(errors[(i, "off")] for i in (1, 2, 3)) > 0.3, errors
