@@ -326,3 +326,20 @@ def test_fitted_map_follows_the_true_bent_mapping_over_the_frame() -> None:
     # Measured: 0.04-0.08 px RMS with it, 0.46-0.86 px without.
     assert max(errors[(i, "on")] for i in (1, 2, 3)) < 0.12, errors
     assert min(errors[(i, "off")] for i in (1, 2, 3)) > 0.3, errors
+
+
+def test_simulate_command_writes_a_dithered_wide_field(tmp_path: Path) -> None:
+    out = tmp_path / "wide"
+    assert main(["simulate", str(out), "--frames", "3", "--interval", "0", "--size", "320x240", "--seed", "3",
+                 "--dither", "60", "--barrel", "0.01"]) == 0
+    with (out / "truth.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    expected = SimConfig(frames=3, interval=0.0, size=(320, 240), seed=3, dither=60.0, barrel=0.01)
+    for index, row in enumerate(rows):
+        dx, dy = render_frame(expected, index).centre_shift
+        assert float(row["dx"]) == pytest.approx(dx) and float(row["dy"]) == pytest.approx(dy)
+    # Dithered: the offsets are not the steady drift's (at most 60 px on top of it).
+    drift = np.array(expected.drift)
+    jumps = [np.hypot(float(r["dx"]) + i * drift[0], float(r["dy"]) + i * drift[1])
+             for i, r in enumerate(rows)]
+    assert jumps[0] == pytest.approx(0.0, abs=1e-9) and all(1.0 < j <= 60.0 * np.sqrt(2) for j in jumps[1:])
