@@ -53,12 +53,12 @@ Exactly once
 ------------
 Each ``(path, size, mtime)`` is delivered at most once per ``Watcher``. A metadata-only change after the
 delivery (a copy tool's final chmod or utime, a ``touch``) is the same content and is not delivered again
-(with OS events; when polling nothing tells a utime from a write, and the daemon's content hash drops the
-repeat). A file re-written later with a different size or mtime is delivered again (the daemon's journal
-dedupes by content hash, across restarts too). Files present at start are delivered first, ordered by mtime
-then path; the daemon re-orders by DATE-OBS if it wants to. A reconcile scan every ``reconcile_interval``
-seconds picks up any file the events missed (an inotify queue overflow, a remount, a share that dropped and
-came back).
+(with OS events; when polling nothing tells a utime from a write, and one made while the watcher has not yet
+read the write's own events can look like a rewrite: the daemon's content hash drops such a repeat). A file
+re-written later with a different size or mtime is delivered again (the daemon's journal dedupes by content
+hash, across restarts too). Files present at start are delivered first, ordered by mtime then path; the daemon
+re-orders by DATE-OBS if it wants to. A reconcile scan every ``reconcile_interval`` seconds picks up any file
+the events missed (an inotify queue overflow, a remount, a share that dropped and came back).
 
 Threads
 -------
