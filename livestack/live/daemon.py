@@ -115,7 +115,9 @@ class Daemon:
         self._started_iso = events.utc_now_iso()
         self._threads: list[threading.Thread] = []
         self._events = EventQueue()
-        self._inbox = Inbox()
+        # Held until the watcher has delivered the files already there: that backlog is stacked in
+        # observation order, not from whichever file the scan found first.
+        self._inbox = Inbox(held=True)
         self._writer = Writer()
         self._health = Health()
         self.stacks = Stacks(config, self.state_dir, self.output_dir)
@@ -204,7 +206,7 @@ class Daemon:
                               polling=w.polling, settle=w.settle, poll_interval=w.poll_interval,
                               reconcile_interval=w.reconcile_interval, stale_after=STALE_AFTER,
                               ignore_dirs=ignore_dirs, follow_symlinks=w.follow_symlinks),
-            on_frame=self._on_file, on_problem=self._on_problem)
+            on_frame=self._on_file, on_problem=self._on_problem, on_scanned=self._inbox.scanned)
         self._watcher.start()
         self._state = "running"
         self.notifier.ready()
@@ -396,11 +398,16 @@ class Daemon:
     def _on_file(self, path: Path, completed: float) -> None:
         """Watcher callback: queue a complete file in observation order, with when it was known whole."""
         try:
-            observed = read_meta(path, self.config.frames.bayer_pattern or None).time_utc
+            meta = read_meta(path, self.config.frames.bayer_pattern or None)
+            observed, target = meta.time_utc, meta.object
         except Exception:
             # The time only orders the inbox; the worker rejects a file that cannot be read, with the reason.
-            observed = None
-        self._inbox.put_frame(path, observed, completed=completed)
+            observed, target = None, None
+        try:
+            mtime_ns = path.stat().st_mtime_ns
+        except OSError:
+            mtime_ns = 0
+        self._inbox.put_frame(path, observed, completed=completed, mtime_ns=mtime_ns, object=target)
 
     def _on_problem(self, path: Path, reason: str) -> None:
         """Watcher callback: a file that cannot be a frame as it is (truncated, not a regular file ...)."""

@@ -206,6 +206,10 @@ class Watcher:
         its writer while shorter than its header says, incomplete and unchanged for ``stale_after``
         seconds, unreadable, not a regular file, or a symbolic link that leads nowhere or outside the
         folder. ``reason`` is one sentence without the path. Logged as a warning when not given.
+    on_scanned : callable, optional
+        ``on_scanned()``, called once on the watcher's thread when the initial scan has delivered every
+        file that was already whole at start, so that the daemon can order that backlog before it stacks
+        any of it.
     """
 
     def __init__(
@@ -213,10 +217,12 @@ class Watcher:
         config: WatchConfig,
         on_frame: Callable[[Path, float], None],
         on_problem: Callable[[Path, str], None] | None = None,
+        on_scanned: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self._on_frame = on_frame
         self._on_problem = on_problem
+        self._on_scanned = on_scanned
         self._matcher = _Matcher(config)
         self._events: queue.Queue[_Item] = queue.Queue()
         self._stopping = threading.Event()
@@ -404,7 +410,11 @@ class Watcher:
 
     def _run(self) -> None:
         """The worker: initial scan, then events, due checks and reconcile scans until stopped."""
-        self._initial_scan()
+        try:
+            self._initial_scan()
+        finally:
+            if self._on_scanned is not None:
+                self._on_scanned()
         next_reconcile = time.monotonic() + self.config.reconcile_interval
         next_root_check = time.monotonic() + ROOT_CHECK
         while not self._stopping.is_set():
