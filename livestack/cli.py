@@ -58,7 +58,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from livestack.pipeline import FrameResult, Stacker, expand_paths, order_by_time
+    from livestack.pipeline import FrameResult, Stacker, expand_paths, order_by_time, reference_first
     from livestack.stages.snapshot import write_snapshot
 
     config = _load(args, {"stack.method": args.method, "align.reference": args.reference,
@@ -80,6 +80,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     results: list[FrameResult] = []
     with tempfile.TemporaryDirectory(prefix=".livestack-", dir=fits_path.parent) as workdir:
         stacker = Stacker(config, workdir=Path(workdir))
+        # The reference is the best of the first frames (as in the daemon), stacked first.
+        paths = reference_first(stacker, paths)
         columns = (TextColumn("[bold]stacking"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[name]}"), TimeRemainingColumn())
         with Progress(*columns, console=console, disable=args.quiet) as progress:

@@ -107,7 +107,13 @@ class DetectConfig:
 class AlignConfig:
     """``[align]``: registration onto the reference and its validation."""
 
-    reference: str = _key("", "frame to align onto ('' = the first frame with enough stars)")
+    reference: str = _key("", "frame to align onto ('' = the best of the first frames, see "
+                          "reference_window)")
+    reference_window: int = _key(5, "the reference is chosen among this many first frames of a stack (most "
+                                 "stars, then smallest FWHM; 1 = the first frame with enough stars)",
+                                 minimum=1)
+    reference_wait: float = _key(2.0, "seconds the first frame of a stack waits for others to arrive before "
+                                 "the reference is chosen among those at hand", minimum=0.0)
     reference_folder: str = _key("", "another folder whose frames set_reference may name (besides the "
                                  "watched folder)")
     reference_min_stars: int = _key(15, "stars a frame needs to become the reference", minimum=3)

@@ -63,9 +63,10 @@ from livestack.stages.solve import Solution, SolveFailure, SolveHints, hints_fro
 from livestack.stages.stack import Accumulator, make_accumulator
 from livestack.stages.warp import warp
 
-__all__ = ["UNALIGNED_METHODS", "FilterSummary", "FrameResult", "PhotometrySetup", "Prepared", "Stacker",
-           "build_composite", "composite_info", "distortion_from_facts", "expand_paths", "filter_key",
-           "frame_facts", "order_by_time", "photometry_setup", "solve_reference", "wants_solution"]
+__all__ = ["UNALIGNED_METHODS", "FilterSummary", "FrameResult", "PhotometrySetup", "Prepared",
+           "ReferenceCandidate", "Stacker", "build_composite", "choose_reference", "composite_info",
+           "distortion_from_facts", "expand_paths", "filter_key", "frame_facts", "order_by_time",
+           "photometry_setup", "reference_first", "solve_reference", "wants_solution"]
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -80,6 +81,13 @@ SHARPEST_WARMUP = 5
 
 #: Pixels sampled (at most) when estimating the stack's signal-to-noise ratio.
 _SNR_SAMPLE = 200_000
+
+#: In the reference window, a frame is as good as the best when it has at least this fraction of the most
+#: stars found there ...
+REFERENCE_STAR_SLACK = 0.8
+#: ... and a FWHM at most this many times the smallest among those frames (seeing and noise move both a
+#: little from frame to frame; a defocused or cloudy frame misses by far more).
+REFERENCE_FWHM_SLACK = 1.2
 
 
 @dataclass(frozen=True)
@@ -248,6 +256,90 @@ class FilterSummary:
     exptime: float
 
 
+@dataclass(frozen=True)
+class ReferenceCandidate:
+    """How a frame would serve as the reference (``Stacker.reference_candidate``).
+
+    Attributes
+    ----------
+    stars : int
+        Stars found.
+    fwhm : float
+        Their median FWHM, pixels (NaN when not measured).
+    kind : str
+        ``"stars"`` or ``"surface"``: what the stack would align on with this frame as its reference.
+    problem : str or None
+        Why it cannot be the reference at all.
+    """
+
+    stars: int
+    fwhm: float
+    kind: str = "stars"
+    problem: str | None = None
+
+
+def choose_reference(candidates: Sequence[ReferenceCandidate | None]) -> int | None:
+    """Which of a stack's first frames becomes its reference.
+
+    Parameters
+    ----------
+    candidates : sequence of ReferenceCandidate or None
+        The first frames, in observation order; None for a frame that could not be read.
+
+    Returns
+    -------
+    int or None
+        The index of the chosen frame; None when none can be the reference.
+
+    Notes
+    -----
+    Frames with a ``problem`` are out; star frames go before surface frames. Among star frames, those with
+    at least ``REFERENCE_STAR_SLACK`` of the most stars found, and of those the ones whose FWHM is within
+    ``REFERENCE_FWHM_SLACK`` of the smallest, are the good ones; the first good frame in observation order
+    wins, so that when the first frames are equally good the grid stays where the night began. A surface
+    stack takes its first usable frame.
+    """
+    usable = [(i, c) for i, c in enumerate(candidates) if c is not None and c.problem is None]
+    stars = [(i, c) for i, c in usable if c.kind == "stars"]
+    if not stars:
+        return usable[0][0] if usable else None
+    most = max(c.stars for _, c in stars)
+    good = [(i, c) for i, c in stars if c.stars >= REFERENCE_STAR_SLACK * most]
+    finite = [c.fwhm for _, c in good if np.isfinite(c.fwhm)]
+    if finite:
+        sharpest = min(finite)
+        good = [(i, c) for i, c in good if np.isfinite(c.fwhm) and c.fwhm <= REFERENCE_FWHM_SLACK * sharpest]
+    return good[0][0]
+
+
+def reference_first(stacker: Stacker, paths: Sequence[Path]) -> list[Path]:
+    """Files in observation order with the reference chosen among the first ones moved to the front.
+
+    The batch form of the daemon's reference window: ``[align] reference_window`` first files are read,
+    the reference is chosen among them (``choose_reference``) and stacked first; the others follow in
+    their order. Without a choice to make (a named reference, a stack that has one, a window of one, no
+    alignment) the order is kept.
+
+    Parameters
+    ----------
+    stacker : Stacker
+    paths : sequence of Path
+        In observation order (``order_by_time``).
+
+    Returns
+    -------
+    list of Path
+    """
+    window = stacker.config.align.reference_window
+    if window <= 1 or not stacker.chooses_reference or len(paths) < 2:
+        return list(paths)
+    candidates = [stacker.reference_candidate(stacker.prepare(p)) for p in paths[:window]]
+    chosen = choose_reference(candidates)
+    if chosen is None or chosen == 0:
+        return list(paths)
+    return [paths[chosen], *paths[:chosen], *paths[chosen + 1:]]
+
+
 class _FilterStack:
     """The accumulator and bookkeeping of one filter on the target's grid (owned by the Stacker)."""
 
@@ -284,7 +376,9 @@ class _FilterStack:
 class Stacker:
     """Align frames of one target onto one reference grid and accumulate them, one stack per filter.
 
-    The first frame with enough stars (or the configured one) sets the grid; every later frame, whatever
+    The first frame committed that can be the reference (or the configured one) sets the grid: the daemon
+    and ``livestack stack`` commit first the one chosen among the first frames (``choose_reference``,
+    ``reference_first``). Every later frame, whatever
     its filter, is matched star to star onto the reference's stars, so the filters' stacks line up pixel
     for pixel without a second registration. A filter's first frame starts that filter's stack. With
     ``stack.method = "max"`` nothing is aligned: frames of one fixed camera are folded in as they are
@@ -723,6 +817,21 @@ class Stacker:
         self.discard()
         self._set_reference(prepared, kind, measured)
         return None
+
+    @property
+    def chooses_reference(self) -> bool:
+        """Whether this stack's reference is still to be chosen among its first frames (none named yet)."""
+        return self._ref_meta is None and self._named_reference is None and self._aligns
+
+    def reference_candidate(self, prepared: Prepared | FrameResult) -> ReferenceCandidate | None:
+        """How a prepared frame would serve as this stack's reference; None for a rejected one.
+
+        Uses only the configuration (any thread, like ``prepare``).
+        """
+        if isinstance(prepared, FrameResult):
+            return None
+        kind, _, problem = self._reference_choice(prepared)
+        return ReferenceCandidate(prepared.quality.stars, float(prepared.quality.fwhm), kind, problem)
 
     # -- the stacks -----------------------------------------------------------------------------------
 

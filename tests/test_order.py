@@ -22,7 +22,14 @@ from astropy.io import fits
 from test_daemon import N_STARS, SIZE, WAIT, Recorder, decided, make_config, running
 
 from livestack.config import Config
-from livestack.pipeline import Stacker, order_by_time
+from livestack.pipeline import (
+    Prepared,
+    ReferenceCandidate,
+    Stacker,
+    choose_reference,
+    order_by_time,
+    reference_first,
+)
 from livestack.simulate import SimConfig, simulate
 
 
@@ -100,3 +107,103 @@ def test_a_restart_with_a_backlog_stacks_in_observation_order_and_equals_the_uni
     assert ncombine == len(night)
     expected = uninterrupted(config, [watch / p.name for p in night])
     assert np.array_equal(image, expected, equal_nan=True)
+
+
+# -- the reference: the best of the first frames ------------------------------------------------------------
+
+#: Stars in view: enough that a defocused frame still has the stars a reference needs.
+DENSE = 1000
+
+
+@pytest.fixture(scope="module")
+def poor_start(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Eight frames whose first is defocused (FWHM 6 px instead of 3: fewer, fatter stars), the rest good."""
+    folder = tmp_path_factory.mktemp("poor-start")
+    good = SimConfig(frames=8, interval=10.0, size=SIZE, n_stars=DENSE, seed=23)
+    paths = simulate(folder, good, sleep=lambda _s: None)
+    blurred = tmp_path_factory.mktemp("poor-start-blurred")
+    (defocused,) = simulate(blurred, SimConfig(frames=1, interval=10.0, size=SIZE, n_stars=DENSE, seed=23,
+                                               fwhm=6.0), sleep=lambda _s: None)
+    shutil.copyfile(defocused, paths[0])
+    return paths
+
+
+def test_the_poor_first_frame_is_what_the_test_says(poor_start: list[Path], tmp_path: Path) -> None:
+    # Independent of the choice: the first frame has fewer and much fatter stars than the others.
+    stacker = Stacker(make_config(tmp_path))
+    first, second = (stacker.prepare(p) for p in poor_start[:2])
+    assert isinstance(first, Prepared) and isinstance(second, Prepared)
+    assert first.quality.fwhm > 1.8 * second.quality.fwhm
+    assert first.quality.stars < 0.5 * second.quality.stars
+    assert first.quality.stars >= 15  # it could be the reference: only a choice keeps it from being one
+
+
+def test_choose_reference_prefers_many_sharp_stars_then_the_earliest() -> None:
+    c = ReferenceCandidate
+    assert choose_reference([c(40, 7.0), c(120, 3.1), c(118, 2.9), c(60, 3.0)]) == 1
+    assert choose_reference([c(120, 3.0), c(121, 3.0)]) == 0  # as good as the best: the earliest
+    assert choose_reference([c(120, 4.0), c(115, 2.5)]) == 1  # many stars, but much fatter
+    assert choose_reference([None, c(200, 3.0, problem="too few"), c(30, 3.0)]) == 2
+    assert choose_reference([c(2, float("nan"), "surface"), c(50, 3.0)]) == 1
+    assert choose_reference([c(2, float("nan"), "surface"), c(3, float("nan"), "surface")]) == 0
+    assert choose_reference([None, c(200, 3.0, problem="too few")]) is None
+
+
+def test_the_batch_stack_stacks_the_chosen_reference_first(poor_start: list[Path], tmp_path: Path) -> None:
+    stacker = Stacker(make_config(tmp_path))
+    ordered = reference_first(stacker, order_by_time(poor_start))
+    assert ordered == [poor_start[1], poor_start[0], *poor_start[2:]]
+    assert stacker.process(ordered[0]).reference
+    one = Stacker(make_config(tmp_path, **{"align.reference_window": 1}))
+    assert reference_first(one, poor_start) == poor_start
+
+
+def stack_of(config: Config) -> np.ndarray:
+    image, _ = final_stack(config)
+    return image
+
+
+@pytest.mark.parametrize("arrival", ["burst", "live"])
+def test_a_poor_first_frame_does_not_become_the_reference_and_recovery_keeps_the_chosen_one(
+        tmp_path: Path, poor_start: list[Path], arrival: str) -> None:
+    # The uninterrupted run: in a burst every frame is waiting at start; live, the defocused frame comes
+    # first and the good ones a little later, within the reference window.
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "split").mkdir()
+    whole = make_config(tmp_path / "whole", **{"stack.method": "kappa-sigma", "output.every_frames": 0})
+    watch = whole.path(whole.watch.folder)
+    recorder = Recorder()
+    if arrival == "burst":
+        for path in poor_start:
+            shutil.copyfile(path, watch / path.name)
+    with running(whole, (recorder,)):
+        if arrival == "live":
+            for path in poor_start:
+                shutil.copyfile(path, watch / path.name)
+                time.sleep(0.1)
+        recorder.wait_for(decided(len(poor_start)), "every frame")
+    entries = journal(whole)
+    reference = [e for e in entries if e["reference"]]
+    assert [Path(e["path"]).name for e in reference] == [poor_start[1].name]
+    assert entries[0] is reference[0]  # stacked first, then the others in observation order
+    others = [poor_start[0], *poor_start[2:]]
+    assert [Path(e["path"]).name for e in entries[1:]] == [p.name for p in others]
+    (poor,) = [e for e in entries if Path(e["path"]).name == poor_start[0].name]
+    assert poor["verdict"] == "rejected" and "blurred" in poor["reason"]
+    expected = stack_of(whole)
+
+    # Interrupted: four frames, a stop, the checkpoints lost (as after a kill before the first one: the
+    # journal is replayed from the files), then the rest.
+    split = make_config(tmp_path / "split", **{"stack.method": "kappa-sigma", "output.every_frames": 0})
+    watch = split.path(split.watch.folder)
+    for path in poor_start[:4]:
+        shutil.copyfile(path, watch / path.name)
+    with running(split, (first := Recorder(),)):
+        first.wait_for(decided(4), "the first four frames")
+    shutil.rmtree(split.path(split.output.folder) / ".livestack-state" / "checkpoints")
+    for path in poor_start[4:]:
+        shutil.copyfile(path, watch / path.name)
+    with running(split, (second := Recorder(),)):
+        second.wait_for(decided(len(poor_start) - 4), "the rest")
+    assert [e["reference"] for e in journal(split)] == [e["reference"] for e in entries]
+    assert np.array_equal(stack_of(split), expected, equal_nan=True)

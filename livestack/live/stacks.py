@@ -83,6 +83,10 @@ class Stacks:
             workdir.mkdir(parents=True, exist_ok=True)
         return Stacker(self.config, workdir=workdir)
 
+    def get(self, key: str) -> Stacker | None:
+        """A target's stack in this session, if it has one (worker)."""
+        return self._targets.get(key)
+
     def key_of(self, object_name: str | None) -> str:
         """The target a frame with this OBJECT goes to."""
         if not self.config.stack.new_session_on_object or not object_name or not object_name.strip():

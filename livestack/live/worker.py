@@ -36,7 +36,15 @@ from livestack.live.solver import Solver
 from livestack.live.stacks import Stacks
 from livestack.live.state import Journal, JournalEntry, content_hash
 from livestack.live.writer import Outputs
-from livestack.pipeline import REJECTED, FrameResult, Prepared, Stacker
+from livestack.pipeline import (
+    REJECTED,
+    UNALIGNED_METHODS,
+    FrameResult,
+    Prepared,
+    ReferenceCandidate,
+    Stacker,
+    choose_reference,
+)
 
 __all__ = ["DaemonStats", "Worker"]
 
@@ -135,6 +143,8 @@ class Worker:
             max_workers=1, initializer=_name_thread, initargs=("livestack-readahead",))
         #: The frame taken early; only the worker touches it.
         self.ahead: Ahead | None = None
+        #: (session, target) whose reference window has closed: their reference was chosen (or none could be).
+        self._windowed: set[tuple[int, str]] = set()
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -166,6 +176,8 @@ class Worker:
         """One turn of the loop: a command, or a frame (taken early or from the inbox), or an idle tick."""
         ahead = self.ahead
         front: Future[_Front] | None = None
+        if ahead is None and self._reference_window():
+            return
         if ahead is not None:
             command = self.inbox.get_command()
             if command is not None:
@@ -187,7 +199,14 @@ class Worker:
             if isinstance(got, Command):
                 self._run_command(got)
                 return
+            if self._window_key(got) is not None:
+                # It came in while the worker waited: the reference window sees it first, next turn.
+                self.inbox.put_back(got)
+                return
             item = got
+        self._take_one(item, front)
+
+    def _take_one(self, item: Queued, front: Future[_Front] | None = None) -> None:
         self.busy_since = time.monotonic()
         try:
             self._take(item, front)
@@ -313,6 +332,71 @@ class Worker:
         depth, _ = self.inbox.depth_and_lag()
         if depth == 0:
             self.state = "waiting"
+
+    def _reference_window(self) -> bool:
+        """Choose a stack's reference among its first frames waiting; True when this turn was spent on it.
+
+        While the next frame's target has no reference yet (and none is named), its frames wait until
+        ``[align] reference_window`` of them are in the inbox or the oldest has waited ``reference_wait``
+        seconds (a backlog or a burst fills the window at once). Then each is read and judged
+        (``choose_reference``: most stars, then smallest FWHM), and the chosen one is stacked first, out of
+        turn: it sets the grid, the sky and the star count and FWHM that later frames are judged by. The
+        others follow in observation order. The journal keeps that order, so recovery stacks the same
+        reference first again.
+        """
+        a = self.config.align
+        waiting = self.inbox.peek(a.reference_window)
+        if not waiting:
+            return False
+        key = self._window_key(waiting[0])
+        if key is None:
+            return False
+        command = self.inbox.get_command()
+        if command is not None:
+            self._run_command(command)
+            return True
+        same = [q for q in waiting if q.problem is None and self.stacks.key_of(q.object) == key]
+        age = time.time() - min(q.completed for q in waiting)
+        if len(same) < a.reference_window and age < a.reference_wait:
+            self.inbox.wait_for(len(waiting) + 1, min(0.5, a.reference_wait - age))
+            return True
+        self._windowed.add((self.stacks.session, key))
+        candidates = [self._candidate(q) for q in same]
+        chosen = choose_reference(candidates)
+        if chosen is None or same[chosen] is waiting[0]:
+            return False  # the next frame in order is the one: it goes the usual way
+        item = same[chosen]
+        best = candidates[chosen]
+        assert best is not None
+        log.info("%s becomes the reference (%d stars, FWHM %.2f px), the best of the first %d frames; it is "
+                 "stacked first", item.path.name, best.stars, best.fwhm, len(same))
+        if self.inbox.take(item):
+            self._take_one(item)
+        return True
+
+    def _window_key(self, item: Queued) -> str | None:
+        """The target whose reference is to be chosen before ``item`` is stacked, if any."""
+        if self.config.align.reference_window <= 1:
+            return None
+        key = self.stacks.key_of(item.object)
+        if (self.stacks.session, key) in self._windowed:
+            return None
+        stacker = self.stacks.get(key)
+        if stacker is None:
+            empty = self.stacks.get("")
+            if self.stacks.current == "" and empty is not None and empty.count == 0:
+                stacker = empty  # the first target takes it over (with a reference set for it)
+            else:
+                aligns = self.config.stack.method not in UNALIGNED_METHODS
+                return key if aligns and not self.config.align.reference else None
+        return key if stacker.chooses_reference else None
+
+    def _candidate(self, item: Queued) -> ReferenceCandidate | None:
+        """How a waiting frame would serve as the reference; None if it cannot (unreadable, judged before)."""
+        first = self._front(item, self.stacks.stacker)
+        if first.prepared is None:
+            return None
+        return self.stacks.stacker.reference_candidate(first.prepared)
 
     def _maybe_solve(self, reference: Prepared | None) -> None:
         """Hand a stack's reference to the plate solver once (the frame itself when it is the reference)."""
