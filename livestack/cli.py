@@ -88,6 +88,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             task = progress.add_task("stack", total=len(paths), name="")
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="livestack-read") as ahead:
                 for result in stacker.stream(paths, ahead):
+                    for cube in stacker.take_retired():
+                        cube.discard()  # a median folded into kappa-sigma at its disk budget
                     name = Path(result.path).name
                     results.append(result)
                     if not result.accepted:

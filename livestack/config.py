@@ -161,6 +161,10 @@ class StackConfig:
                         choices=("mean", "kappa-sigma", "median", "max", "mean-without-max"))
     kappa: float = _key(3.0, "kappa-sigma rejection threshold, in sigmas", minimum=0.0, exclusive_min=True)
     warmup: int = _key(5, "frames before kappa-sigma starts rejecting", minimum=2)
+    median_disk_budget: float = _key(20.0, "gigabytes each median stack's cube of frames may take on "
+                                     "disk (width x height x channels x 4 bytes a frame); beyond it the "
+                                     "stack goes on as kappa-sigma over every frame (0 = no limit)",
+                                     minimum=0.0)
     new_session_on_object: bool = _key(True, "each OBJECT is stacked apart, in its own subfolder (off: one "
                                        "stack for all)")
     normalise: str = _key("additive", "match each frame's sky to the reference's before stacking: add the "

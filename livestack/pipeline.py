@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging
 import math
 import threading
 import time
@@ -60,13 +61,15 @@ from livestack.stages.photometry import plan_photometry as _plan_photometry
 from livestack.stages.photometry import saturation_level as _saturation_level
 from livestack.stages.snapshot import StackInfo
 from livestack.stages.solve import Solution, SolveFailure, SolveHints, hints_from_header, solve
-from livestack.stages.stack import Accumulator, make_accumulator
+from livestack.stages.stack import Accumulator, MedianStack, make_accumulator
 from livestack.stages.warp import warp
 
 __all__ = ["UNALIGNED_METHODS", "FilterSummary", "FrameResult", "PhotometrySetup", "Prepared",
            "ReferenceCandidate", "Stacker", "build_composite", "choose_reference", "composite_info",
            "distortion_from_facts", "expand_paths", "filter_key", "frame_facts", "order_by_time",
            "photometry_setup", "reference_first", "solve_reference", "wants_solution"]
+
+log = logging.getLogger("livestack.pipeline")
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -358,6 +361,9 @@ class _FilterStack:
         self.exptime = 0.0
         self.date_obs: datetime | None = None
         self.date_end: datetime | None = None
+        #: Frames in the median's cube when it reached its disk budget and was folded into a kappa-sigma
+        #: stack (None: never).
+        self.folded_at: int | None = None
 
     def account(self, meta: FrameMeta) -> None:
         self.account_time(meta.time_utc, meta.exptime)
@@ -434,6 +440,10 @@ class Stacker:
         #: The id of the last journaled removal this stack reflects (0: none); kept in its checkpoints, so
         #: that recovery knows which removals a crash interrupted.
         self.removals = 0
+        # Median cubes folded into kappa-sigma stacks, still on disk until ``take_retired`` hands them over
+        # (a checkpoint may still name them).
+        self._retired: list[MedianStack] = []
+        self._median_budget = round(config.stack.median_disk_budget * 1e9)
 
     # -- the two halves of a frame's work -------------------------------------------------------------
 
@@ -702,7 +712,7 @@ class Stacker:
             stack = _FilterStack(filter_key(frame.meta.filter), self._new_accumulator(frame.data.shape),
                                  channels, 0, float("nan"))
             self._filters[stack.name] = stack
-        stack.acc.add(aligned, footprint, weight)
+        self._add(stack, aligned, footprint, weight)
         stack.account(frame.meta)
         self._current = stack.name
         return frame.meta
@@ -928,9 +938,12 @@ class Stacker:
                          coverage=np.array(stack.acc.coverage) if coverage else None)
 
     def _history(self) -> tuple[str, ...]:
-        """HISTORY lines of a snapshot: each calibration the stacked frames had, and how many had it."""
+        """HISTORY lines of a snapshot: each calibration the frames had (how many had it), a median folded."""
+        folded = tuple(f"median disk budget reached at {stack.folded_at} frames"
+                       f"{' of ' + stack.name if stack.name else ''}: went on as kappa-sigma over every frame"
+                       for stack in self._filters.values() if stack.folded_at is not None)
         return tuple(f"calibration of {n} frame{'s' if n != 1 else ''}: {note}"
-                     for note, n in self.calibrations.items())
+                     for note, n in self.calibrations.items()) + folded
 
     def results(self) -> dict[str, np.ndarray]:
         """Every filter's stack so far (float32 copies), by filter, in the order of ``filters``."""
@@ -970,6 +983,8 @@ class Stacker:
 
     def discard(self) -> None:
         """Release what the stacks keep on disk (the median's cubes) and forget them."""
+        for retired in self.take_retired():
+            retired.discard()
         for stack in self._filters.values():
             release = getattr(stack.acc, "discard", None)
             if release is not None:
@@ -1008,7 +1023,8 @@ class Stacker:
                             "date_end": _iso(stack.date_end), "acc_text": text,
                             "sky": None if stack.sky is None else [list(stack.sky.level),
                                                                    list(stack.sky.noise)],
-                            "judge": None if stack.judge is None else stack.judge.state()})
+                            "judge": None if stack.judge is None else stack.judge.state(),
+                            "method": stack.acc.method, "folded_at": stack.folded_at})
         s = self._ref_stars
         for name in _STAR_FIELDS:
             arrays[f"ref_{name}"] = getattr(s, name)
@@ -1062,7 +1078,8 @@ class Stacker:
         for i, entry in enumerate(meta["filters"]):
             channels = entry["channels"]
             shape = (*self._ref_meta.shape, *([int(channels)] if channels else []))
-            acc = self._new_accumulator(shape)
+            # A median folded into kappa-sigma at its disk budget is restored as what it became.
+            acc = self._new_accumulator(shape, entry.get("method"))
             prefix = f"f{i}_"
             state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
             state.update({k: np.array(v) for k, v in entry["acc_text"].items()})
@@ -1072,6 +1089,7 @@ class Stacker:
             stack.exptime = float(entry["exptime"])
             stack.date_obs = _parse_iso(entry["date_obs"])
             stack.date_end = _parse_iso(entry["date_end"])
+            stack.folded_at = entry.get("folded_at")
             if entry.get("sky") is not None:
                 level, noise = entry["sky"]
                 stack.sky = Sky(tuple(float(v) for v in level), tuple(float(v) for v in noise))
@@ -1179,9 +1197,46 @@ class Stacker:
             self._filters[name] = stack
         return stack
 
-    def _new_accumulator(self, shape: tuple[int, ...]) -> Accumulator:
+    def _new_accumulator(self, shape: tuple[int, ...], method: str | None = None) -> Accumulator:
         s = self.config.stack
-        return make_accumulator(s.method, shape, kappa=s.kappa, warmup=s.warmup, directory=self.workdir)
+        return make_accumulator(method or s.method, shape, kappa=s.kappa, warmup=s.warmup,
+                                directory=self.workdir)
+
+    def _add(self, stack: _FilterStack, aligned: np.ndarray, footprint: np.ndarray, weight: float) -> None:
+        """Accumulate a warped frame, folding a median that would pass its disk budget into kappa-sigma."""
+        acc = stack.acc
+        if (isinstance(acc, MedianStack) and self._median_budget > 0
+                and (acc.count + 1) * acc.frame_bytes > self._median_budget):
+            self._fold_median(stack, acc)
+        stack.acc.add(aligned, footprint, weight)
+
+    def _fold_median(self, stack: _FilterStack, median: MedianStack) -> None:
+        """Go on as kappa-sigma over every frame: the cube's frames first, equally weighted as in the median.
+
+        The cube holds each frame as it was added (warped, normalised, NaN where not valid), so the folded
+        stack is the kappa-sigma stack of the same frames, unweighted. The cube is not deleted here: a
+        checkpoint may name it until the next one is saved (``take_retired``).
+        """
+        shape = stack.acc.coverage.shape + (() if stack.channels is None else (stack.channels,))
+        folded = self._new_accumulator(shape, "kappa-sigma")
+        for frame in median.frames():
+            valid = np.isfinite(frame) if frame.ndim == 2 else np.isfinite(frame).all(axis=2)
+            folded.add(frame, valid, 1.0)
+        stack.acc = folded
+        stack.folded_at = median.count
+        self._retired.append(median)
+        budget = self.config.stack.median_disk_budget
+        where = " ".join(p for p in (self._ref_meta.object if self._ref_meta else None, stack.name) if p)
+        log.warning("the median stack%s reached its disk budget of %g GB ([stack] median_disk_budget; "
+                    "%.1f MB a frame) at %d frames: it goes on as kappa-sigma over every frame, those %d "
+                    "included, and its cube is deleted", f" of {where}" if where else "", budget,
+                    median.frame_bytes / 1e6, median.count, median.count)
+
+    def take_retired(self) -> list[MedianStack]:
+        """Median cubes folded into kappa-sigma since the last call: the caller discards each once no
+        checkpoint it keeps names it any more."""
+        retired, self._retired = self._retired, []
+        return retired
 
     def _check_geometry(self, prepared: Prepared) -> str | None:
         """A frame's size and colour against the reference's and its filter's stack."""
@@ -1237,7 +1292,7 @@ class Stacker:
                 aligned = np.array(aligned)
             normalise.apply(aligned, norm)
         t2 = time.perf_counter()
-        stack.acc.add(aligned, footprint, norm.weight if norm is not None else 1.0)
+        self._add(stack, aligned, footprint, norm.weight if norm is not None else 1.0)
         t3 = time.perf_counter()
         timings["warp"] = t1 - t0
         timings["normalise"] = t2 - t1

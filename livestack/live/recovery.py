@@ -116,7 +116,13 @@ def resume(config: Config, journal: Journal, store: CheckpointStore, stacks: Sta
     if plan.checkpoint is not None or replayed:
         log.info("resumed session %d: %d frames from the checkpoint, %d stacked again from files",
                  stacks.session, sum(s.count for s in stacks.targets()) - replayed, replayed)
-        outputs.checkpoint_now()
+        saved = outputs.checkpoint_now()
+        for stacker in stacks.targets():
+            # Median cubes folded into kappa-sigma while replaying: no checkpoint needs them once this one
+            # is saved (else the next start replays the same frames from the older checkpoint and cube).
+            for cube in stacker.take_retired():
+                if saved:
+                    cube.discard()
     _remove_orphan_cubes(config, stacks, checkpointed=plan.checkpoint is not None)
     return memory
 

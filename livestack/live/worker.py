@@ -323,6 +323,13 @@ class Worker:
         if target != previous:
             self._target_decided(target, previous, previous_stack, new_target, result)
         self.stacks.changed()
+        retired = self.stacks.stacker.take_retired()
+        if retired:
+            # A median folded into kappa-sigma at its disk budget: its cube goes once a checkpoint that no
+            # longer names it is saved (the writer runs jobs in order).
+            self.outputs.checkpoint()
+            for cube in retired:
+                self.outputs.writer.submit(cube.discard)
         if result.accepted:
             self.outputs.stacked()
             if self.photometry is not None and isinstance(prepared, Prepared):

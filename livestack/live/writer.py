@@ -502,8 +502,8 @@ class Outputs:
                 log.warning("a checkpoint could be written again: resuming")
             return
 
-    def checkpoint_now(self) -> None:
-        """Save a checkpoint on this thread (after recovery, before any other thread runs)."""
+    def checkpoint_now(self) -> bool:
+        """Save a checkpoint on this thread (after recovery, before any other thread runs); True if saved."""
         arrays, meta = self.stacks.checkpoint()
         session = self.stacks.session
         try:
@@ -513,8 +513,9 @@ class Outputs:
                 raise
             # The journal holds everything this would: the next start replays the same frames.
             log.warning("the recovered stack's checkpoint was not saved: %s", disk_problem("it", exc))
-            return
+            return False
         self.checkpointed_session = session
+        return True
 
     def final(self) -> None:
         """At the worker's end: the last checkpoint and snapshot."""

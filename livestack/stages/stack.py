@@ -32,6 +32,7 @@ import io
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -527,6 +528,27 @@ class MedianStack(_Tally):
     def cube_path(self) -> Path | None:
         """The cube file, or None before the first frame."""
         return self._path
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes each frame takes in the cube: ``H * W * C * 4`` (float32)."""
+        return self._frame_bytes
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """The frames in the cube, in the order they were added, one at a time (NaN where not valid).
+
+        Yields
+        ------
+        ndarray
+            float32 of the stack's shape; a new array each time.
+        """
+        if self._path is None:
+            return
+        with open(self._path, "rb", buffering=0) as cube:
+            for k in range(self._count):
+                frame = np.empty(self._dims, dtype=np.float32)
+                _read_exact(cube, frame, k * self._frame_bytes)
+                yield frame.reshape(self._shape)
 
     def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
         """Append an aligned frame to the cube (``weight`` is checked, then ignored).
