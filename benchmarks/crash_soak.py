@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from livestack.config import load_config
+from livestack.config import AlignConfig, load_config
 from livestack.live.state import Journal, JournalEntry
 from livestack.pipeline import Stacker, order_by_time
 from livestack.simulate import SimConfig, simulate
@@ -245,8 +245,11 @@ class Soak:
             self.result.ready_times.append(ready_time)
             self._release(per_round - before)
             # The first frame after start-up takes about 0.2 s (numba caches, the first warp), then about
-            # 0.03 s per 800x600 frame: aim across the whole batch and a little beyond it.
-            delay = self.rng.uniform(0.05, 0.3 + 0.05 * per_round)
+            # 0.03 s per 800x600 frame: aim across the whole batch and a little beyond it. Before any frame
+            # is journaled, the stack has no reference: the first frames wait for the reference window
+            # (up to ``reference_wait`` seconds) and are read once more to choose it.
+            window = 0.0 if journaled_before else AlignConfig().reference_wait + 0.3
+            delay = self.rng.uniform(0.05, 0.3 + 0.05 * per_round + window)
             self._sleep_until(time.monotonic() + delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

@@ -224,7 +224,9 @@ def test_a_dead_thread_is_named_in_status_and_stops_the_watchdog(
         real_take(self, item, front)
 
     monkeypatch.setattr(worker_module.Worker, "_take", take)
-    config = make_config(tmp_path)
+    # Frames stacked as they come (no reference window): the notify socket is read only once the worker is
+    # dead, and a datagram socket holds ten messages (five watchdog periods) before the sender blocks.
+    config = make_config(tmp_path, **{"align.reference_window": 1})
     watch = config.path(config.watch.folder)
     recorder = Recorder()
     with tempfile.TemporaryDirectory(dir="/tmp") as short, \

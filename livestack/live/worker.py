@@ -2,9 +2,11 @@
 
 Per frame: stat and hash the file, skip it if its content was judged before (the journal's memory), read it
 and find its stars (``Stacker.prepare``, ahead of time on the read-ahead thread when frames are waiting),
-then align, warp and accumulate it (``Stacker.commit``), journal the verdict (fsync), and publish it. The
-worker owns everything here: the inbox's frame taken early, the journal's memory of judged frames, the
-counters, and the stack's changes (through ``Stacks``, whose lock lets the writer read it).
+then align, warp and accumulate it (``Stacker.commit``), journal the verdict (fsync), and publish it. Before
+a stack has a reference, its first frames wait briefly and the best of them is stacked first (the reference
+window, ``_reference_window``). The worker owns everything here: the inbox's frame taken early, the
+journal's memory of judged frames, the counters, and the stack's changes (through ``Stacks``, whose lock
+lets the writer read it).
 """
 
 from __future__ import annotations
@@ -383,8 +385,8 @@ class Worker:
 
     def _window_key(self, item: Queued) -> str | None:
         """The target whose reference is to be chosen before ``item`` is stacked, if any."""
-        if self.config.align.reference_window <= 1:
-            return None
+        if self.config.align.reference_window <= 1 or item.problem is not None:
+            return None  # a file the watcher gave up on is rejected without a stack
         key = self.stacks.key_of(item.object)
         if (self.stacks.session, key) in self._windowed:
             return None
