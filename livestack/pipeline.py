@@ -879,6 +879,13 @@ class Stacker:
         return self.config.stack.method
 
     @property
+    def method_in_use(self) -> str:
+        """``method``, or what a median became when it reached its disk budget (for people: status, FITS)."""
+        if any(stack.folded_at is not None for stack in self._filters.values()):
+            return f"{self.method}, then kappa-sigma (disk budget)"
+        return self.method
+
+    @property
     def reference_meta(self) -> FrameMeta | None:
         """Metadata of the reference frame, once there is one."""
         return self._ref_meta
@@ -926,12 +933,12 @@ class Stacker:
         stack = self._pick(filter)
         blank = self.config.output.blank
         if stack is None:
-            return StackInfo(ncombine=0, exptime=0.0, date_obs=None, date_end=None, method=self.method,
+            return StackInfo(ncombine=0, exptime=0.0, date_obs=None, date_end=None, method=self.method_in_use,
                              object=ref.object if ref else None, filter=None,
                              wcs_header=ref.wcs_header if ref else None, reference=ref.path if ref else None,
                              history=self._history(), blank=blank)
         return StackInfo(ncombine=stack.acc.count, exptime=stack.exptime, date_obs=stack.date_obs,
-                         date_end=stack.date_end, method=self.method,
+                         date_end=stack.date_end, method=self.method_in_use,
                          object=ref.object if ref else None, filter=stack.name or None,
                          wcs_header=ref.wcs_header if ref else None, reference=ref.path if ref else None,
                          history=self._history(), blank=blank,

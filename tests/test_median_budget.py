@@ -17,6 +17,7 @@ import pytest
 from astropy.io import fits
 from test_daemon import N_STARS, SIZE, Recorder, decided, make_config, running
 
+from livestack import events
 from livestack.config import Config
 from livestack.pipeline import Stacker
 from livestack.simulate import SimConfig, simulate
@@ -86,12 +87,17 @@ def test_the_daemon_says_so_loses_no_frame_and_recovers_the_folded_stack(
     watch = config.path(config.watch.folder)
     state = config.path(config.output.folder) / ".livestack-state"
 
+    def folded(evs: list[events.Event]) -> bool:
+        return any(e.topic == "status" and e["method"] == "median, then kappa-sigma (disk budget)"
+                   for e in evs)
+
     def run(batch: list[Path]) -> Recorder:
         for path in batch:
             shutil.copyfile(path, watch / path.name)
         recorder = Recorder()
         with running(config, (recorder,)):
             recorder.wait_for(decided(len(batch)), f"{len(batch)} frames")
+            recorder.wait_for(folded, "a status naming the method in use")
         return recorder
 
     # Past the budget in the first run: a log event says so, and the stack goes on.
@@ -110,6 +116,7 @@ def test_the_daemon_says_so_loses_no_frame_and_recovers_the_folded_stack(
     (path,) = config.path(config.output.folder).rglob("stack.fits")
     with fits.open(path) as hdul:
         assert hdul[0].header["NCOMBINE"] == len(frames)
+        assert hdul[0].header["STACKMET"] == "median, then kappa-sigma (disk budget)"
         assert any("median disk budget" in str(h) for h in hdul[0].header["HISTORY"])
         image = np.asarray(hdul[0].data, dtype=np.float32)
     assert np.array_equal(image, kappa_sigma(config, frames), equal_nan=True)

@@ -262,6 +262,6 @@ class Stacks:
         stacker = self.stacker
         ref = stacker.reference_meta
         return StackSummary(session=self.session, frames=stacker.count, exptime=stacker.exptime,
-                            method=stacker.method, object=ref.object if ref else None,
+                            method=stacker.method_in_use, object=ref.object if ref else None,
                             filter=ref.filter if ref else None, folder=self.folder(stacker),
                             filters=stacker.summary())
