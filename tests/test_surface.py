@@ -355,11 +355,12 @@ def test_an_implausible_jump_from_the_previous_frame_is_rejected_with_a_reason()
     assert calm.transform is not None
 
 
-@pytest.mark.parametrize(("seed", "turn"), [(1, 0.0), (4, 0.0), (7, 0.0), (8, 0.0), (9, 0.45)])
+@pytest.mark.parametrize(("seed", "turn"), [(1, 0.0), (4, 0.0), (7, 0.0), (8, 0.0), (4, 0.45), (9, 0.45)])
 def test_every_seeded_session_under_the_fixed_pattern_stays_within_a_tenth_of_a_pixel(seed: int,
                                                                                        turn: float) -> None:
     # Sessions where the per-pixel fixed pattern, band-passed, used to pull the first frames' shifts of
-    # 1.5-4.5 px towards zero by up to 0.2 px (seeds 1, 4, 7, 8 without a turn).
+    # 1.5-4.5 px towards zero by up to 0.2 px (seeds 1, 4, 7, 8 without a turn), and where the column means
+    # taken out of both images pulled a turn towards none by 0.050 deg (seed 4 turning).
     session = _register_session(_moon(fixed_pattern=3.0, rotation_per_frame=turn, seed=seed))
     errors = []
     for frame, found in session:

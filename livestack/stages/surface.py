@@ -52,9 +52,10 @@ halving the pixels costs. A turned frame's phase correlation pairs the halves in
 the cleaning and the pass-band above: when the peak lies within ``zero_radius`` of no motion, the
 strongest peak outside that radius is examined; if it is confident, it is the target's motion and the
 zero peak is the sensor's; otherwise a zero answer needs ``confirm_confidence``, and a weaker one is
-rejected as unconfirmed, never returned as a result. What remains: the column offsets are removed from
-every frame, which takes the same line of the spectrum out of each and pulls a turn slightly towards none
-(on 384x288 lunar frames turning 0.45 deg a frame, by up to 0.05 deg near 2-3 deg).
+rejected as unconfirmed, never returned as a result. Removing every frame's column means (the column
+pattern) takes the same line of the spectrum out of each image, which pulls ECC towards no turn (by up to
+0.05 deg on 384x288 frames turned 2-3 deg); before ECC, the frame gets its surface's column means back from
+the reference seen through the coarse transform, which halves that pull.
 
 *Validation*: the frame is rejected with a reason when its detail is under ``min_detail`` (clouds, a
 blank frame), when the confidence is under ``min_confidence``, when
@@ -413,7 +414,8 @@ def register(ref: SurfaceReference, frame: SurfaceFrame, guess: Transform | None
 
     # The reference's pixels of one checkerboard colour against the frame's of the other, both ways: no
     # pixel's fixed pattern meets itself (see the module's notes).
-    refined = [_ecc(ref.halves[parity], _half_dog(work, ref.sigma_high, ref.sigma_low, 1 - parity), coarse,
+    source = _restore_columns(ref, work, coarse)
+    refined = [_ecc(ref.halves[parity], _half_dog(source, ref.sigma_high, ref.sigma_low, 1 - parity), coarse,
                     ref.sigma_low) for parity in (0, 1)]
     if refined[0] is None or refined[1] is None:
         return SurfaceAlignment(None, "the surface refinement (ECC) did not converge", confidence)
@@ -560,6 +562,27 @@ def _half_dog(work: np.ndarray, sigma_high: float, sigma_low: float, parity: int
     mask = _checkerboard(work.shape, parity)
     low = _wide_blur(work * mask, sigma_low) / _wide_blur(mask, sigma_low)
     return np.asarray(_half_blur(work, sigma_high, parity) - low, dtype=np.float32)
+
+
+def _restore_columns(ref: SurfaceReference, work: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """The frame with its surface's column means put back, as the reference sees them through ``coarse``.
+
+    ``measure`` takes each column's mean out of every frame (the sensor's column pattern), and with it the
+    surface's own; the same line of the spectrum missing from both images pulls ECC towards no turn. The
+    reference, seen through the coarse transform, supplies the frame's column means of the surface without the
+    frame's column pattern (the reference's own missing line lands elsewhere once turned). Columns the
+    reference covers for less than half their length get nothing back.
+    """
+    rows, cols = work.shape
+    seen = cv2.warpAffine(ref.frame.work, coarse, (cols, rows), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    inside = np.isfinite(seen)
+    counts = inside.sum(axis=0)
+    sums = np.where(inside, seen, 0.0).sum(axis=0)
+    means = np.where(counts > rows // 2, sums / np.maximum(counts, 1), np.nan)
+    level = np.nanmean(means) if np.isfinite(means).any() else 0.0
+    means = np.where(np.isfinite(means), means - level, 0.0)
+    return np.asarray(work + means[None, :].astype(np.float32), dtype=np.float32)
 
 
 def _mean_rigid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
