@@ -64,6 +64,8 @@ class WatchConfig:
     reconcile_interval: float = _key(30.0, "seconds between full scans that catch what events missed",
                                      minimum=0.0, exclusive_min=True)
     follow_symlinks: bool = _key(False, "read frames through symbolic links that lead outside the folder")
+    warm_up: bool = _key(True, "at start, stack a few small simulated frames off the frame path, so that the "
+                         "first frame does not wait for first calls (numba kernels, imports)")
 
 
 @dataclass(frozen=True)

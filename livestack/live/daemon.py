@@ -46,6 +46,7 @@ from livestack.live.reports import filter_list
 from livestack.live.solver import Solver
 from livestack.live.stacks import Stacks
 from livestack.live.state import CheckpointStore, Journal
+from livestack.live.warmup import warm_up
 from livestack.live.worker import DaemonStats, Worker
 from livestack.live.writer import Outputs, Writer
 from livestack.pipeline import Stacker
@@ -123,6 +124,7 @@ class Daemon:
         self.stacks = Stacks(config, self.state_dir, self.output_dir)
         self._hub: SocketHub | None = None
         self._watcher: watch.Watcher | None = None
+        self._warm: threading.Thread | None = None
         self._journal: Journal | None = None
         self._outputs: Outputs | None = None
         self._worker: Worker | None = None
@@ -200,6 +202,11 @@ class Daemon:
         self._photometry.start()
         self._solver.start()
         w = self.config.watch
+        if w.warm_up:
+            # Before the watch starts, on a thread of its own: the first frame no longer pays for first calls,
+            # and nothing waits for it.
+            self._warm = threading.Thread(target=self._warm_up, name="livestack-warm-up", daemon=True)
+            self._warm.start()
         ignore_dirs = tuple(p for p in (self.output_dir, self.state_dir) if _inside(p, self.watch_dir))
         self._watcher = watch.Watcher(
             watch.WatchConfig(root=self.watch_dir, patterns=w.patterns, recursive=w.recursive,
@@ -265,6 +272,8 @@ class Daemon:
         self.notifier.stopping()
         if self._watcher is not None:
             self._watcher.stop()
+        if self._warm is not None:
+            self._warm.join()  # it looks at the stop between frames
         self._join("livestack-worker")
         if self._removals is not None:
             self._removals.close()  # a re-integration under way is done again by the next start
@@ -428,6 +437,16 @@ class Daemon:
         except BaseException as exc:
             log.critical("the %s thread died: %s", name, exc, exc_info=True)
             self._health.died(name, f"{type(exc).__name__}: {exc}")
+
+    def _warm_up(self) -> None:
+        """The warm-up thread's body: a failure costs the first frame its first calls, nothing else."""
+        try:
+            seconds = warm_up(self.config, self.state_dir / "warm-up", self._stop)
+        except Exception as exc:
+            log.warning("the warm-up failed (%s: %s); the first frame makes the first calls",
+                        type(exc).__name__, exc, exc_info=True)
+        else:
+            log.info("warmed up in %.1f s", seconds)
 
     def _join(self, name: str) -> None:
         for t in self._threads:
