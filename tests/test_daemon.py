@@ -801,7 +801,7 @@ def test_a_frame_read_ahead_waits_for_commands_and_a_pause(tmp_path: Path, stage
         return real_commit(self, prepared)
 
     monkeypatch.setattr(Stacker, "commit", held_commit)
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, **{"watch.warm_up": False})  # its frames would be the first commits
     watch = config.path(config.watch.folder)
     recorder = Recorder()
     replies: list[dict[str, Any]] = []

@@ -153,7 +153,7 @@ def test_an_exception_inside_a_stage_rejects_the_frame_and_the_next_one_stacks(
         return real_warp(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "warp", failing_warp)
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, **{"watch.warm_up": False})  # its frames would count warp's calls
     watch = config.path(config.watch.folder)
     recorder = Recorder()
     with running(config, (recorder,)) as daemon:
