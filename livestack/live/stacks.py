@@ -168,7 +168,7 @@ class Stacks:
         self.summary = self._summarise()
 
     def view(self, stacker: Stacker | None = None, session: int | None = None,
-             image: bool = False) -> StackView:
+             image: bool = False, coverage: bool | None = None) -> StackView:
         """One consistent view of a stack (the current one by default), taken under the lock.
 
         Parameters
@@ -178,6 +178,9 @@ class Stacks:
             The session of ``stacker``; required with it.
         image : bool
             Include the stack itself (costs computing it).
+        coverage : bool, optional
+            Include a copy of the coverage (a snapshot's extension); by default with the image. Pictures
+            for people leave it out: the copy is a whole int32 image, made while the worker waits.
 
         Returns
         -------
@@ -188,7 +191,7 @@ class Stacks:
                 stacker, session = self.stacker, self.session
             assert session is not None
             # The coverage (a copy, for the snapshot's extension) only with the image it belongs to.
-            return StackView(info=stacker.info(coverage=image),
+            return StackView(info=stacker.info(coverage=image if coverage is None else coverage),
                              rejected_fraction=float(stacker.rejected_fraction), session=session,
                              image=stacker.result() if image else None, filters=stacker.summary())
 

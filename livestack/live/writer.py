@@ -387,7 +387,7 @@ class Outputs:
     def _routed_event(self, stacker: Stacker, session: int, with_preview: bool) -> None:
         """Writer thread: a stack event (with its preview when asked), counts and picture from one view."""
         try:
-            view = self.stacks.view(stacker, session, image=with_preview)
+            view = self.stacks.view(stacker, session, image=with_preview, coverage=False)
             preview = snr = None
             if view.image is not None:
                 preview = preview_array(view.image, max_side=self.config.network.preview_size,
@@ -421,7 +421,7 @@ class Outputs:
 
     def _make_display(self, stacker: Stacker, session: int) -> None:
         """Writer thread: the stretched stack as a JPEG (at most ``[web] display_size`` pixels), published."""
-        view = self.stacks.view(stacker, session, image=True)
+        view = self.stacks.view(stacker, session, image=True, coverage=False)
         if view.image is None or view.info.ncombine == 0:
             return
         side = self.config.web.display_size or max(view.image.shape[:2])
