@@ -440,6 +440,28 @@ def test_kappa_sigma_warmup_end_needs_no_memory_beyond_its_buffer() -> None:
     np.testing.assert_array_equal(stack.result(), first.result())
 
 
+def test_kappa_sigma_result_during_the_warmup_allocates_mean_count_and_one_scratch() -> None:
+    """A picture of the stack while it warms up (the daemon's previews) judges a copy of the buffer's
+    moments: the mean, the count, one scratch for the rest and the returned image; not four moments
+    beside the variances."""
+    shape = (600, 800)
+    rng = np.random.default_rng(24)
+    frames = _noisy(rng, 3, shape)
+    footprint = np.ones(shape, dtype=bool)
+    stack = KappaSigmaStack(shape, warmup=5)
+    for frame in frames:
+        stack.add(frame, footprint)
+    expected = stack.result()  # loads the kernels, which allocate on their own the first time
+    tracemalloc.start()
+    try:
+        result = stack.result()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4.5 * frames[0].nbytes, peak / frames[0].nbytes
+    np.testing.assert_array_equal(result, expected)
+
+
 def test_block_shape_respects_the_budget() -> None:
     for count in (1, 7, 50, 4000):
         for width, channels in ((3840, 1), (6000, 3), (100, 1)):

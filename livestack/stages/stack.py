@@ -445,24 +445,25 @@ class KappaSigmaStack(_Tally):
 
         ``in_place`` (the warm-up's end) writes the moments over the first four buffered frames: each pixel's
         samples are all read before its moments are written, so the judged warm-up needs no memory beyond
-        the buffer and one plane of variances, and the buffer's other frames go back.
+        the buffer and one plane of variances, and the buffer's other frames go back. Otherwise (a result
+        during the warm-up) the M2 and weight sums returned are meaningless: only mean and count are kept.
         """
         frames = tuple(self._buffer)
         weights = self._buffer_weights[: self._buffered]
+        variance = np.empty(self._dims, dtype=np.float32)
+        counts = np.zeros((self._dims[0], self._dims[2], len(frames) + 1), dtype=np.int64)
+        _sample_variance(frames, variance, counts)
+        floor = _noise_floor(variance, counts.sum(axis=0))
+        del variance  # before the moments are allocated: the two never coexist
         if in_place:
             # Fewer than four buffered frames (a warm-up of two or three) leave moments without a slot.
             slots = [*frames[:4], *(np.empty(self._dims, dtype=np.float32) for _ in range(4 - len(frames)))]
             mean, m2, wsum, n = slots[0], slots[1], slots[2], slots[3].view(np.int32)
         else:
+            # Only the mean and the count are wanted (``result``): M2 and the weight sums share one scratch.
             mean = np.empty(self._dims, dtype=np.float32)
-            m2 = np.empty(self._dims, dtype=np.float32)
-            wsum = np.empty(self._dims, dtype=np.float32)
+            m2 = wsum = np.empty(self._dims, dtype=np.float32)
             n = np.empty(self._dims, dtype=np.int32)
-        variance = np.empty(self._dims, dtype=np.float32)
-        counts = np.zeros((self._dims[0], self._dims[2], len(frames) + 1), dtype=np.int64)
-        _sample_variance(frames, variance, counts)
-        floor = _noise_floor(variance, counts.sum(axis=0))
-        del variance
         offered = np.zeros(self._dims[0], dtype=np.int64)
         rejected = np.zeros(self._dims[0], dtype=np.int64)
         _robust_init(frames, weights, self._kappa, MAD_TO_SIGMA, MIN_TEST_SAMPLES, floor, mean, m2, wsum, n,
