@@ -314,10 +314,11 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.0f} MiB"
 
 
-def report(results: dict[str, Any], sizes: list[str], frames: int, live_frames: int) -> None:
+def report(results: dict[str, Any], sizes: list[str], frames: int, live_frames: int,
+           cadence: dict[str, float]) -> None:
     """Markdown tables of the figures."""
     if any("live" in r for r in results.values()):
-        cadences = ", ".join(f"{k} MP {CADENCE[k]:g} s" for k in sizes)
+        cadences = ", ".join(f"{k} MP {cadence[k]:g} s" for k in sizes)
         print(f"Live: rename -> `accepted` event, {live_frames} frames, cadence {cadences}\n")
         print("| frames | median | worst | worst after the first (x median) | warm-up end (its stack step) "
               "| read | detect | align | warp | stack | daemon's own | daemon's peak RSS |")
@@ -368,6 +369,10 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated among {', '.join(PARTS)}")
     parser.add_argument("--frames", type=int, help="frames for stack, naive and Siril (default 12)")
     parser.add_argument("--live-frames", type=int, help="frames in each live run (default 30)")
+    parser.add_argument("--cadence", type=float,
+                        help="seconds between frames in the live runs, for every size (default: "
+                             + ", ".join(f"{k} MP {v:g} s" for k, v in CADENCE.items())
+                             + "); longer on a loaded machine, so that the latency is not a queue")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each livestack stack command; the fastest counts (default 3)")
     parser.add_argument("--no-siril", action="store_true", help="leave Siril out")
@@ -382,6 +387,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     frames = args.frames or (8 if args.quick else 12)
     live_frames = args.live_frames or (12 if args.quick else 30)
+    cadence = {k: args.cadence or v for k, v in CADENCE.items()}
     siril = None
     if "siril" in parts and not args.no_siril:
         siril = ensure_siril(not args.no_install)
@@ -410,8 +416,8 @@ def main() -> None:
                 if "live" in parts:
                     live = paths[:live_frames]
                     if args.baseline:
-                        base["live"] = bench_live(live, CADENCE[size_key], root / "live-base", args.baseline)
-                    row["live"] = bench_live(live, CADENCE[size_key], root / "live")
+                        base["live"] = bench_live(live, cadence[size_key], root / "live-base", args.baseline)
+                    row["live"] = bench_live(live, cadence[size_key], root / "live")
             if args.baseline:
                 for name in ("naive", "siril"):
                     if name in row:
@@ -426,7 +432,7 @@ def main() -> None:
             if args.json:  # after every configuration: a long run that fails later keeps what it measured
                 Path(args.json).write_text(json.dumps(results, indent=1))
 
-    report(results, sizes, frames, live_frames)
+    report(results, sizes, frames, live_frames, cadence)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
