@@ -51,6 +51,7 @@ from livestack.live.worker import DaemonStats, Worker
 from livestack.live.writer import Outputs, Writer
 from livestack.pipeline import Stacker
 from livestack.stages.frames import read_meta
+from livestack.stages.stack import load_compiled
 
 __all__ = ["Daemon", "DaemonStats"]
 
@@ -189,6 +190,7 @@ class Daemon:
         logging.getLogger("livestack").addHandler(self._log_handler)
         try:
             worker = self._recover()
+            load_compiled()  # before READY: numba's first-call loading is no frame's wait
         except BaseException:
             self._close_hub()
             logging.getLogger("livestack").removeHandler(self._log_handler)

@@ -11,6 +11,7 @@ Public API (one small interface, three methods):
   ``MeanWithoutMaxStack(shape)`` (one satellite per pixel removed when too few frames are in for
   kappa-sigma).
 - ``make_accumulator(method, shape, *, kappa, warmup, directory) -> Accumulator``.
+- ``load_compiled()``: pay numba's once-per-process loading now rather than on a first frame.
 - ``MeanStack.subtract(image, footprint, weight=1.0)``: takes back a frame that ``add`` added (the same
   image, footprint and weight), exactly up to float32 rounding; the clipping methods have no such inverse
   (a removed frame changed which samples were clipped, or the order statistics), so they are re-integrated.
@@ -49,6 +50,7 @@ __all__ = [
     "MeanStack",
     "MeanWithoutMaxStack",
     "MedianStack",
+    "load_compiled",
     "make_accumulator",
 ]
 
@@ -73,6 +75,17 @@ _CUBE_PREFIX = "median-"
 _CUBE_SUFFIX = ".cube"
 _CHUNK_PIXELS = 256  # pixels per numba task in the median kernel: one scratch allocation per task
 _MEDIAN_SAMPLE = 50_000  # values sampled to bracket the noise floor's median
+
+
+def load_compiled() -> None:
+    """Load numba's compiled machinery now, with the mean's kernel on a 2 x 2 stack.
+
+    The first compiled call of a process loads numba's type registries (and, through its BLAS check,
+    scipy.linalg): ~0.3 s on an idle machine, seconds on a loaded one. A daemon calls this before it says it
+    is ready, so that the first frame's wait does not include it; the other kernels then load from the
+    cache in a few milliseconds each.
+    """
+    MeanStack((2, 2)).add(np.zeros((2, 2), dtype=np.float32), np.ones((2, 2), dtype=bool))
 
 
 class Accumulator(Protocol):
