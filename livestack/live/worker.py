@@ -367,7 +367,9 @@ class Worker:
         same = [q for q in waiting if q.problem is None and self.stacks.key_of(q.object) == key]
         age = time.time() - min(q.completed for q in waiting)
         if len(same) < a.reference_window and age < a.reference_wait:
-            self.inbox.wait_for(len(waiting) + 1, min(0.5, a.reference_wait - age))
+            # Until one more frame comes in (of whatever target), a command, or the wait is over.
+            depth, _ = self.inbox.depth_and_lag()
+            self.inbox.wait_for(depth + 1, min(0.5, a.reference_wait - age))
             return True
         self._windowed.add((self.stacks.session, key))
         candidates = [self._candidate(q) for q in same]
