@@ -249,8 +249,16 @@ class Soak:
             # is journaled, the stack has no reference: the first frames wait for the reference window
             # (up to ``reference_wait`` seconds) and are read once more to choose it.
             window = 0.0 if journaled_before else AlignConfig().reference_wait + 0.3
-            delay = self.rng.uniform(0.05, 0.3 + 0.05 * per_round + window)
-            self._sleep_until(time.monotonic() + delay)
+            released = time.monotonic()
+            if self.rng.random() < 0.5 or self.released <= journaled_before:
+                delay = self.rng.uniform(0.05, 0.3 + 0.05 * per_round + window)
+                self._sleep_until(released + delay)
+            else:
+                # Aimed by what the daemon has done, not by the clock: a loaded machine can be slower than
+                # any fixed aim. A moment after the round's first frame is journaled, the rest are pending.
+                self._wait_journaled(proc, journaled_before + 1, released + FINISH_TIMEOUT)
+                self._sleep_until(time.monotonic() + self.rng.uniform(0.0, 0.02 * per_round))
+                delay = time.monotonic() - released
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         self._note_replay(log)
@@ -356,6 +364,11 @@ class Soak:
         m = _RESUMED.search(log.read_text(errors="replace"))
         if m:
             self.result.replayed.append(int(m.group(2)))
+
+    def _wait_journaled(self, proc: subprocess.Popen[bytes], lines: int, deadline: float) -> None:
+        """Wait until the journal holds ``lines`` complete lines (or the daemon ended, or the deadline)."""
+        while self._journal_lines() < lines and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def _journal_lines(self) -> int:
         try:
