@@ -10,7 +10,11 @@ waited: it must not be below -0.1 s).
 Frames of one size have the same pixels (a header card differs, so each is a new frame to the daemon): what is
 timed is the daemon's path, not the star field.
 
-Usage: ``python benchmarks/bench_write_styles.py [--sizes 2,8.3,26] [--repeat 2] [--modes inotify,polling]``
+The first frame of each daemon (the reference) is shown on its own line: it waits for the reference window
+(``[align] reference_wait``) unless more frames come, by design.
+
+Usage: ``python benchmarks/bench_write_styles.py [--sizes 2,8.3,26] [--repeat 2] [--modes inotify,polling]
+[--warm-up on,off]``
 """
 
 from __future__ import annotations
@@ -150,7 +154,7 @@ class Verdicts:
         self._thread.join()
 
 
-def measure(size_key: str, polling: bool, repeat: int, staged: list[Path]) -> list[str]:
+def measure(size_key: str, polling: bool, repeat: int, staged: list[Path], warm: bool = True) -> list[str]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="livestack-styles-") as tmp:
         root = Path(tmp)
@@ -159,7 +163,7 @@ def measure(size_key: str, polling: bool, repeat: int, staged: list[Path]) -> li
         config = Config(base=root).with_overrides({
             "watch.folder": "frames", "output.folder": "out", "state.folder": "state",
             "watch.polling": polling, "network.publish": "tcp://127.0.0.1:*", "network.control": "tcp://127.0.0.1:*",
-            "wcs.solve": "off"})
+            "wcs.solve": "off", "watch.warm_up": warm})
         daemon = Daemon(config)
         daemon.start()
         verdicts = Verdicts(daemon.publish_endpoint)
@@ -167,12 +171,18 @@ def measure(size_key: str, polling: bool, repeat: int, staged: list[Path]) -> li
         try:
             queue = iter(staged)
             temp_rename(next(queue), watch, "reference.fits")
-            if verdicts.wait("reference.fits") is None:
+            finished = time.time()
+            first = verdicts.wait("reference.fits")
+            if first is None:
                 raise SystemExit("the reference frame got no verdict")
+            mode = f"{'polling' if polling else 'inotify'}{'' if warm else ', no warm-up'}"
+            rows.append(f"| {size_key} MP | {mode} | the first frame (reference window: waits "
+                        f"{config.align.reference_wait:g} s for more) | {first[0] - finished:.3f} s | | "
+                        f"{first[2]:.3f} s | |")
+            print(rows[-1], flush=True)
             for style, write in STYLES.items():
                 if style == "rsync" and shutil.which("rsync") is None:
-                    rows.append(f"| {size_key} MP | {'polling' if polling else 'inotify'} | {style} | "
-                                "not installed | | | |")
+                    rows.append(f"| {size_key} MP | {mode} | {style} | not installed | | | |")
                     continue
                 waited, reported = [], []
                 for n in range(repeat):
@@ -185,7 +195,7 @@ def measure(size_key: str, polling: bool, repeat: int, staged: list[Path]) -> li
                     waited.append(got[0] - finished)
                     reported.append(got[2] if got[2] is not None else float("nan"))
                 margin = min(r - w for r, w in zip(reported, waited, strict=True))
-                rows.append(f"| {size_key} MP | {'polling' if polling else 'inotify'} | {style} | "
+                rows.append(f"| {size_key} MP | {mode} | {style} | "
                             f"{statistics.median(waited):.3f} s | {max(waited):.3f} s | "
                             f"{statistics.median(reported):.3f} s | {margin:+.3f} s |")
                 print(rows[-1], flush=True)
@@ -200,6 +210,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="2,8.3,26")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--modes", default="inotify,polling")
+    parser.add_argument("--warm-up", default="on", help="on, off, or on,off: the daemon's [watch] warm_up")
     args = parser.parse_args()
     print(f"# bench_write_styles: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}; "
@@ -212,7 +223,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="livestack-styles-staged-") as tmp:
             staged = stage(Path(tmp), SIZES[key], 1 + len(STYLES) * args.repeat)
             for mode in modes:
-                measure(key, mode == "polling", args.repeat, staged)
+                for warm in args.warm_up.split(","):
+                    measure(key, mode == "polling", args.repeat, staged, warm == "on")
 
 
 if __name__ == "__main__":
