@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,22 @@ def test_a_failed_send_is_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFi
     with caplog.at_level("DEBUG", logger="livestack.live.notify"):
         assert notifier.ready() is False
     assert "could not notify systemd" in caplog.text
+
+
+def test_a_socket_nobody_reads_never_blocks_the_sender(systemd: socket.socket) -> None:
+    # A manager that stops reading (hung, or a test harness that reads afterwards) fills the socket's queue:
+    # the thread that sends (the network loop, the watchdog) must go on, the message dropped and said so.
+    notifier = Notifier()
+    results: list[bool] = []
+    sender = threading.Thread(
+        target=lambda: results.extend(notifier.status(f"frame {i}") for i in range(2000)))
+    sender.start()
+    sender.join(timeout=10)
+    blocked = sender.is_alive()
+    systemd.close()  # unblocks a sender stuck in sendto (it then fails), so no thread is left behind
+    sender.join()
+    assert not blocked, "a full notify socket blocked the sending thread"
+    assert results[0] is True and results[-1] is False
 
 
 def test_watchdog_interval() -> None:

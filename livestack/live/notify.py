@@ -84,6 +84,9 @@ class Notifier:
         message = "\n".join(assignments).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                # Never wait: a manager that stops reading must not stall the sending thread (a full queue
+                # drops the message, logged at debug level).
+                sock.setblocking(False)
                 sock.sendto(message, self.address)
         except OSError as exc:
             _log.debug("could not notify systemd at %r: %s", self.address, exc)
