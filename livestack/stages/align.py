@@ -41,10 +41,11 @@ all stars refines it.
 *Distortion* (``params.distortion`` ``"auto"`` or ``"on"``): a lens or a wide field bends the sky, so
 after an affine fit the stars of a distant dither still miss by pixels near the corners, in a smooth
 pattern. The stars are paired again with the affine prediction, a polynomial of order
-``DISTORTION_ORDER`` in the reference's normalised coordinates (``u = (x - cx) / s``, ``v = (y - cy) / s``,
-``c`` the centre of the reference and ``s`` half its diagonal) is fitted to where the reference's stars
-land in the frame beyond the affine, pairs beyond ``clip_sigma`` are clipped, and the pairing is redone
-with the corrected prediction (``MATCH_PASSES`` times), which brings in the corner stars the affine missed.
+``DISTORTION_ORDER`` in normalised reference coordinates (``u = (x - cx) / s``, ``v = (y - cy) / s``,
+``c`` the centre and ``s`` the half diagonal of the box around the reference stars the frame sees) is
+fitted to where the reference's stars land in the frame beyond the affine, pairs beyond ``clip_sigma`` are
+clipped, and the pairing is redone with the corrected prediction (``MATCH_PASSES`` times), which brings in
+the corner stars the affine missed.
 The non-linear coefficients carry a small ridge penalty (``DISTORTION_RIDGE``) so that the surface stays
 smooth between stars. The correction is fitted only when it is well constrained: at least
 ``DISTORTION_MIN_STARS`` pairs, with ``DISTORTION_CELL_STARS`` of them in every cell but
@@ -106,9 +107,11 @@ DISTORTION_GRID = 3
 DISTORTION_MIN_CELLS = 4
 DISTORTION_EMPTY_CELLS = 1
 DISTORTION_CELL_STARS = 3
-#: Ridge weight on the non-linear coefficients, per star, in normalised coordinates: shrinks a coefficient
-#: the stars barely constrain, and changes a well-measured one by about a thousandth.
-DISTORTION_RIDGE = 1e-3
+#: Ridge weight on the non-linear coefficients, per star, in coordinates normalised on the overlap: shrinks a
+#: coefficient the stars barely constrain (fifty stars on a narrow field then do not cross-validate a
+#: correction), and changes a well-measured one by about a hundredth. At 1e-3 the bias pushed a far dither's
+#: overlap corner out of the clipping and bent a 2% barrel's correction there by pixels.
+DISTORTION_RIDGE = 1e-4
 #: Folds of the cross-validation that ``"auto"`` decides with.
 DISTORTION_FOLDS = 5
 #: ``"auto"``: the held-out RMS with the correction must be at most this fraction of the affine's ...
@@ -643,12 +646,10 @@ def _distort(problem: _Problem, fit: _Fit | None) -> _Fit | None:
     params = problem.params
     if fit is None or params.distortion == "off":
         return fit
-    rows, cols = problem.ref_shape
-    centre = np.array([(cols - 1) / 2.0, (rows - 1) / 2.0])
-    scale = math.hypot(cols, rows) / 2.0
-    design_all = _design((problem.ref - centre) / scale, DISTORTION_ORDER)
     inverse = _inverse(fit.matrix)
     base = _apply(inverse, problem.ref)
+    centre, scale = _overlap_box(problem, base)
+    design_all = _design((problem.ref - centre) / scale, DISTORTION_ORDER)
     coeffs = np.zeros((design_all.shape[1], 2))
     ref_index = frm_index = np.empty(0, dtype=np.intp)
     for _ in range(MATCH_PASSES):
@@ -695,6 +696,21 @@ def _distort(problem: _Problem, fit: _Fit | None) -> _Fit | None:
                             coeffs_y=tuple(float(v) for v in coeffs[:, 1]))
     return _Fit(matrix=fit.matrix, frm_index=frm_index, ref_index=ref_index, rms=rms_after,
                 distortion=distortion, rms_before=rms_before, rms_after=rms_after)
+
+
+def _overlap_box(problem: _Problem, base: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre and half diagonal of the box around the reference stars the frame sees (``base``: in the frame).
+
+    The polynomial is written in coordinates normalised on the overlap, not on the whole reference: on a
+    frame dithered far, the overlap is one side of the reference, where powers of whole-frame coordinates are
+    nearly collinear and the ridge would bend the fit.
+    """
+    rows, cols = problem.ref_shape
+    seen = problem.ref[_inside(base, problem.frm_shape)]
+    if seen.shape[0] < 2:
+        return np.array([(cols - 1) / 2.0, (rows - 1) / 2.0]), math.hypot(cols, rows) / 2.0
+    low, high = seen.min(axis=0), seen.max(axis=0)
+    return (low + high) / 2.0, max(float(np.hypot(*(high - low))) / 2.0, 1.0)
 
 
 def _covers(problem: _Problem, xy: np.ndarray, inverse: np.ndarray) -> bool:
