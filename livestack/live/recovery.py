@@ -84,7 +84,7 @@ def resume(config: Config, journal: Journal, store: CheckpointStore, stacks: Sta
         else:
             memory.rejected += 1
     outputs.seq = max((e.seq for e in entries), default=0)
-    plan = recover(journal, store)
+    plan = recover(journal, store, entries)
     # The plan's session, not only the checkpoint's: after a reset whose empty checkpoint a crash prevented,
     # the journal may already be in the new session with nothing accepted to replay; going on in the old
     # one would make every later journal line "older than the session before it".

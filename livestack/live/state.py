@@ -1055,7 +1055,8 @@ class Recovery:
     next_seq: int
 
 
-def recover(journal: Journal, store: CheckpointStore) -> Recovery:
+def recover(journal: Journal, store: CheckpointStore,
+            entries: Sequence[JournalEntry] | None = None) -> Recovery:
     """Work out how to rebuild the stack after a stop: which checkpoint to load, which frames to replay.
 
     The state after recovery is the checkpoint plus the replay of the accepted entries of the current
@@ -1068,6 +1069,8 @@ def recover(journal: Journal, store: CheckpointStore) -> Recovery:
     journal : Journal
         Open (its torn end already cut away).
     store : CheckpointStore
+    entries : sequence of JournalEntry, optional
+        ``journal.entries()`` when the caller has them already (the journal parses its lines at each call).
 
     Returns
     -------
@@ -1079,7 +1082,8 @@ def recover(journal: Journal, store: CheckpointStore) -> Recovery:
         The newest complete checkpoint includes frames the journal does not have (a journal replaced
         or truncated by hand): the two no longer describe the same stack.
     """
-    entries = journal.entries()
+    if entries is None:
+        entries = journal.entries()
     last_seq = journal.next_seq - 1
     checkpoint = store.latest()
     if checkpoint is not None and checkpoint.seq > last_seq:
