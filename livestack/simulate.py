@@ -353,6 +353,13 @@ class SimConfig:
 
     def _validate(self) -> None:
         problems: list[str] = []
+        numbers = {"interval": self.interval, "fwhm": self.fwhm, "drift": self.drift[0] + self.drift[1],
+                   "rotation_per_frame": self.rotation_per_frame, "chunk_rate": self.chunk_rate,
+                   "exptime": self.exptime, "fixed_pattern": self.fixed_pattern, "dither": self.dither,
+                   "barrel": self.barrel, "seeing_jitter": self.seeing_jitter}
+        # An infinite interval, dither or pattern would pass the range checks below and fail deep inside.
+        problems.extend(f"{name} must be a finite number, not {value}" for name, value in numbers.items()
+                        if not math.isfinite(value))
         if self.frames < 1:
             problems.append(f"frames must be at least 1, not {self.frames}")
         if self.interval < 0:

@@ -13,6 +13,7 @@ import pytest
 from astropy.io import fits
 from numpy.lib.stride_tricks import sliding_window_view
 
+from livestack.cli import main
 from livestack.errors import ConfigError
 from livestack.simulate import (
     BIAS,
@@ -447,3 +448,14 @@ def test_truth_csv_rows_match_the_rendered_frames(tmp_path: Path) -> None:
     assert [r["kind"] for r in rows] == ["good", "cloud", "wind", "good", "good"]
     assert rows[2]["file"] == f"{SUBDIR_NAME}/sim_0003.fits"
     assert float(rows[3]["rotation_deg"]) == pytest.approx(180.0 - 3 * 0.7)
+
+
+@pytest.mark.parametrize("option", [("--dither", "inf"), ("--interval", "inf"), ("--interval", "nan"),
+                                    ("--fixed-pattern", "inf")])
+def test_an_infinite_number_on_the_command_line_is_refused_in_one_sentence(
+        option: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sim"
+    code = main(["simulate", str(out), "--frames", "2", "--size", "64x48", "--target", "moon", *option])
+    message = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and not out.exists()
+    assert len(message) == 1 and f"{option[0][2:].replace('-', '_')} must be a finite number" in message[0]
