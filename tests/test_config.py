@@ -85,3 +85,15 @@ def test_readme_documents_every_key_with_its_default() -> None:
             assert row is not None, f"README lacks [{section}] {f.name}"
             default = _toml_value(f.default)
             assert default in row or isinstance(f.default, tuple), (section, f.name, default)
+
+
+def test_readme_architecture_names_every_module() -> None:
+    # Modules inside a client package (tui, web) are named through their package.
+    readme = (ROOT / "README.md").read_text()
+    package = ROOT / "livestack"
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "__init__.py" or "__pycache__" in path.parts:
+            continue
+        name = path.relative_to(package).with_suffix("").as_posix()
+        named = {name, name.rsplit("/", 1)[0]} if name.startswith("clients/") else {name}
+        assert any(f"`{n}`" in readme for n in named), f"README's architecture section lacks {name}"
