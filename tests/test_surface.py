@@ -368,3 +368,19 @@ def test_every_seeded_session_under_the_fixed_pattern_stays_within_a_tenth_of_a_
         errors.append(_errors(frame, found.transform))
     assert max(shift for shift, _ in errors) <= 0.1
     assert max(rotation for _, rotation in errors) <= 0.05
+
+
+@pytest.mark.parametrize("target", ["moon", "planet"])
+def test_a_meridian_flip_is_followed_on_the_surface(target: str) -> None:
+    """After a flip the target is turned by 180 degrees, which its magnitude spectrum cannot tell from none.
+
+    The lunar frames were once stacked unflipped with a wrong shift (phase correlation at no turn still
+    found a weak, confident-enough peak), or rejected when ECC was started from the flip (NaN); a planet's
+    disk, which matches itself turned, was stacked unflipped.
+    """
+    config = _moon(frames=6, target=target, object_name="Jupiter" if target == "planet" else "Moon",
+                   fixed_pattern=1.0, flip_at=3)
+    for frame, found in _register_session(config):
+        assert found.transform is not None, f"frame {frame.index}: {found.reason}"
+        shift_error, rotation_error = _errors(frame, found.transform)
+        assert shift_error <= 0.1 and rotation_error <= 0.05, (frame.index, shift_error, rotation_error)

@@ -29,12 +29,14 @@ with the two axes of the spectrum removed (column and row banding). The filtered
 luminance used for refinement is a difference of Gaussians with the same pass-band.
 
 *Register*: (1) rotation by a Fourier-Mellin step: the weighted magnitude spectra are resampled on a polar
-grid (magnitudes do not move with a shift) and correlated along the angle; (2) translation by phase
+grid (magnitudes do not move with a shift) and correlated along the angle, which cannot tell a turn from
+the same turn plus 180 degrees (a meridian flip), so both are tried; (2) translation by phase
 correlation of the derotated frame: the cross-power spectrum is normalised to unit magnitude, weighted by
 the pass-band and transformed back; the peak is refined to sub-pixel by a Gaussian fit on its 3x3
 neighbourhood, and the confidence is the peak's height over the side-lobes (its distance from their mean in
 units of their standard deviation); (3) refinement by OpenCV's ECC (Euclidean motion) on the band-passed
-images, started from (1)+(2), made twice on complementary halves of the pixels (below) and averaged. When
+images, started from (1)+(2), made twice on complementary halves of the pixels (below) and averaged (from
+both turns when they are nearly as confident, as a round disk is, keeping the better correlation). When
 phase correlation finds no confident peak (a large jump, a small overlap, a large turn), ORB keypoints on
 the band-passed images, with a FAST threshold lowered until enough are found, are matched by brute force
 and a partial affine transform is fitted with RANSAC; ECC refines it.
@@ -129,6 +131,10 @@ RANSAC_THRESHOLD = 2.0
 FIXED_PAIR_DISTANCE = 1.0
 #: Rotations under this (degrees) are left to ECC: derotating by a noisy estimate would not help.
 MIN_DEROTATION = 0.2
+#: When the turn opposite the most confident one (180 degrees away) reaches this fraction of its confidence,
+#: both are refined and ECC's correlation decides (a round disk matches itself turned; lunar detail does not,
+#: at a tenth of the confidence).
+OPPOSITE_CONFIDENCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -381,24 +387,38 @@ def register(ref: SurfaceReference, frame: SurfaceFrame, guess: Transform | None
     filtered = _dog(work, ref.sigma_high, ref.sigma_low)
 
     # Candidate turns: the Fourier-Mellin estimate and the guess's (a slowly turning field); the most
-    # confident phase correlation wins; a turn by 180 degrees is tried when neither is confident.
+    # confident phase correlation wins. Magnitude spectra cannot tell a turn from the same turn plus 180
+    # degrees (a meridian flip), so the winner's opposite is always tried too (a flipped frame can still
+    # correlate, weakly but above the threshold, with a wrong shift at the unflipped turn), and every
+    # candidate's opposite when none was confident.
     candidates: list[float] = []
     for turn in (*([] if guess is None else [guess.rotation]), *angles):
         if all(abs(turn - c) >= MIN_DEROTATION for c in candidates):
             candidates.append(turn)
     coarse: np.ndarray | None = None
+    turn = math.nan
     confidence = math.nan
     reason: str | None = None
     method = "surface"
     inliers = 0
-    for candidate in [*candidates, *(c + 180.0 for c in candidates)]:
+    tried: list[tuple[float, np.ndarray | None, float]] = []
+    pending = list(candidates)
+    while pending:
+        candidate = pending.pop(0)
         found, found_confidence, found_reason = _phase_translation(ref, work, spectrum, candidate, params)
+        tried.append((candidate, found, found_confidence))
         if found is not None and (coarse is None or found_confidence > confidence):
-            coarse, confidence, reason = found, found_confidence, None
+            coarse, turn, confidence, reason = found, candidate, found_confidence, None
         elif coarse is None and (math.isnan(confidence) or found_confidence > confidence):
             confidence, reason = found_confidence, found_reason
-        if coarse is not None and candidate == candidates[-1]:
-            break
+        if not pending and len(tried) == len(candidates):
+            opposites = [turn + 180.0] if coarse is not None else [c + 180.0 for c in candidates]
+            pending = [c for c in opposites if all(_turn_apart(c, t) >= MIN_DEROTATION for t, _, _ in tried)]
+    # A round disk correlates almost as well turned by 180 degrees (a planet's): when the opposite of the
+    # winning turn is nearly as confident, the refinement's correlation decides between the two.
+    rival = None if coarse is None else next(
+        (found for t, found, c in tried if found is not None and _turn_apart(t, turn + 180.0) < MIN_DEROTATION
+         and c >= OPPOSITE_CONFIDENCE * confidence), None)
     if coarse is None:
         matched = _match_features(ref.filtered, filtered)
         if matched is None:
@@ -412,15 +432,14 @@ def register(ref: SurfaceReference, frame: SurfaceFrame, guess: Transform | None
                                           f"needed)", confidence)
         method = "features"
 
-    # The reference's pixels of one checkerboard colour against the frame's of the other, both ways: no
-    # pixel's fixed pattern meets itself (see the module's notes).
-    source = _restore_columns(ref, work, coarse)
-    refined = [_ecc(ref.halves[parity], _half_dog(source, ref.sigma_high, ref.sigma_low, 1 - parity), coarse,
-                    ref.sigma_low) for parity in (0, 1)]
-    if refined[0] is None or refined[1] is None:
+    refined = _refine(ref, work, coarse)
+    if rival is not None:
+        other = _refine(ref, work, rival)
+        if other is not None and (refined is None or other[1] > refined[1]):
+            coarse, refined = rival, other
+    if refined is None:
         return SurfaceAlignment(None, "the surface refinement (ECC) did not converge", confidence)
-    matrix_work = _mean_rigid(refined[0][0], refined[1][0])
-    correlation = 0.5 * (refined[0][1] + refined[1][1])
+    matrix_work, correlation = refined
     if correlation < params.min_correlation:
         return SurfaceAlignment(None, f"the refined surface correlates by only {correlation:.2f} with the "
                                       f"reference (at least {params.min_correlation:g} needed)",
@@ -585,9 +604,29 @@ def _restore_columns(ref: SurfaceReference, work: np.ndarray, coarse: np.ndarray
     return np.asarray(work + means[None, :].astype(np.float32), dtype=np.float32)
 
 
+def _refine(ref: SurfaceReference, work: np.ndarray, coarse: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """ECC's refinement of a coarse frame -> reference matrix (working pixels) and its correlation, or None.
+
+    The reference's pixels of one checkerboard colour against the frame's of the other, both ways: no pixel's
+    fixed pattern meets itself (see the module's notes).
+    """
+    source = _restore_columns(ref, work, coarse)
+    refined = [_ecc(ref.halves[parity], _half_dog(source, ref.sigma_high, ref.sigma_low, 1 - parity), coarse,
+                    ref.sigma_low) for parity in (0, 1)]
+    if refined[0] is None or refined[1] is None:
+        return None
+    return _mean_rigid(refined[0][0], refined[1][0]), 0.5 * (refined[0][1] + refined[1][1])
+
+
+def _turn_apart(a: float, b: float) -> float:
+    """How far apart two turns are, degrees, in [0, 180]."""
+    return abs((a - b + 180.0) % 360.0 - 180.0)
+
+
 def _mean_rigid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The rotation-and-shift halfway between two: mean angle, mean translation."""
-    angle = 0.5 * (math.atan2(a[1, 0], a[0, 0]) + math.atan2(b[1, 0], b[0, 0]))
+    # The mean of the two directions, not of the two angles: -179.9 and 179.9 degrees make 180, not 0.
+    angle = math.atan2(a[1, 0] + b[1, 0], a[0, 0] + b[0, 0])
     c, s = math.cos(angle), math.sin(angle)
     return np.array([[c, -s, 0.5 * (a[0, 2] + b[0, 2])], [s, c, 0.5 * (a[1, 2] + b[1, 2])]])
 
@@ -804,7 +843,17 @@ def _ecc(template: np.ndarray, image: np.ndarray, coarse: np.ndarray,
     On a frame larger than ``ECC_PIXELS``, ECC matches the central part of the reference of that many pixels
     (against the whole frame, so every pixel it maps from is there): its cost grows with the pixels, and
     its precision there is already a few hundredths of a pixel.
+
+    OpenCV's Euclidean ECC does not converge from a turn beyond 90 degrees (a meridian flip gives NaN), so
+    such a frame is matched turned by 180 degrees, an exact reversal of its pixels, and the result turned
+    back.
     """
+    if coarse[0, 0] + coarse[1, 1] < 0.0:
+        rows, cols = image.shape
+        # Pixel (x, y) of the reversed image is pixel (cols - 1 - x, rows - 1 - y) of the frame, and back.
+        reverse = np.array([[-1.0, 0.0, cols - 1.0], [0.0, -1.0, rows - 1.0]])
+        turned = _ecc(template, np.ascontiguousarray(image[::-1, ::-1]), _compose(coarse, reverse), sigma_low)
+        return None if turned is None else (_compose(turned[0], reverse), turned[1])
     rows, cols = template.shape
     x0 = y0 = 0
     if rows * cols > ECC_PIXELS:
