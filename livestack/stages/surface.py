@@ -35,8 +35,9 @@ correlation of the derotated frame: the cross-power spectrum is normalised to un
 the pass-band and transformed back; the peak is refined to sub-pixel by a Gaussian fit on its 3x3
 neighbourhood, and the confidence is the peak's height over the side-lobes (its distance from their mean in
 units of their standard deviation); (3) refinement by OpenCV's ECC (Euclidean motion) on the band-passed
-images, started from (1)+(2), made twice on complementary halves of the pixels (below) and averaged (from
-both turns when they are nearly as confident, as a round disk is, keeping the better correlation). When
+images, started from (1)+(2), made twice on complementary halves of the pixels (below) and averaged
+(started from the turn whose band-passed images correlate better when a turn and its opposite are nearly as
+confident, as on a round disk). When
 phase correlation finds no confident peak (a large jump, a small overlap, a large turn), ORB keypoints on
 the band-passed images, with a FAST threshold lowered until enough are found, are matched by brute force
 and a partial affine transform is fitted with RANSAC; ECC refines it.
@@ -415,7 +416,7 @@ def register(ref: SurfaceReference, frame: SurfaceFrame, guess: Transform | None
             opposites = [turn + 180.0] if coarse is not None else [c + 180.0 for c in candidates]
             pending = [c for c in opposites if all(_turn_apart(c, t) >= MIN_DEROTATION for t, _, _ in tried)]
     # A round disk correlates almost as well turned by 180 degrees (a planet's): when the opposite of the
-    # winning turn is nearly as confident, the refinement's correlation decides between the two.
+    # winning turn is nearly as confident, the band-passed images' correlation decides between the two.
     rival = None if coarse is None else next(
         (found for t, found, c in tried if found is not None and _turn_apart(t, turn + 180.0) < MIN_DEROTATION
          and c >= OPPOSITE_CONFIDENCE * confidence), None)
@@ -432,11 +433,9 @@ def register(ref: SurfaceReference, frame: SurfaceFrame, guess: Transform | None
                                           f"needed)", confidence)
         method = "features"
 
+    if rival is not None and _agreement(ref, filtered, rival) > _agreement(ref, filtered, coarse):
+        coarse = rival
     refined = _refine(ref, work, coarse)
-    if rival is not None:
-        other = _refine(ref, work, rival)
-        if other is not None and (refined is None or other[1] > refined[1]):
-            coarse, refined = rival, other
     if refined is None:
         return SurfaceAlignment(None, "the surface refinement (ECC) did not converge", confidence)
     matrix_work, correlation = refined
@@ -616,6 +615,31 @@ def _refine(ref: SurfaceReference, work: np.ndarray, coarse: np.ndarray) -> tupl
     if refined[0] is None or refined[1] is None:
         return None
     return _mean_rigid(refined[0][0], refined[1][0]), 0.5 * (refined[0][1] + refined[1][1])
+
+
+def _agreement(ref: SurfaceReference, filtered: np.ndarray, matrix: np.ndarray) -> float:
+    """Correlation coefficient of the band-passed reference and frame, seen through ``matrix``.
+
+    Over the reference's central ``ECC_PIXELS`` (as ECC), where the frame covers it: a warp and a dot product,
+    a fraction of an ECC run.
+    """
+    rows, cols = filtered.shape
+    side = min(1.0, math.sqrt(ECC_PIXELS / (rows * cols)))
+    h, w = max(16, int(rows * side)), max(16, int(cols * side))
+    y0, x0 = (rows - h) // 2, (cols - w) // 2
+    # The crop's pixel (x, y) is the reference's (x + x0, y + y0): read the frame there.
+    shifted = np.vstack([matrix, [0.0, 0.0, 1.0]])
+    shifted = (np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0], [0.0, 0.0, 1.0]]) @ shifted)[:2]
+    warped = cv2.warpAffine(filtered, shifted, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                            borderValue=np.nan)
+    template = ref.filtered[y0:y0 + h, x0:x0 + w]
+    inside = np.isfinite(warped)
+    if inside.sum() < 16:
+        return -1.0
+    a = warped[inside] - warped[inside].mean()
+    b = template[inside] - template[inside].mean()
+    norm = math.sqrt(float(np.dot(a, a)) * float(np.dot(b, b)))
+    return float(np.dot(a, b)) / norm if norm > 0 else -1.0
 
 
 def _turn_apart(a: float, b: float) -> float:
