@@ -300,6 +300,7 @@ class SimConfig:
     barrel : float
         Radial (barrel) distortion of the optics: how far a corner star is drawn towards the centre, as a
         fraction of its distance (CLI ``--barrel``; 0.01 is 1% at the corners). Negative: pincushion.
+        Star fields only.
 
     Raises
     ------
@@ -395,6 +396,9 @@ class SimConfig:
             problems.append(f"subdir_every must be >= 0, not {self.subdir_every}")
         if self.target not in TARGETS:
             problems.append(f"target must be one of {', '.join(TARGETS)}, not {self.target!r}")
+        elif self.barrel and self.target != "stars":
+            # The lens bends star positions; a moon or planet drawn unbent would say otherwise in silence.
+            problems.append(f"barrel bends a star field only, not a {self.target}")
         if not self.fixed_pattern >= 0:
             problems.append(f"fixed_pattern must be >= 0, not {self.fixed_pattern}")
         if self.hot_pixels is not None and not 0 <= self.hot_pixels <= self.size[0] * self.size[1]:

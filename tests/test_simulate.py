@@ -459,3 +459,10 @@ def test_an_infinite_number_on_the_command_line_is_refused_in_one_sentence(
     message = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and not out.exists()
     assert len(message) == 1 and f"{option[0][2:].replace('-', '_')} must be a finite number" in message[0]
+
+
+def test_a_barrel_lens_on_a_moon_or_planet_is_refused_not_ignored() -> None:
+    for target in ("moon", "planet"):
+        with pytest.raises(ConfigError, match=f"barrel bends a star field only, not a {target}"):
+            SimConfig(target=target, barrel=0.02)
+    assert SimConfig(target="moon", dither=30.0).dither == 30.0  # a dithering mount still moves the Moon
