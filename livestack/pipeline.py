@@ -952,6 +952,15 @@ class Stacker:
         return tuple(f"calibration of {n} frame{'s' if n != 1 else ''}: {note}"
                      for note, n in self.calibrations.items()) + folded
 
+    def settle(self) -> bool:
+        """Do the work a frame left for later: a kappa-sigma warm-up filled by the last frame is judged.
+
+        The stack is the same with or without it (the next frame does it otherwise); a live caller calls it
+        after the frame's verdict has gone out, so that the warm-up's end does not delay that verdict.
+        True when there was such work (the rejected fraction has changed).
+        """
+        return any([stack.acc.settle() for stack in self._filters.values()])
+
     def results(self) -> dict[str, np.ndarray]:
         """Every filter's stack so far (float32 copies), by filter, in the order of ``filters``."""
         return {name: stack.acc.result() for name, stack in self._filters.items()}

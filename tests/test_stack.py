@@ -421,13 +421,15 @@ def test_kappa_sigma_warmup_end_needs_no_memory_beyond_its_buffer() -> None:
     first = KappaSigmaStack(shape, warmup=5)
     for frame in frames[:5]:  # a first stack loads the compiled kernels, which allocate on their own
         first.add(frame, footprint)
+    first.settle()
     stack = KappaSigmaStack(shape, warmup=5)
     for frame in frames[:4]:
         stack.add(frame, footprint)
     frame_bytes = frames[0].nbytes
     tracemalloc.start()
     try:
-        stack.add(frames[4], footprint)  # the warm-up's end
+        stack.add(frames[4], footprint)
+        stack.settle()  # the warm-up's end
         kept, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -585,3 +587,30 @@ def test_add_refuses_mismatched_frames(tmp_path: Path) -> None:
         assert stack.count == 0
     with pytest.raises(ValueError, match="shape"):
         MeanStack((6,))
+
+
+def test_kappa_sigma_judges_a_full_warmup_when_asked_or_at_the_next_frame_with_the_same_stack() -> None:
+    # The frame that fills the warm-up is only buffered, so that a live caller can judge the buffer after the
+    # frame's verdict has gone out; the stack is the same whenever the judging happens.
+    shape = (120, 160, 3)
+    rng = np.random.default_rng(5)
+    frames = _noisy(rng, 8, shape)
+    frames[2][40:44, :, :] += 500.0  # a trail for the warm-up to reject
+    footprint = np.ones(shape[:2], dtype=bool)
+    late, early = KappaSigmaStack(shape, warmup=5), KappaSigmaStack(shape, warmup=5)
+    for i, frame in enumerate(frames):
+        late.add(frame, footprint)
+        early.add(frame, footprint)
+        if i == 4:
+            assert not early.settled
+            waiting = early.result()
+            early.settle()
+            assert early.settled and early.rejected_fraction > 0
+            np.testing.assert_allclose(early.result(), waiting, rtol=1e-6)
+            resumed = KappaSigmaStack(shape, warmup=5)
+            resumed.restore(late.state())  # a checkpoint taken while the judging waits
+    resumed.add(frames[5], footprint)
+    resumed.add(frames[6], footprint)
+    resumed.add(frames[7], footprint)
+    np.testing.assert_array_equal(early.result(), late.result())
+    np.testing.assert_array_equal(resumed.result(), late.result())

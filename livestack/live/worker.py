@@ -325,6 +325,12 @@ class Worker:
         if target != previous:
             self._target_decided(target, previous, previous_stack, new_target, result)
         self.stacks.changed()
+        # A kappa-sigma warm-up that this frame filled is judged now that the frame's event is out and the
+        # status counts it, not before (the costliest step of a stack's life, about 0.3 s at 8.3 MP).
+        with self.stacks.lock:
+            settled = self.stacks.stacker.settle()
+        if settled:
+            self.stacks.changed()
         retired = self.stacks.stacker.take_retired()
         if retired:
             # A median folded into kappa-sigma at its disk budget: its cube goes once a checkpoint that no

@@ -104,6 +104,8 @@ class Accumulator(Protocol):
 
     def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None: ...
 
+    def settle(self) -> bool: ...
+
     def result(self) -> np.ndarray: ...
 
     def state(self) -> dict[str, np.ndarray]: ...
@@ -131,6 +133,10 @@ class _Tally:
     def rejected_fraction(self) -> float:
         """Rejected over offered samples: 0 for an accumulator that keeps every sample."""
         return 0.0
+
+    def settle(self) -> bool:
+        """Do what an ``add`` left for later (nothing, but for kappa-sigma's warm-up); True if it did any."""
+        return False
 
 
 class MeanStack(_Tally):
@@ -264,14 +270,14 @@ class KappaSigmaStack(_Tally):
     Notes
     -----
     *Warm-up.* A running mean cannot judge its first samples, so the first ``warmup`` frames (at most
-    ``warmup_budget`` bytes of them, but at least ``MIN_WARMUP_FRAMES``) are buffered. When the buffer is
-    full, each pixel and channel is initialised from its buffered samples: those further than
-    ``kappa * 1.4826 * MAD`` from their median are rejected (a satellite trail in frame 2 does not poison
-    the stack), the rest seed the running mean and variance. Until then ``result()`` returns that robust
-    combination of the frames buffered so far. Judging costs two streaming passes over the buffer and a
-    second look at the few pixels whose samples spread wider than the limit's least value (``_judge_buffer``).
-    The moments are written over the first four buffered frames and the others go back, so the warm-up's end
-    needs no memory beyond the buffer and one plane of variances.
+    ``warmup_budget`` bytes of them, but at least ``MIN_WARMUP_FRAMES``) are buffered. Once the buffer is full
+    (at the next ``add``, or earlier at ``settle``), each pixel and channel is initialised from its buffered
+    samples: those further than ``kappa * 1.4826 * MAD`` from their median are rejected (a satellite trail in
+    frame 2 does not poison the stack), the rest seed the running mean and variance. Until then ``result()``
+    returns that robust combination of the frames buffered so far. Judging costs two streaming passes over the
+    buffer and a second look at the few pixels whose samples spread wider than the limit's least value
+    (``_judge_buffer``). The moments are written over the first four buffered frames and the others go back,
+    so the warm-up's end needs no memory beyond the buffer and one plane of variances.
 
     *Noise floor.* Sigma from a handful of samples is often far too small by chance, and a pixel whose sigma
     is too small rejects every later good sample: it freezes. So sigma never goes below a floor per channel,
@@ -358,6 +364,7 @@ class KappaSigmaStack(_Tally):
             If the shapes differ from the stack's or the weight is not positive and finite.
         """
         image3, mask, weight = _check_frame(self._shape, image, footprint, weight)
+        self.settle()
         if self._mean is None:
             slot = np.empty(self._dims, dtype=np.float32)
             _mask_copy(image3, mask, slot, self._coverage)
@@ -365,8 +372,6 @@ class KappaSigmaStack(_Tally):
             self._buffer_weights[self._buffered] = weight
             self._buffered += 1
             self._count += 1
-            if self._buffered >= self._warmup:
-                self._finish_warmup()
             return
         offered = np.zeros(self._dims[0], dtype=np.int64)
         rejected = np.zeros(self._dims[0], dtype=np.int64)
@@ -375,6 +380,24 @@ class KappaSigmaStack(_Tally):
         self._offered += int(offered.sum())
         self._rejected += int(rejected.sum())
         self._count += 1
+
+    @property
+    def settled(self) -> bool:
+        """False while a full warm-up buffer waits to be judged (see ``settle``)."""
+        return not (self._mean is None and self._buffered >= self._warmup)
+
+    def settle(self) -> bool:
+        """Judge a full warm-up buffer now, if one waits; True if it did.
+
+        The frame that fills the buffer is only buffered: the judging (a robust pass over every buffered
+        frame, the costliest step of the stack's life) is done by the next ``add``, or earlier by a call to
+        this, so that a live caller can do it after the frame's verdict has gone out. Either way the stack
+        is the same, bit for bit; ``result`` and ``state`` before it give the same stack too.
+        """
+        if self.settled:
+            return False
+        self._finish_warmup()
+        return True
 
     def result(self) -> np.ndarray:
         """The clipped mean, float32, NaN where never covered (the robust warm-up combination before)."""
