@@ -218,66 +218,104 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def bench_live(paths: list[Path], cadence: float, work: Path, source: Path | None = None) -> dict[str, Any]:
-    """Latency from a frame's rename into the watched folder to its ``accepted`` event."""
-    from livestack.clients.bus import Subscriber
+class _Daemon:
+    """One ``livestack run`` watching its own folder, with a subscriber collecting its verdicts."""
 
-    watched = work / "frames"
-    watched.mkdir(parents=True)
-    publish, control = _free_port(), _free_port()
-    config = work / "livestack.toml"
-    config.write_text(
-        f'[watch]\nfolder = "{watched}"\n[output]\nfolder = "{work / "out"}"\n'
-        f'[state]\nfolder = "{work / "state"}"\n'
-        f'[network]\npublish = "tcp://127.0.0.1:{publish}"\ncontrol = "tcp://127.0.0.1:{control}"\n')
+    def __init__(self, work: Path, source: Path | None) -> None:
+        from livestack.clients.bus import Subscriber
+
+        self.watched = work / "frames"
+        self.watched.mkdir(parents=True)
+        self.log = work / "daemon.log"
+        publish, control = _free_port(), _free_port()
+        config = work / "livestack.toml"
+        config.write_text(
+            f'[watch]\nfolder = "{self.watched}"\n[output]\nfolder = "{work / "out"}"\n'
+            f'[state]\nfolder = "{work / "state"}"\n'
+            f'[network]\npublish = "tcp://127.0.0.1:{publish}"\ncontrol = "tcp://127.0.0.1:{control}"\n')
+        self.arrived: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.completed: dict[str, float] = {}
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+
+        def listen() -> None:
+            with Subscriber(f"tcp://127.0.0.1:{publish}") as sub:
+                while not self._stop.is_set():
+                    event = sub.recv(timeout=0.2)
+                    if event is None:
+                        continue
+                    self.ready.set()
+                    if event.topic == "frame" and event["verdict"] in ("accepted", "rejected"):
+                        self.arrived[event["name"]] = (time.time(), dict(event.payload))
+
+        self.process = subprocess.Popen([str(LIVESTACK), "run", "--config", str(config)],
+                                        env=source_env(source), stdout=subprocess.DEVNULL,
+                                        stderr=open(self.log, "wb"))  # noqa: SIM115 - lives with the daemon
+        self._listener = threading.Thread(target=listen, name="bench-listener")
+        self._listener.start()
+
+    def write(self, name: str, blob: bytes) -> None:
+        """Write a frame as a temporary name renamed in place; the clock starts at the rename's return."""
+        temporary = self.watched / f".{name}.part"
+        with open(temporary, "wb") as fh:
+            fh.write(blob)
+        os.replace(temporary, self.watched / name)
+        self.completed[name] = time.time()
+
+    def stop(self) -> int:
+        """Stop the listener and the daemon: the daemon's peak resident memory, bytes."""
+        self._stop.set()
+        self._listener.join()
+        self.process.terminate()
+        # It writes a last snapshot first: on a loaded machine that can take a while.
+        return _wait_rss(self.process, 300)
+
+
+def bench_live(paths: list[Path], cadence: float, work: Path,
+               sources: tuple[Path | None, ...] = (None,)) -> list[dict[str, Any]]:
+    """Latency from a frame's rename into the watched folder to its ``accepted`` event, for each source tree.
+
+    With several trees, one daemon per tree runs for the whole run, each watching its own folder, and they
+    take turns on every frame (the order rotates from frame to frame): each gets the frame only once the one
+    before it has published its verdict, so at most one daemon works at a time and both meet the same
+    moments of the machine's load.
+    """
     blobs = [(p.name, p.read_bytes()) for p in paths]
-    arrived: dict[str, tuple[float, dict[str, Any]]] = {}
-    ready = threading.Event()
-    stop = threading.Event()
-
-    def listen() -> None:
-        with Subscriber(f"tcp://127.0.0.1:{publish}") as sub:
-            while not stop.is_set():
-                event = sub.recv(timeout=0.2)
-                if event is None:
-                    continue
-                ready.set()
-                if event.topic == "frame" and event["verdict"] in ("accepted", "rejected"):
-                    arrived[event["name"]] = (time.time(), dict(event.payload))
-
-    daemon = subprocess.Popen([str(LIVESTACK), "run", "--config", str(config)], env=source_env(source),
-                              stdout=subprocess.DEVNULL,
-                              stderr=open(work / "daemon.log", "wb"))  # noqa: SIM115 - lives with the daemon
-    listener = threading.Thread(target=listen, name="bench-listener")
-    listener.start()
-    completed: dict[str, float] = {}
+    daemons: list[_Daemon] = []
+    rss: list[int] = []
     try:
-        if not ready.wait(60):  # the periodic status event says the daemon is up and we are subscribed
-            raise SystemExit(f"the daemon sent no event in 60 s; see {work / 'daemon.log'}")
-        for name, blob in blobs:
-            temporary = watched / f".{name}.part"
-            with open(temporary, "wb") as fh:
-                fh.write(blob)
-            os.replace(temporary, watched / name)
-            completed[name] = time.time()
+        for i, source in enumerate(sources):
+            daemons.append(_Daemon(work / f"tree{i}", source))
+        for d in daemons:
+            if not d.ready.wait(60):  # the periodic status event says the daemon is up and we are subscribed
+                raise SystemExit(f"the daemon sent no event in 60 s; see {d.log}")
+        for index, (name, blob) in enumerate(blobs):
+            turn = index % len(daemons)
+            for d in daemons[turn:] + daemons[:turn]:
+                d.write(name, blob)
+                deadline = time.time() + 120
+                while name not in d.arrived and time.time() < deadline:
+                    time.sleep(0.01)
+                time.sleep(cadence / 2 if len(daemons) > 1 else 0.0)
             time.sleep(cadence)
         deadline = time.time() + 120
-        while len(arrived) < len(blobs) and time.time() < deadline:
+        while any(len(d.arrived) < len(blobs) for d in daemons) and time.time() < deadline:
             time.sleep(0.05)
     finally:
-        stop.set()
-        listener.join()
-        daemon.terminate()
-        # It writes a last snapshot first: on a loaded machine that can take a while.
-        daemon_rss = _wait_rss(daemon, 300)
-    names = [name for name, _ in blobs]
+        rss = [d.stop() for d in daemons]
+    return [_live_figures([n for n, _ in blobs], d, peak) for d, peak in zip(daemons, rss, strict=True)]
+
+
+def _live_figures(names: list[str], daemon: _Daemon, daemon_rss: int) -> dict[str, Any]:
+    arrived = daemon.arrived
     missing = [n for n in names if n not in arrived]
     if missing:
-        raise SystemExit(f"no frame event for {missing}; see {work / 'daemon.log'}")
-    rejected = [n for n in names if arrived[n][1]["verdict"] != "accepted"]
+        raise SystemExit(f"no frame event for {missing}; see {daemon.log}")
+    rejected = [f"{n} ({arrived[n][1].get('reason')})" for n in names
+                if arrived[n][1]["verdict"] != "accepted"]
     if rejected:
-        raise SystemExit(f"rejected: {rejected}")
-    latencies = [arrived[n][0] - completed[n] for n in names]
+        raise SystemExit(f"rejected: {', '.join(rejected)}")
+    latencies = [arrived[n][0] - daemon.completed[n] for n in names]
     timings = [arrived[n][1].get("timings") or {} for n in names]
     stages = {s: statistics.median(t.get(s, 0.0) for t in timings[1:]) for s in STAGES}
     overhead = [lat - sum(t.values()) for lat, t in zip(latencies, timings, strict=True)][1:]
@@ -380,7 +418,8 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the raw figures to FILE")
     parser.add_argument("--baseline", metavar="DIR", type=Path,
                         help="also run livestack (stack and live) from this source tree, e.g. a worktree of "
-                             "an earlier commit, interleaved with this one: before and after in one run")
+                             "an earlier commit, beside this one: before and after in one run (the two live "
+                             "daemons run together and take turns on every frame)")
     args = parser.parse_args()
     sizes = (args.sizes or ("8.3" if args.quick else "2,8.3,26")).split(",")
     kinds = (args.kinds or ("mono" if args.quick else "mono,colour")).split(",")
@@ -416,8 +455,10 @@ def main() -> None:
                 if "live" in parts:
                     live = paths[:live_frames]
                     if args.baseline:
-                        base["live"] = bench_live(live, cadence[size_key], root / "live-base", args.baseline)
-                    row["live"] = bench_live(live, cadence[size_key], root / "live")
+                        row["live"], base["live"] = bench_live(live, cadence[size_key], root / "live",
+                                                               (None, args.baseline))
+                    else:
+                        row["live"], = bench_live(live, cadence[size_key], root / "live")
             if args.baseline:
                 for name in ("naive", "siril"):
                     if name in row:
