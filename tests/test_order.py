@@ -13,12 +13,14 @@ import os
 import shutil
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from astropy.io import fits
+from scipy.ndimage import gaussian_filter
 from test_daemon import N_STARS, SIZE, WAIT, Recorder, decided, make_config, running
 
 from livestack.config import Config
@@ -207,3 +209,51 @@ def test_a_poor_first_frame_does_not_become_the_reference_and_recovery_keeps_the
         second.wait_for(decided(len(poor_start) - 4), "the rest")
     assert [e["reference"] for e in journal(split)] == [e["reference"] for e in entries]
     assert np.array_equal(stack_of(split), expected, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def two_targets(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[Path]]:
+    """Two 4-frame sessions (M31, M42) whose first frames are blurred (same header), interleaved in time."""
+    folder = tmp_path_factory.mktemp("two-targets")
+    sessions = []
+    for name, seed, offset in (("M31", 31, 0), ("M42", 32, 5)):
+        start = SimConfig().start + timedelta(seconds=offset)
+        paths = simulate(folder / name, SimConfig(frames=4, interval=10.0, size=(400, 300), object_name=name,
+                                                  seed=seed, start=start), sleep=lambda _s: None)
+        with fits.open(paths[0]) as hdul:
+            header = hdul[0].header.copy()
+            blurred = gaussian_filter(np.asarray(hdul[0].data, dtype=np.float32), sigma=2.0)
+        fits.writeto(paths[0], blurred.astype(np.float32), header, overwrite=True)
+        sessions.append(paths)
+    return sessions[0], sessions[1]
+
+
+def test_the_second_target_read_ahead_also_gets_its_reference_chosen(
+        tmp_path: Path, two_targets: tuple[list[Path], list[Path]]) -> None:
+    # A_1, B_1, A_2, B_2 ... arrive 0.3 s apart: M42's first frame is read ahead while M31's frames stack,
+    # and must still wait for its target's reference window instead of becoming the reference unchosen.
+    m31, m42 = two_targets
+    config = make_config(tmp_path, **{"output.every_frames": 0})
+    stacker = Stacker(config)
+    for paths in (m31, m42):
+        blurred, sharp = (stacker.prepare(p) for p in paths[:2])
+        assert isinstance(blurred, Prepared) and isinstance(sharp, Prepared)
+        assert blurred.quality.fwhm > 1.4 * sharp.quality.fwhm  # independent of the choice
+    watch = config.path(config.watch.folder)
+    recorder = Recorder()
+    with running(config, (recorder,)):
+        for a, b in zip(m31, m42, strict=True):
+            shutil.copyfile(a, watch / f"a-{a.name}")
+            time.sleep(0.3)
+            shutil.copyfile(b, watch / f"b-{b.name}")
+            time.sleep(0.3)
+        recorder.wait_for(decided(8), "every frame")
+    entries = journal(config)
+    for prefix, paths in (("a-", m31), ("b-", m42)):
+        mine = [e for e in entries if Path(e["path"]).name.startswith(prefix)]
+        references = [Path(e["path"]).name for e in mine if e["reference"]]
+        assert len(references) == 1 and references[0] != prefix + paths[0].name
+        # The chosen one first, then the others in observation order.
+        assert Path(mine[0]["path"]).name == references[0]
+        rest = [prefix + p.name for p in paths if prefix + p.name != references[0]]
+        assert [Path(e["path"]).name for e in mine[1:]] == rest

@@ -178,6 +178,14 @@ class Worker:
         """One turn of the loop: a command, or a frame (taken early or from the inbox), or an idle tick."""
         ahead = self.ahead
         front: Future[_Front] | None = None
+        if ahead is not None and self._window_key(ahead.item) is not None:
+            # Read ahead while the frame before it stacked, but its target has no reference yet: it goes
+            # back to its place, and the reference window chooses among its target's first frames, as it
+            # would had the frame not been read ahead.
+            self.ahead = None
+            ahead.front.cancel()
+            self.inbox.put_back(ahead.item)
+            ahead = None
         if ahead is None and self._reference_window():
             return
         if ahead is not None:
