@@ -115,7 +115,8 @@ class AlignConfig:
                                  "stars, then smallest FWHM; 1 = the first frame with enough stars)",
                                  minimum=1)
     reference_wait: float = _key(2.0, "seconds the first frame of a stack waits for others to arrive before "
-                                 "the reference is chosen among those at hand", minimum=0.0)
+                                 "the reference is chosen among those at hand (at most 60)", minimum=0.0,
+                                 maximum=60.0)
     reference_folder: str = _key("", "another folder whose frames set_reference may name (besides the "
                                  "watched folder)")
     reference_min_stars: int = _key(15, "stars a frame needs to become the reference", minimum=3)

@@ -122,8 +122,8 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "recipe": _OPT_STR,           # a colour composite's recipe (LRGB, RGB, SHO, HOO, mono), else null
     },
     "status": {
-        "state": (str,),              # "starting", "waiting", "running", "paused", "stalled", "failed",
-                                      # "stopping"
+        "state": (str,),              # "starting", "waiting", "choosing" (a reference), "running", "paused",
+                                      # "stalled", "failed", "stopping"
         "queue": (int,),              # frames waiting to be processed
         "lag": _NUM,                  # seconds the oldest waiting frame has waited
         "received": (int,),
@@ -142,6 +142,7 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "last_latency": _OPT_NUM,
         "insecure": (bool,),          # true when bound beyond loopback without keys (explicit opt-out)
         "problem": _OPT_STR,          # why the state is "stalled" (disk full) or "failed" (a thread died)
+        "choosing": _OPT_STR,         # while "choosing": whose reference, frames at hand, seconds left
         "filters": _OPT_LIST,         # the current target's stacks: [{"filter", "frames", "exptime"}]
     },
     "log": {
@@ -203,11 +204,11 @@ OPTIONAL: dict[str, frozenset[str]] = {
     "frame": frozenset({"sharpness", "calibration", "defects", "sky", "transparency", "weight"}),
     "stack": frozenset({"filters"}),
     "snapshot": frozenset({"filter", "recipe"}),
-    "status": frozenset({"problem", "filters"}),
+    "status": frozenset({"problem", "filters", "choosing"}),
 }
 
 _VERDICTS = ("received", "accepted", "rejected")
-_STATES = ("starting", "waiting", "running", "paused", "stalled", "failed", "stopping")
+_STATES = ("starting", "waiting", "choosing", "running", "paused", "stalled", "failed", "stopping")
 _LEVELS = ("info", "warning", "error")
 _REMOVAL_STATES = ("started", "done", "failed")
 

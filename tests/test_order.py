@@ -23,7 +23,9 @@ from astropy.io import fits
 from scipy.ndimage import gaussian_filter
 from test_daemon import N_STARS, SIZE, WAIT, Recorder, decided, make_config, running
 
+from livestack import events
 from livestack.config import Config
+from livestack.errors import ConfigError
 from livestack.pipeline import (
     Prepared,
     ReferenceCandidate,
@@ -257,3 +259,38 @@ def test_the_second_target_read_ahead_also_gets_its_reference_chosen(
         assert Path(mine[0]["path"]).name == references[0]
         rest = [prefix + p.name for p in paths if prefix + p.name != references[0]]
         assert [Path(e["path"]).name for e in mine[1:]] == rest
+
+
+def test_a_frame_held_for_the_reference_window_is_reported_as_choosing(tmp_path: Path,
+                                                                        night: list[Path]) -> None:
+    # One frame of five wanted: it waits up to reference_wait seconds, and status and the log say why.
+    config = make_config(tmp_path, **{"align.reference_wait": 4.0})
+    watch = config.path(config.watch.folder)
+    recorder = Recorder()
+    with running(config, (recorder,)) as daemon:
+        shutil.copyfile(night[0], watch / night[0].name)
+        deadline = time.monotonic() + WAIT
+        while (status := daemon.status())["state"] != "choosing":
+            assert status["received"] == 0 and time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert status["queue"] == 1
+        assert status["choosing"].startswith("SIM-FIELD: 1 of 5 first frames, at most ")
+        left = float(status["choosing"].split("at most ")[1].split(" s")[0])
+        assert 0.0 < left <= 4.0
+        recorder.wait_for(decided(1), "the frame after the wait")
+        wait_until_state = time.monotonic() + WAIT
+        while daemon.status()["state"] != "waiting":
+            assert time.monotonic() < wait_until_state
+            time.sleep(0.05)
+        assert daemon.status()["choosing"] is None
+    opened = [e["message"] for e in recorder.topic("log") if "choosing the reference" in e["message"]]
+    assert opened == ["choosing the reference of SIM-FIELD: its first frames wait up to 4 s for 5 of them"]
+    statuses = [e for e in recorder.topic("status") if e["state"] == "choosing"]
+    assert statuses and all(s["choosing"] for s in statuses)
+    for payload in statuses:
+        events.validate(payload)
+
+
+def test_reference_wait_has_a_maximum(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="reference_wait"):
+        make_config(tmp_path, **{"align.reference_wait": 61.0})

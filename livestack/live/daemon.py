@@ -335,7 +335,8 @@ class Daemon:
                 "watch": str(self.watch_dir), "output": str(stack.folder), "method": stack.method,
                 "object": stack.object, "filter": stack.filter,
                 "session": stack.session, "last_latency": stats.last_latency, "insecure": self.insecure,
-                "problem": failed or stalled, "filters": filter_list(stack.filters)}
+                "problem": failed or stalled, "filters": filter_list(stack.filters),
+                "choosing": self._worker.choosing() if state == "choosing" and self._worker else None}
 
     def handle(self, request: dict[str, Any]) -> bytes:
         """Answer one control request (called on the network thread)."""

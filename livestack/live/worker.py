@@ -135,8 +135,11 @@ class Worker:
         self._hashes = memory.hashes
         self._legacy_hash = memory.legacy_hash
         self.stats = DaemonStats(received=memory.received, accepted=memory.accepted, rejected=memory.rejected)
-        #: "waiting" or "running"; read by ``status``.
+        #: "waiting", "choosing" (a reference window is open) or "running"; read by ``status``.
         self.state = "waiting"
+        #: While a reference window is open: its target, the frames of it at hand, and the time.time() at
+        #: which the window closes whatever comes (read by ``status`` through ``choosing``).
+        self._choosing: tuple[str, int, float] | None = None
         #: time.monotonic() of the loop's last turn, and of the start of the frame in hand (None between).
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
@@ -147,6 +150,8 @@ class Worker:
         self.ahead: Ahead | None = None
         #: (session, target) whose reference window has closed: their reference was chosen (or none could be).
         self._windowed: set[tuple[int, str]] = set()
+        #: (session, target) whose open reference window was logged.
+        self._window_logged: set[tuple[int, str]] = set()
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -369,10 +374,9 @@ class Worker:
         """
         a = self.config.align
         waiting = self.inbox.peek(a.reference_window)
-        if not waiting:
-            return False
-        key = self._window_key(waiting[0])
+        key = self._window_key(waiting[0]) if waiting else None
         if key is None:
+            self._window_closed()
             return False
         command = self.inbox.get_command()
         if command is not None:
@@ -381,11 +385,22 @@ class Worker:
         same = [q for q in waiting if q.problem is None and self.stacks.key_of(q.object) == key]
         age = time.time() - min(q.completed for q in waiting)
         if len(same) < a.reference_window and age < a.reference_wait:
+            name = waiting[0].object or "the stack"
+            if (self.stacks.session, key) not in self._window_logged:
+                self._window_logged.add((self.stacks.session, key))
+                message = (f"choosing the reference of {name}: its first frames wait up to "
+                           f"{a.reference_wait:g} s for {a.reference_window} of them")
+                log.info("%s", message)
+                # Info lines are not published as events by themselves: this one says why frames wait.
+                self.emit(events.make_event("log", level="info", message=message, logger=log.name))
+            self.state = "choosing"
+            self._choosing = (name, len(same), time.time() + a.reference_wait - age)
             # Until one more frame comes in (of whatever target), a command, or the wait is over.
             depth, _ = self.inbox.depth_and_lag()
             self.inbox.wait_for(depth + 1, min(0.5, a.reference_wait - age))
             return True
         self._windowed.add((self.stacks.session, key))
+        self._window_closed()
         candidates = [self._candidate(q) for q in same]
         chosen = choose_reference(candidates)
         if chosen is None or same[chosen] is waiting[0]:
@@ -398,6 +413,22 @@ class Worker:
         if self.inbox.take(item):
             self._take_one(item)
         return True
+
+    def _window_closed(self) -> None:
+        if self._choosing is not None:
+            self._choosing = None
+            if self.state == "choosing":
+                self.state = "waiting"
+
+    def choosing(self) -> str | None:
+        """While a reference window is open, what it waits for in words (any thread; None otherwise)."""
+        choosing = self._choosing
+        if choosing is None:
+            return None
+        name, frames, closes = choosing
+        left = max(0.0, closes - time.time())
+        return (f"{name}: {frames} of {self.config.align.reference_window} first frames, "
+                f"at most {left:.1f} s more")
 
     def _window_key(self, item: Queued) -> str | None:
         """The target whose reference is to be chosen before ``item`` is stacked, if any."""

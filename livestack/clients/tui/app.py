@@ -432,7 +432,7 @@ class LivestackApp(App[None]):
         state = self.model.state
         if state == "paused":
             self.send_command("resume")
-        elif state in ("running", "waiting", "starting"):
+        elif state in ("running", "waiting", "choosing", "starting"):
             self.send_command("pause")
         else:
             self.notify("the daemon's state is not known yet; wait for its status", severity="warning")

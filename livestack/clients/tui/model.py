@@ -161,11 +161,16 @@ class Dashboard:
         labels = {
             "starting": "starting",
             "waiting": "waiting for frames",
+            "choosing": "choosing the reference",
             "running": "running",
             "paused": "paused",
             "stopping": "stopping",
         }
-        return "no status yet" if self.state is None else labels.get(self.state, self.state)
+        if self.state is None:
+            return "no status yet"
+        label = labels.get(self.state, self.state)
+        detail = self.status.get("choosing") if self.status is not None and self.state == "choosing" else None
+        return f"{label} ({detail})" if detail else label
 
     def counters(self) -> dict[str, str]:
         """The counter panel's values by label, formatted (dashes where unknown)."""
