@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numba
 import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
@@ -519,7 +520,12 @@ def _pixels_to_float32(hdu: Any, header: fits.Header, bitpix: int,
         raw2d = raw.reshape(shape)
         if abs(bitpix) <= 16 or (bitpix == -32 and bscale == 1.0 and bzero == 0.0):
             # 8/16-bit integers and unscaled float32 are exact in float32: one fused pass.
-            if bscale == 1.0:
+            if bscale == 1.0 and _is_big_endian_int16(raw2d):
+                # The usual camera frame. numpy's cast of byte-swapped integers runs on one core at ~4.6 ms
+                # per 8.3 MP; a compiled pass swapping the bytes itself takes ~1.2 ms on two cores (1.9 ms on
+                # one), with the same float32 results.
+                _int16_be_to_float32(np.asarray(raw2d).view(np.uint16), np.float32(bzero), out)
+            elif bscale == 1.0:
                 np.add(raw2d, np.float32(bzero), out=out, dtype=np.float32)
             else:
                 np.multiply(raw2d, np.float32(bscale), out=out, dtype=np.float32)
@@ -537,6 +543,23 @@ def _pixels_to_float32(hdu: Any, header: fits.Header, bitpix: int,
         del raw  # the memory map, if any, must not outlive the file
     integral = bitpix > 0 and bscale == 1.0 and float(bzero).is_integer() and blank is None
     return out, integral
+
+
+def _is_big_endian_int16(raw: np.ndarray) -> bool:
+    """Whether ``raw`` is FITS's big-endian int16, C-contiguous, on a little-endian machine."""
+    return bool(np.little_endian and raw.dtype == np.dtype(">i2") and raw.flags.c_contiguous)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _int16_be_to_float32(raw: np.ndarray, bzero: np.float32, out: np.ndarray) -> None:  # pragma: no cover
+    """``out = float32(int16 value) + bzero`` for big-endian int16 pixels seen as native uint16 words."""
+    height, width = out.shape
+    for y in numba.prange(height):
+        for x in range(width):
+            word = np.int32(raw[y, x])
+            word = ((word >> 8) | (word << 8)) & 0xFFFF
+            # Two's complement: the high bit set means word - 65536.
+            out[y, x] = np.float32(word - 65536 * (word >> 15)) + bzero
 
 
 def _meta_from_header(path: Path, header: fits.Header, override: str | None) -> FrameMeta:
