@@ -97,6 +97,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
                     progress.update(task, name=name, advance=1)
         image = stacker.result()
         exptime = stacker.exptime
+        method = stacker.method_in_use  # a median past its disk budget went on as kappa-sigma
         if image is not None and stacker.count > 0 and len(stacker.filters) > 1:
             image_path = _write_filter_stacks(stacker, results, fits_path, config,
                                               args.frames_csv or config.output.frames_csv, console)
@@ -115,7 +116,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     accepted = [r for r in results if r.accepted]
     reasons = Counter(r.reason for r in results if not r.accepted)
     console.print(f"[bold]{len(accepted)}[/] of {len(results)} frames stacked "
-                  f"({config.stack.method}), total exposure {_hms(exptime)}")
+                  f"({method}), total exposure {_hms(exptime)}")
     for reason, n in reasons.most_common():
         console.print(f"  rejected {n}: {reason}")
     if not accepted:

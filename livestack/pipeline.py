@@ -946,9 +946,14 @@ class Stacker:
 
     def _history(self) -> tuple[str, ...]:
         """HISTORY lines of a snapshot: each calibration the frames had (how many had it), a median folded."""
-        folded = tuple(f"median disk budget reached at {stack.folded_at} frames"
-                       f"{' of ' + stack.name if stack.name else ''}: went on as kappa-sigma over every frame"
-                       for stack in self._filters.values() if stack.folded_at is not None)
+        def note(stack: _FilterStack) -> str:
+            of = f" of {stack.name}" if stack.name else ""
+            if not stack.folded_at:
+                return f"median disk budget{of} cannot hold one frame: stacked as kappa-sigma from the start"
+            return (f"median disk budget reached at {stack.folded_at} frames{of}: went on as kappa-sigma "
+                    "over every frame")
+
+        folded = tuple(note(stack) for stack in self._filters.values() if stack.folded_at is not None)
         return tuple(f"calibration of {n} frame{'s' if n != 1 else ''}: {note}"
                      for note, n in self.calibrations.items()) + folded
 
@@ -1243,10 +1248,16 @@ class Stacker:
         self._retired.append(median)
         budget = self.config.stack.median_disk_budget
         where = " ".join(p for p in (self._ref_meta.object if self._ref_meta else None, stack.name) if p)
-        log.warning("the median stack%s reached its disk budget of %g GB ([stack] median_disk_budget; "
-                    "%.1f MB a frame) at %d frames: it goes on as kappa-sigma over every frame, those %d "
-                    "included, and its cube is deleted", f" of {where}" if where else "", budget,
-                    median.frame_bytes / 1e6, median.count, median.count)
+        of = f" of {where}" if where else ""
+        if median.count == 0:
+            log.warning("the disk budget of the median stack%s, %g GB ([stack] median_disk_budget), cannot "
+                        "hold one frame (%.1f MB): stacking as kappa-sigma from the start", of, budget,
+                        median.frame_bytes / 1e6)
+        else:
+            log.warning("the median stack%s reached its disk budget of %g GB ([stack] median_disk_budget; "
+                        "%.1f MB a frame) at %d frames: it goes on as kappa-sigma over every frame, those %d "
+                        "included, and its cube is deleted", of, budget, median.frame_bytes / 1e6,
+                        median.count, median.count)
 
     def take_retired(self) -> list[MedianStack]:
         """Median cubes folded into kappa-sigma since the last call: the caller discards each once no

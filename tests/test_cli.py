@@ -117,3 +117,19 @@ def test_keys_makes_a_pair_and_never_overwrites(tmp_path: Path) -> None:
     assert (tmp_path / "keys" / "server.key_secret").stat().st_mode & 0o077 == 0
     again = _run("keys", str(tmp_path / "keys"))
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_stack_prints_the_method_used_when_a_median_passes_its_disk_budget(
+        sequence: tuple[Path, SimConfig], tmp_path: Path) -> None:
+    folder, _ = sequence
+    config = tmp_path / "livestack.toml"
+    # Room for two 480x360 frames of the cube (691,200 bytes each), not three.
+    config.write_text(f"[stack]\nmedian_disk_budget = {2.5 * 480 * 360 * 4 / 1e9!r}\n")
+    out = tmp_path / "m.fits"
+    proc = _run("stack", str(folder / "sim_*.fits"), "-o", str(out), "--method", "median", "--config",
+                str(config), "-q")
+    assert proc.returncode == 0, proc.stderr
+    method = fits.getheader(out)["STACKMET"]
+    assert method == "median, then kappa-sigma (disk budget)"
+    n = len(list(folder.glob("sim_*.fits")))
+    assert n >= 3 and f"{n} of {n} frames stacked ({method})" in proc.stderr, proc.stderr

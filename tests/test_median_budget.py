@@ -121,3 +121,21 @@ def test_the_daemon_says_so_loses_no_frame_and_recovers_the_folded_stack(
         image = np.asarray(hdul[0].data, dtype=np.float32)
     assert np.array_equal(image, kappa_sigma(config, frames), equal_nan=True)
     assert not list(state.rglob("median-*.cube"))
+
+
+def test_a_budget_that_cannot_hold_one_frame_says_so_and_stacks_kappa_sigma_from_the_start(
+        tmp_path: Path, frames: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    config = make_config(tmp_path, **{"stack.method": "median", "stack.weights": "none",
+                                      "stack.median_disk_budget": 0.5 * FRAME_BYTES / 1e9})
+    stacker = Stacker(config, workdir=tmp_path / "work")
+    with caplog.at_level(logging.WARNING, logger="livestack.pipeline"):
+        for path in frames[:4]:
+            assert stacker.process(path).accepted
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "cannot hold one frame" in message and "kappa-sigma from the start" in message, message
+    assert "at 0 frames" not in message and "those 0" not in message
+    history = stacker.info().history
+    assert any("cannot hold one frame" in h for h in history) and not any("at 0 frames" in h for h in history)
+    assert np.array_equal(stacker.result(), kappa_sigma(config, frames[:4]), equal_nan=True)
+    stacker.discard()
