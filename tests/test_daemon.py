@@ -59,6 +59,9 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
         "watch.settle": 0.3, "watch.poll_interval": 0.1,
         "network.publish": LOOPBACK, "network.control": LOOPBACK, "network.preview_interval": 0.5,
         "output.image_format": "png",
+        # The start-up warm-up costs about a second of CPU per daemon and the suite starts dozens: it is on
+        # in test_warmup and in every daemon the command line starts (crash soak, demo).
+        "watch.warm_up": False,
     }
     values.update(overrides)
     return Config(base=tmp_path).with_overrides(values)
@@ -801,7 +804,7 @@ def test_a_frame_read_ahead_waits_for_commands_and_a_pause(tmp_path: Path, stage
         return real_commit(self, prepared)
 
     monkeypatch.setattr(Stacker, "commit", held_commit)
-    config = make_config(tmp_path, **{"watch.warm_up": False})  # its frames would be the first commits
+    config = make_config(tmp_path)  # no warm-up: its frames would be the first commits
     watch = config.path(config.watch.folder)
     recorder = Recorder()
     replies: list[dict[str, Any]] = []
