@@ -890,10 +890,35 @@ def _insert_sorted(values: np.ndarray, m: int, value: float) -> int:  # pragma: 
     return m + 1
 
 
+@numba.njit(cache=True, inline="always", nogil=True)
+def _neighbours(mosaic: np.ndarray, y: int, x: int, step: int, skip: np.ndarray,
+                nb: np.ndarray) -> int:  # pragma: no cover - compiled
+    """Sort the same-colour neighbours of ``(y, x)`` (``step`` apart: 1 mono, 2 a Bayer mosaic) into ``nb``,
+    leaving out those whose flat index is in the sorted ``skip``; return how many."""
+    height, width = mosaic.shape
+    n = skip.size
+    m = 0
+    for dy in (-step, 0, step):
+        for dx in (-step, 0, step):
+            if dy == 0 and dx == 0:
+                continue
+            yy = y + dy
+            xx = x + dx
+            if 0 <= yy < height and 0 <= xx < width:
+                if n > 0:
+                    index = yy * width + xx
+                    j = np.searchsorted(skip, index)
+                    if j < n and skip[j] == index:
+                        continue
+                m = _insert_sorted(nb, m, mosaic[yy, xx])
+    return m
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _candidates_kernel(mosaic: np.ndarray, step: int, levels: np.ndarray, noises: np.ndarray, sigma: float,
                        flags: np.ndarray) -> None:  # pragma: no cover - compiled
     height, width = mosaic.shape
+    none = np.empty(0, dtype=np.int64)
     for y in numba.prange(height):
         nb = np.empty(8, dtype=np.float32)
         # Per row, the sky band of even and odd columns: the test below is then two compares per pixel.
@@ -908,15 +933,7 @@ def _candidates_kernel(mosaic: np.ndarray, step: int, levels: np.ndarray, noises
                 continue  # the fast path: almost every pixel is sky
             level = levels[y & 1, odd]
             noise = noises[y & 1, odd]
-            m = 0
-            for dy in (-step, 0, step):
-                for dx in (-step, 0, step):
-                    if dy == 0 and dx == 0:
-                        continue
-                    yy = y + dy
-                    xx = x + dx
-                    if 0 <= yy < height and 0 <= xx < width:
-                        m = _insert_sorted(nb, m, mosaic[yy, xx])
+            m = _neighbours(mosaic, y, x, step, none, nb)
             if m < 3:
                 continue
             med = nb[m // 2] if m % 2 else np.float32(0.5) * (nb[m // 2 - 1] + nb[m // 2])
@@ -929,25 +946,12 @@ def _candidates_kernel(mosaic: np.ndarray, step: int, levels: np.ndarray, noises
 def _replace_kernel(mosaic: np.ndarray, defects: np.ndarray, step: int) -> None:  # pragma: no cover
     """Each defect takes the median of its same-colour neighbours that are not defects themselves (a binary
     search in the sorted list: no full-frame mask to allocate), so no defect reads another's new value."""
-    height, width = mosaic.shape
+    width = mosaic.shape[1]
     nb = np.empty(8, dtype=np.float32)
-    n = defects.size
-    for i in range(n):
+    for i in range(defects.size):
         y = defects[i] // width
         x = defects[i] % width
-        m = 0
-        for dy in (-step, 0, step):
-            for dx in (-step, 0, step):
-                if dy == 0 and dx == 0:
-                    continue
-                yy = y + dy
-                xx = x + dx
-                if 0 <= yy < height and 0 <= xx < width:
-                    index = yy * width + xx
-                    j = np.searchsorted(defects, index)
-                    if j < n and defects[j] == index:
-                        continue
-                    m = _insert_sorted(nb, m, mosaic[yy, xx])
+        m = _neighbours(mosaic, y, x, step, defects, nb)
         if m > 0:
             if m % 2:
                 mosaic[y, x] = nb[m // 2]
