@@ -255,45 +255,56 @@ def test_real_microobservatory_light_curve_of_a_constant_star() -> None:
     # HAT-P-32's field: 30 frames over 1.5 hours, drift to ~45 px, many hot pixels, no darks or flats.
     paths = sorted(MICROOBS.glob("*.FITS"))
     stacker = Stacker(Config().with_overrides({"stack.method": "mean"}))
-    photometer: Photometer | None = None
-    for i, path in enumerate(paths):
+    frames = []
+    for path in paths:
         result = stacker.process(path)
         assert result.accepted and result.transform is not None and result.quality is not None
-        frame = read_frame(path)
-        if photometer is None:
-            ref = stacker._ref_stars
-            assert ref is not None
-            level = saturation_level(frame.luminance)
-            assert level == 4095.0  # a 12-bit camera in 16-bit files: found from the plateau
-            params = PhotometryParams(gain=GAIN_MICROOBS, saturation=level)
-            clean = plan_photometry([], frame.luminance, ref, result.quality.fwhm, 12, params).comparisons
-            # The target: the brightest clean star that the night's drift (~45 px) keeps inside the frame.
-            rows_, cols_ = frame.luminance.shape
-            inside = [s for s in clean if min(s.x, s.y, cols_ - s.x, rows_ - s.y) > 60]
-            target = Star("bright", inside[0].x, inside[0].y)
-            comparisons = [s for s in clean if s != inside[0]][:8]
-            plan = PhotometryPlan(stars=(target, *comparisons), params=params)
-            photometer = Photometer(plan)
-        stamps = photometer.plan.cut(frame.luminance, result.transform.matrix, result.quality.fwhm)
-        photometer.add(i + 1, path.name, float(i), stamps, result.quality.fwhm)
-    assert photometer is not None
+        frames.append((read_frame(path).luminance, result.transform.matrix, result.quality.fwhm))
+    ref = stacker._ref_stars
+    assert ref is not None
+    first, _matrix, first_fwhm = frames[0]
+    level = saturation_level(first)
+    assert level == 4095.0  # a 12-bit camera in 16-bit files: found from the plateau
+    params = PhotometryParams(gain=GAIN_MICROOBS, saturation=level)
+    clean = plan_photometry([], first, ref, first_fwhm, 21, params).comparisons
+    # The star, by a rule fixed in advance: the brightest clean star (the comparisons' rule: no neighbour in
+    # reach, peak under 60% of clipping on the reference) that no frame flags (saturated, edge, cosmic, lost)
+    # and that stays 60 px from every edge all night.
+    probe = PhotometryPlan(stars=clean, params=params)
+    rows_, cols_ = first.shape
+    flagged = np.zeros(len(clean), dtype=bool)
+    nearest_edge = np.full(len(clean), np.inf)
+    for image, matrix, fwhm in frames:
+        flagged |= [bool(m.flags) for m in measure(probe.cut(image, matrix, fwhm), fwhm, params)]
+        xy = probe.positions_on(matrix)
+        nearest_edge = np.minimum(nearest_edge, np.min([xy[:, 0], xy[:, 1], cols_ - 1 - xy[:, 0],
+                                                        rows_ - 1 - xy[:, 1]], axis=0))
+    chosen = next(i for i in range(len(clean)) if not flagged[i] and nearest_edge[i] >= 60)
+    target = Star("bright", clean[chosen].x, clean[chosen].y)
+    comparisons = [s for i, s in enumerate(clean) if i != chosen]  # the other 20, as the pipeline picks them
+    photometer = Photometer(PhotometryPlan(stars=(target, *comparisons), params=params))
+    for i, (image, matrix, fwhm) in enumerate(frames):
+        photometer.add(i + 1, paths[i].name, float(i), photometer.plan.cut(image, matrix, fwhm), fwhm)
     rows = [r for r in photometer.curve.rows if not r.flags]
-    assert len(rows) >= 27
+    assert len(rows) == len(paths)
     m = np.array([r.magnitude for r in rows])
     e = np.array([r.error for r in rows])
     scatter, predicted = float(np.std(m, ddof=1)), float(np.sqrt(np.mean(e**2)))
-    # Measured 2026-11-30: 4.85 mmag against 2.45 predicted (1.98x) at 22 e-/ADU; 1.55x at 12 and 2.29x at 33,
-    # the ends of what the hot pixels allow (benchmarks/bench_photometry_real.py). The excess is white (point
-    # to point as large as the scatter), barely follows the seeing, and survives every aperture, sky estimate
-    # and centring tried; Young's scintillation (~1.4 mmag a star) takes it to 1.7x. This guards the pipeline
-    # (a broken transform or aperture gives tens of mmag); it is not the issue's 1.5x: it does not hold here.
-    assert scatter < 0.006, (scatter, predicted)
-    assert scatter < 2.5 * predicted, (scatter, predicted)
+    # Measured 2026-11-30 (benchmarks/bench_photometry_real.py): 4.91 mmag against 1.80 predicted, 2.73x, at
+    # the published gain. The issue's 1.5x does not hold on these frames: every star carries 3.6-7.6 mmag of
+    # white excess, independent from star to star and growing in proportion to the flux (a flat-field or
+    # intra-pixel response on an unflattened sensor under undersampled, drifting stars), which no ensemble,
+    # weighting, rejection, aperture or fixed-pattern subtraction tried took below 2.45x. This guards the
+    # pipeline at what holds (a broken transform or aperture gives tens of mmag).
+    assert scatter < 0.0055, (scatter, predicted)
+    assert scatter < 3.0 * predicted, (scatter, predicted)
 
 
-#: MicroObservatory's CCD gain, electrons per ADU, as estimated from the dark signal of this set's hot pixels
-#: (variance against level, sky removed): 12-33 e-/ADU; the middle of that range.
-GAIN_MICROOBS = 22.0
+#: MicroObservatory's camera (Kodak KAF-1402ME, 2x2 binned, 12-bit) as NASA's Exoplanet Watch lists it for
+#: MicroObservatory data ("How to Submit Your Data", science.nasa.gov/citizen-science/exoplanet-watch/):
+#: 53.6 e-/ADU, read noise 15 e- (quoted there in github.com/rzellem/EXOTIC/issues/1417). The frames'
+#: hot pixels give 17-32 e-/ADU, a lower bound: their dark changes from frame to frame beyond photon noise.
+GAIN_MICROOBS = 53.6
 
 
 def _photometry_event(seq: int, magnitude: float, error: float, flags: tuple[str, ...] = ()) -> Any:
