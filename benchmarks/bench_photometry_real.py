@@ -377,6 +377,9 @@ def report_excess(night: Night, stars: tuple[Star, ...], flux: np.ndarray, error
     print()
     print(f"- With the flux: the excess in ADU grows as flux^{power:.2f} (a constant fraction: 1; photon "
           f"noise from a wrong gain: 0.5).")
+    print(f"- The frames' common zero point: {np.ptp(zero) * 1000:.0f} mmag peak to peak, correlation with "
+          f"the airmass {np.corrcoef(zero, night.airmass)[0, 1]:.2f} (common to all stars: cancels in the "
+          f"ratio).")
     print(f"- Between stars: mean correlation of the 10 brightest stars' residuals {off:.3f} (independent).")
     print(f"- Inside the pixel: stars centred within 0.2 px of a pixel's centre read "
           f"{np.mean(r[centred]) * 1000:+.1f} mmag (std {np.std(r[centred]) * 1000:.1f}) against "
