@@ -80,14 +80,16 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     results: list[FrameResult] = []
     with tempfile.TemporaryDirectory(prefix=".livestack-", dir=fits_path.parent) as workdir:
         stacker = Stacker(config, workdir=Path(workdir))
-        # The reference is the best of the first frames (as in the daemon), stacked first.
-        paths = reference_first(stacker, paths)
         columns = (TextColumn("[bold]stacking"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[name]}"), TimeRemainingColumn())
         with Progress(*columns, console=console, disable=args.quiet) as progress:
             task = progress.add_task("stack", total=len(paths), name="")
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="livestack-read") as ahead:
-                for result in stacker.stream(paths, ahead):
+                # The reference is the best of the first frames (as in the daemon), stacked first; what
+                # was found in those frames is not searched for again.
+                found: dict[Any, Any] = {}
+                paths = reference_first(stacker, paths, ahead, found)
+                for result in stacker.stream(paths, ahead, found):
                     for cube in stacker.take_retired():
                         cube.discard()  # a median folded into kappa-sigma at its disk budget
                     name = Path(result.path).name

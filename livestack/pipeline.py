@@ -65,9 +65,9 @@ from livestack.stages.stack import Accumulator, MedianStack, make_accumulator
 from livestack.stages.warp import warp
 
 __all__ = ["UNALIGNED_METHODS", "FilterSummary", "FrameResult", "PhotometrySetup", "Prepared",
-           "ReferenceCandidate", "Stacker", "build_composite", "choose_reference", "composite_info",
-           "distortion_from_facts", "expand_paths", "filter_key", "frame_facts", "order_by_time",
-           "photometry_setup", "reference_first", "solve_reference", "wants_solution"]
+           "ReferenceCandidate", "Searched", "Stacker", "build_composite", "choose_reference",
+           "composite_info", "distortion_from_facts", "expand_paths", "filter_key", "frame_facts",
+           "order_by_time", "photometry_setup", "reference_first", "solve_reference", "wants_solution"]
 
 log = logging.getLogger("livestack.pipeline")
 
@@ -112,6 +112,27 @@ class Prepared:
     candidates: np.ndarray | None = None
     mosaic: np.ndarray | None = None
     sky: Sky | None = None
+
+
+@dataclass(frozen=True)
+class Searched:
+    """What ``Stacker.prepare`` found in a file besides its pixels: its stars, measures and defect candidates.
+
+    Given back to ``prepare``, the file's pixels are read again but not searched again (the search depends on
+    the file alone). ``detect`` is the seconds the search took.
+    """
+
+    stars: Stars
+    quality: Quality
+    detect: float
+    candidates: np.ndarray | None = None
+    sky: Sky | None = None
+
+    @classmethod
+    def of(cls, prepared: Prepared) -> Searched:
+        """The search of a prepared frame, without its pixels."""
+        return cls(prepared.stars, prepared.quality, prepared.timings.get("detect", 0.0), prepared.candidates,
+                   prepared.sky)
 
 
 @dataclass(frozen=True)
@@ -315,7 +336,8 @@ def choose_reference(candidates: Sequence[ReferenceCandidate | None]) -> int | N
     return good[0][0]
 
 
-def reference_first(stacker: Stacker, paths: Sequence[Path]) -> list[Path]:
+def reference_first(stacker: Stacker, paths: Sequence[Path], executor: Executor | None = None,
+                    found: dict[Any, Prepared | Searched | FrameResult] | None = None) -> list[Path]:
     """Files in observation order with the reference chosen among the first ones moved to the front.
 
     The batch form of the daemon's reference window: ``[align] reference_window`` first files are read,
@@ -328,6 +350,12 @@ def reference_first(stacker: Stacker, paths: Sequence[Path]) -> list[Path]:
     stacker : Stacker
     paths : sequence of Path
         In observation order (``order_by_time``).
+    executor : Executor, optional
+        Prepares every other frame of the window while this thread prepares the rest (two cores at once).
+    found : dict, optional
+        Receives what was learnt of the window's files, for ``Stacker.stream``: the chosen reference's
+        preparation whole (it is stacked next), the others' searches without their pixels (``Searched``),
+        rejections as they are.
 
     Returns
     -------
@@ -336,8 +364,13 @@ def reference_first(stacker: Stacker, paths: Sequence[Path]) -> list[Path]:
     window = stacker.config.align.reference_window
     if window <= 1 or not stacker.chooses_reference or len(paths) < 2:
         return list(paths)
-    candidates = [stacker.reference_candidate(stacker.prepare(p)) for p in paths[:window]]
-    chosen = choose_reference(candidates)
+    first = list(paths[:window])
+    aside = {i: executor.submit(stacker.prepare, p) for i, p in enumerate(first) if i % 2} if executor else {}
+    prepared = [aside[i].result() if i in aside else stacker.prepare(p) for i, p in enumerate(first)]
+    chosen = choose_reference([stacker.reference_candidate(p) for p in prepared])
+    if found is not None:
+        for i, (path, p) in enumerate(zip(first, prepared, strict=True)):
+            found[path] = p if i == chosen or isinstance(p, FrameResult) else Searched.of(p)
     if chosen is None or chosen == 0:
         return list(paths)
     return [paths[chosen], *paths[:chosen], *paths[chosen + 1:]]
@@ -447,12 +480,15 @@ class Stacker:
 
     # -- the two halves of a frame's work -------------------------------------------------------------
 
-    def prepare(self, path: str | Path) -> Prepared | FrameResult:
+    def prepare(self, path: str | Path, searched: Searched | None = None) -> Prepared | FrameResult:
         """Read a frame and find its stars.
 
         Parameters
         ----------
         path : str or Path
+        searched : Searched, optional
+            An earlier search of this file: its stars, measures and defect candidates are taken as they are
+            and only the pixels are read (and calibrated) again.
 
         Returns
         -------
@@ -473,29 +509,37 @@ class Stacker:
                                None, MappingProxyType({"read": time.perf_counter() - t0}))
         t1 = time.perf_counter()
         try:
-            raw, note, replaced, candidates = self._calibrate(raw)
+            raw, note, replaced, candidates = self._calibrate(raw, candidates=searched is None)
         except FrameError as exc:  # a master file that can no longer be read
             return FrameResult(str(path), REJECTED, f"calibration failed: {exc}", raw.meta, None, None,
                                MappingProxyType({"read": t1 - t0}))
+        if searched is not None:
+            candidates = searched.candidates
         mosaic = raw.mosaic.copy() if candidates is not None and raw.meta.bayer is not None else None
         frame = develop(raw)
         t2 = time.perf_counter()
-        d = self.config.detect
-        stars, quality = detect(frame.luminance, threshold=d.threshold, binning=d.binning,
-                                max_stars=d.max_stars)
-        sky = normalise.measure_sky(frame.data, stars)
-        t3 = time.perf_counter()
+        if searched is None:
+            d = self.config.detect
+            stars, quality = detect(frame.luminance, threshold=d.threshold, binning=d.binning,
+                                    max_stars=d.max_stars)
+            sky: Sky | None = normalise.measure_sky(frame.data, stars)
+            searching = time.perf_counter() - t2
+        else:
+            stars, quality, sky, searching = searched.stars, searched.quality, searched.sky, searched.detect
         return Prepared(frame, stars, quality,
-                        MappingProxyType({"read": t1 - t0, "calibrate": t2 - t1, "detect": t3 - t2}),
+                        MappingProxyType({"read": t1 - t0, "calibrate": t2 - t1, "detect": searching}),
                         calibration=note, defects=replaced, candidates=candidates, mosaic=mosaic, sky=sky)
 
-    def commit(self, prepared: Prepared | FrameResult) -> FrameResult:
+    def commit(self, prepared: Prepared | FrameResult, owned: bool = False) -> FrameResult:
         """Check, align, warp and accumulate a prepared frame into its filter's stack.
 
         Parameters
         ----------
         prepared : Prepared or FrameResult
             The output of ``prepare``; a rejection passes straight through.
+        owned : bool
+            The caller hands the frame over and never looks at its pixels again: the defects found in
+            consecutive frames are replaced in the frame's own arrays instead of in a copy of them.
 
         Returns
         -------
@@ -575,7 +619,7 @@ class Stacker:
                 return reject(problem)
         channel = self._filter_stack(prepared)
         norm = self._normalisation(channel, prepared, clarity) if stars_path else None
-        frame, defects, pixels = self._replace_frame_defects(prepared, timings)
+        frame, defects, pixels = self._replace_frame_defects(prepared, timings, owned)
         self._stack(channel, frame, transform, timings, norm)
         if stars_path:
             if channel.judge is None:
@@ -595,8 +639,11 @@ class Stacker:
         """Prepare and commit one frame."""
         return self.commit(self.prepare(path))
 
-    def stream(self, paths: Iterable[str | Path], executor: Executor | None = None) -> Iterator[FrameResult]:
+    def stream(self, paths: Iterable[str | Path], executor: Executor | None = None,
+               found: dict[Any, Prepared | Searched | FrameResult] | None = None) -> Iterator[FrameResult]:
         """Process files in order, reading and detecting the next frame while this one is stacked.
+
+        The frames are this method's own: their defects are replaced in place (``commit(owned=True)``).
 
         Parameters
         ----------
@@ -605,24 +652,44 @@ class Stacker:
             Where ``prepare`` runs ahead (a one-thread pool is enough). The stages that overlap release
             the GIL (OpenCV's warp, the numba accumulators), so two cores do both at once. Without one,
             frames are processed one after the other.
+        found : dict, optional
+            What is already known of some paths (``reference_first`` fills it): a whole preparation or a
+            verdict is used as it is, a ``Searched`` spares the search for stars. Entries are taken out as
+            they are used.
 
         Yields
         ------
         FrameResult
             One per path, in order.
         """
+        known = found if found is not None else {}
+
+        def start(path: str | Path) -> Future[Prepared | FrameResult]:
+            earlier = known.pop(path, None)
+            if isinstance(earlier, (Prepared, FrameResult)):
+                done: Future[Prepared | FrameResult] = Future()
+                done.set_result(earlier)
+                return done
+            if executor is None:
+                done = Future()
+                done.set_result(self.prepare(path, earlier))
+                return done
+            return executor.submit(self.prepare, path, earlier)
+
         if executor is None:
             for path in paths:
-                yield self.process(path)
+                yield self.commit(start(path).result(), owned=True)
             return
         ahead: Future[Prepared | FrameResult] | None = None
         for path in paths:
-            upcoming = executor.submit(self.prepare, path)
+            upcoming = start(path)
             if ahead is not None:
-                yield self.commit(ahead.result())
+                prepared, ahead = ahead.result(), None
+                yield self.commit(prepared, owned=True)
+                del prepared
             ahead = upcoming
         if ahead is not None:
-            yield self.commit(ahead.result())
+            yield self.commit(ahead.result(), owned=True)
 
     # -- frames whose transform is known (replay, removal, re-integration, restack) -----------------------
 
@@ -1391,11 +1458,12 @@ class Stacker:
             self._master_cache[key] = make()
         return self._master_cache[key]
 
-    def _replace_frame_defects(self, prepared: Prepared,
-                               timings: dict[str, float]) -> tuple[Frame, int, np.ndarray | None]:
+    def _replace_frame_defects(self, prepared: Prepared, timings: dict[str, float],
+                               owned: bool = False) -> tuple[Frame, int, np.ndarray | None]:
         """Replace the defects seen at the same sensor position in this and the previous accepted frames.
 
         Done here, in order, so that the map a frame gets does not depend on how far reading ran ahead.
+        ``owned``: in the prepared frame's own arrays (see ``commit``), else in copies.
         """
         frame, candidates = prepared.frame, prepared.candidates
         if candidates is None:
@@ -1410,11 +1478,11 @@ class Stacker:
         self._candidates.append(candidates)
         if defects.size:
             if prepared.mosaic is not None:
-                mosaic = prepared.mosaic.copy()
+                mosaic = _writeable(prepared.mosaic, owned)
                 calibrate.replace_defects(mosaic, defects, frame.meta.bayer)
                 frame = develop(RawFrame(frame.meta, mosaic, integral=False))
             else:
-                data = frame.data.copy()
+                data = _writeable(frame.data, owned)
                 calibrate.replace_defects(data, defects, None)
                 data.flags.writeable = False
                 frame = Frame(frame.meta, data, data)
@@ -1776,6 +1844,15 @@ def distortion_from_facts(facts: Mapping[str, Any] | None) -> Distortion | None:
         return Distortion.from_json(value)
     except ValueError as exc:
         raise FrameError(f"the journaled distortion correction cannot be read: {exc}") from exc
+
+
+def _writeable(array: np.ndarray, owned: bool) -> np.ndarray:
+    """``array`` itself made writeable when its holder gave it up (``owned``) and it owns its memory, else a
+    writeable copy: a whole frame less in memory and one copy less per frame."""
+    if owned and array.base is None:
+        array.flags.writeable = True
+        return array
+    return array.copy()
 
 
 def _finite_or_none(value: float) -> float | None:
