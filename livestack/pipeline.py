@@ -353,9 +353,9 @@ def reference_first(stacker: Stacker, paths: Sequence[Path], executor: Executor 
     executor : Executor, optional
         Prepares every other frame of the window while this thread prepares the rest (two cores at once).
     found : dict, optional
-        Receives what was learnt of the window's files, for ``Stacker.stream``: the chosen reference's
-        preparation whole (it is stacked next), the others' searches without their pixels (``Searched``),
-        rejections as they are.
+        Receives what was learnt of the window's files, for ``Stacker.stream``: the first file's preparation
+        whole when it is the reference (it is stacked next), the others' searches without their pixels
+        (``Searched``), rejections as they are.
 
     Returns
     -------
@@ -366,11 +366,19 @@ def reference_first(stacker: Stacker, paths: Sequence[Path], executor: Executor 
         return list(paths)
     first = list(paths[:window])
     aside = {i: executor.submit(stacker.prepare, p) for i, p in enumerate(first) if i % 2} if executor else {}
-    prepared = [aside[i].result() if i in aside else stacker.prepare(p) for i, p in enumerate(first)]
-    chosen = choose_reference([stacker.reference_candidate(p) for p in prepared])
+    candidates: list[ReferenceCandidate | None] = []
+    kept: list[Prepared | Searched | FrameResult] = []
+    for i, path in enumerate(first):
+        prepared = aside.pop(i).result() if i in aside else stacker.prepare(path)
+        candidates.append(stacker.reference_candidate(prepared))
+        # Only the first frame is kept whole (when the first frames are equally good, it is the reference):
+        # the window's pixels held together would be the run's peak of memory.
+        kept.append(Searched.of(prepared) if i > 0 and isinstance(prepared, Prepared) else prepared)
+        del prepared
+    chosen = choose_reference(candidates)
     if found is not None:
-        for i, (path, p) in enumerate(zip(first, prepared, strict=True)):
-            found[path] = p if i == chosen or isinstance(p, FrameResult) else Searched.of(p)
+        for i, (path, known) in enumerate(zip(first, kept, strict=True)):
+            found[path] = Searched.of(known) if i != chosen and isinstance(known, Prepared) else known
     if chosen is None or chosen == 0:
         return list(paths)
     return [paths[chosen], *paths[:chosen], *paths[chosen + 1:]]

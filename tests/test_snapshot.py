@@ -273,6 +273,26 @@ def test_preview_bytes_is_a_small_jpeg() -> None:
     assert decoded is not None and decoded.shape == (75, 100)
 
 
+def test_flatten_background_needs_under_three_images_of_memory_beside_its_input() -> None:
+    import tracemalloc
+
+    from livestack.stages.snapshot import flatten_background
+
+    rng = np.random.default_rng(8)
+    image = rng.normal(1000.0, 5.0, (1200, 1600)).astype(np.float32)
+    image[:100, :200] = np.nan
+    tracemalloc.start()
+    try:
+        flat = flatten_background(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.isnan(flat[:100, :200]).all() and np.isfinite(flat[100:]).all()
+    # The output, the filled copy (which then takes the scaled-up model) and masks; no whole-image temporaries
+    # for the subtraction (4.3 images before).
+    assert peak < 3.0 * image.nbytes, peak / image.nbytes
+
+
 def test_flatten_background_removes_a_gradient_but_keeps_stars() -> None:
     from livestack.simulate import render_stars
     from livestack.stages.snapshot import flatten_background

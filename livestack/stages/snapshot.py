@@ -511,8 +511,12 @@ def flatten_background(image: np.ndarray) -> np.ndarray:
         mesh = max(8, int(min(small.shape) * FLATTEN_MESH))
         model = sep.Background(small, mask=holes, bw=mesh, bh=mesh, fw=3, fh=3).back()
         level = float(np.median(model))
-        full = cv2.resize(model, (cols, rows), interpolation=cv2.INTER_CUBIC)
-        out[:, :, c] = plane - full + np.float32(level)
+        # The model scaled up into the filled copy's memory, the difference into the output: no whole-image
+        # temporaries (two fewer image copies at the peak of a snapshot), the same float32 operations.
+        full = cv2.resize(model, (cols, rows), dst=filled, interpolation=cv2.INTER_CUBIC)
+        target = out[:, :, c]
+        np.subtract(plane, full, out=target)
+        target += np.float32(level)
     return out[:, :, 0] if image.ndim == 2 else out
 
 
