@@ -45,6 +45,7 @@ from livestack.stages.frames import (
     FrameMeta,
     RawFrame,
     develop,
+    develop_data,
     read_frame,
     read_meta,
     read_raw,
@@ -523,8 +524,13 @@ class Stacker:
                                MappingProxyType({"read": t1 - t0}))
         if searched is not None:
             candidates = searched.candidates
-        mosaic = raw.mosaic.copy() if candidates is not None and raw.meta.bayer is not None else None
         frame = develop(raw)
+        mosaic = None
+        if candidates is not None and raw.meta.bayer is not None:
+            # ``develop`` only read it: ``commit`` replaces the frames' defects in it (or in a copy) and
+            # debayers again.
+            mosaic = raw.mosaic
+            mosaic.flags.writeable = False
         t2 = time.perf_counter()
         if searched is None:
             d = self.config.detect
@@ -627,8 +633,8 @@ class Stacker:
                 return reject(problem)
         channel = self._filter_stack(prepared)
         norm = self._normalisation(channel, prepared, clarity) if stars_path else None
-        frame, defects, pixels = self._replace_frame_defects(prepared, timings, owned)
-        self._stack(channel, frame, transform, timings, norm)
+        data, defects, pixels = self._replace_frame_defects(prepared, timings, owned)
+        self._stack(channel, data, transform, timings, norm)
         if stars_path:
             if channel.judge is None:
                 channel.judge = self._new_judge()
@@ -1379,15 +1385,15 @@ class Stacker:
                     f"{_first_of(name)}'s {stack.fwhm:.2f} px (clouds, focus or seeing)")
         return _judge_shape(quality, a.max_ellipticity)
 
-    def _stack(self, stack: _FilterStack, frame: Frame, transform: Transform,
+    def _stack(self, stack: _FilterStack, data: np.ndarray, transform: Transform,
                timings: dict[str, float], norm: Normalisation | None = None) -> None:
         assert self._ref_meta is not None
         t0 = time.perf_counter()
         if self._aligns:
-            aligned, footprint = warp(frame.data, transform.matrix, self._ref_meta.shape,
+            aligned, footprint = warp(data, transform.matrix, self._ref_meta.shape,
                                       self.config.align.interpolation, transform.distortion)
         else:
-            aligned, footprint = frame.data, np.ones(self._ref_meta.shape, dtype=bool)
+            aligned, footprint = data, np.ones(self._ref_meta.shape, dtype=bool)
         t1 = time.perf_counter()
         if norm is not None and not norm.identity:
             if not aligned.flags.writeable:
@@ -1467,15 +1473,17 @@ class Stacker:
         return self._master_cache[key]
 
     def _replace_frame_defects(self, prepared: Prepared, timings: dict[str, float],
-                               owned: bool = False) -> tuple[Frame, int, np.ndarray | None]:
+                               owned: bool = False) -> tuple[np.ndarray, int, np.ndarray | None]:
         """Replace the defects seen at the same sensor position in this and the previous accepted frames.
 
         Done here, in order, so that the map a frame gets does not depend on how far reading ran ahead.
-        ``owned``: in the prepared frame's own arrays (see ``commit``), else in copies.
+        ``owned``: in the prepared frame's own arrays (see ``commit``), else in copies. Returns the frame's
+        pixels to stack (its stars are not searched again, so a colour frame needs no new luminance), the
+        pixels replaced in all and the defects replaced here.
         """
         frame, candidates = prepared.frame, prepared.candidates
         if candidates is None:
-            return frame, prepared.defects, None
+            return frame.data, prepared.defects, None
         t0 = time.perf_counter()
         sensor = (frame.meta.shape, frame.meta.bayer)
         if sensor != self._candidates_sensor:
@@ -1484,18 +1492,18 @@ class Stacker:
         defects = calibrate.persistent_defects([*self._candidates, candidates],
                                                self.config.calibration.defect_frames)
         self._candidates.append(candidates)
+        data = frame.data
         if defects.size:
             if prepared.mosaic is not None:
                 mosaic = _writeable(prepared.mosaic, owned)
                 calibrate.replace_defects(mosaic, defects, frame.meta.bayer)
-                frame = develop(RawFrame(frame.meta, mosaic, integral=False))
+                data = develop_data(RawFrame(frame.meta, mosaic, integral=False))
             else:
                 data = _writeable(frame.data, owned)
                 calibrate.replace_defects(data, defects, None)
                 data.flags.writeable = False
-                frame = Frame(frame.meta, data, data)
         timings["defects"] = time.perf_counter() - t0
-        return frame, prepared.defects + int(defects.size), _readonly(defects)
+        return data, prepared.defects + int(defects.size), _readonly(defects)
 
 
 @dataclass(frozen=True)

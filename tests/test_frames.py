@@ -360,6 +360,63 @@ def test_debayer_rejects_bad_input() -> None:
         debayer(np.zeros((4, 4), dtype=np.float32), "RGBX")
 
 
+def sixteen_bit_debayer(mosaic: np.ndarray, pattern: str, integral: bool) -> np.ndarray:
+    """The documented procedure, step by step in numpy: map onto OpenCV's 16-bit grid, demosaic, map back."""
+    import cv2
+
+    work = np.array(mosaic, dtype=np.float32)
+    finite = np.isfinite(work)
+    lo, hi = (float(work[finite].min()), float(work[finite].max())) if finite.any() else (0.0, 0.0)
+    work[~finite] = lo
+    if integral and hi - lo <= 65535.0:
+        offset, step = (0.0 if lo >= 0.0 and hi <= 65535.0 else lo), 1.0
+    else:
+        offset, step = lo, ((hi - lo) / 65535.0 if hi > lo else 1.0)
+    if offset:
+        work -= np.float32(offset)
+    if step != 1.0:
+        work = np.clip(np.rint(work * np.float32(1.0 / step)), 0.0, 65535.0)
+    code = {"RGGB": cv2.COLOR_BayerBG2RGB, "BGGR": cv2.COLOR_BayerRG2RGB, "GRBG": cv2.COLOR_BayerGB2RGB,
+            "GBRG": cv2.COLOR_BayerGR2RGB}[pattern]
+    rgb = cv2.cvtColor(work.astype(np.uint16), code).astype(np.float32)
+    if step != 1.0:
+        rgb *= np.float32(step)
+    if offset:
+        rgb += np.float32(offset)
+    return rgb
+
+
+@pytest.mark.parametrize("pattern", BAYER_PATTERNS)
+def test_develop_gives_the_16_bit_procedure_bit_for_bit(pattern: str) -> None:
+    from livestack.stages.frames import FrameMeta, RawFrame, develop, develop_data
+
+    rng = np.random.default_rng(21)
+    counts = rng.poisson(900.0, (46, 62)).astype(np.float32)
+    counts[10, 11] = 65000.0  # a star's core
+    calibrated = counts * np.float32(0.93) - np.float32(412.7)  # a dark and a flat applied: not whole numbers
+    holes = calibrated.copy()
+    holes[3, 4], holes[20, 30], holes[40, 2] = np.nan, np.inf, -np.inf
+    halves = counts + np.float32(0.5) * (rng.random(counts.shape) < 0.02)  # defects replaced by medians
+    wide = counts * np.float32(40.0) - np.float32(30000.0)  # whole numbers over 16 bits' span
+    meta = FrameMeta(path="x.fits", shape=counts.shape, exptime=1.0, filter=None, object=None, time_utc=None,
+                     imagetyp=None, bayer=pattern, wcs_header=None)
+    for mosaic, integral in ((counts, True), (counts - np.float32(2000.0), True), (wide, True),
+                             (calibrated, False), (holes, False), (halves, False)):
+        expected = sixteen_bit_debayer(mosaic, pattern, integral)
+        frame = develop(RawFrame(meta, mosaic.copy(), integral))
+        np.testing.assert_array_equal(frame.data, expected)
+        np.testing.assert_array_equal(develop_data(RawFrame(meta, mosaic.copy(), integral)), expected)
+    # The mosaic is only read.
+    kept = holes.copy()
+    develop(RawFrame(meta, kept, False))
+    np.testing.assert_array_equal(kept, holes)
+    # Unknown integrality (the public function) looks at the values.
+    np.testing.assert_array_equal(debayer(counts, pattern), sixteen_bit_debayer(counts, pattern, True))
+    np.testing.assert_array_equal(debayer(halves, pattern), sixteen_bit_debayer(halves, pattern, False))
+    np.testing.assert_array_equal(debayer(counts.astype(np.uint16), pattern),
+                                  sixteen_bit_debayer(counts, pattern, True))
+
+
 def test_colour_frame_is_debayered_from_the_header_pattern(tmp_path: Path) -> None:
     mosaic = mosaic_of("GBRG", (12, 14)).astype(np.uint16)
     # Written with an odd x offset, the stored pattern at [0, 0] is GBRG from a BAYERPAT of BGGR.

@@ -10,6 +10,7 @@ Public API (stable; other modules rely on it):
 - ``RawFrame``: the pixels as stored (a colour frame's mosaic not yet debayered), for calibration.
 - ``read_raw(path, bayer_pattern=None) -> RawFrame``: header and pixels, no debayering.
 - ``develop(raw) -> Frame``: debayer a (possibly calibrated) raw frame and make it read-only.
+- ``develop_data(raw) -> ndarray``: the same pixels without the luminance (stars already found).
 - ``debayer(mosaic, pattern) -> ndarray``: (H, W) mosaic -> (H, W, 3) float32 RGB.
 - ``FITS_SUFFIXES``: the file name endings that are frames.
 - ``BAYER_PATTERNS``: the 2x2 colour filter patterns livestack can debayer.
@@ -302,7 +303,7 @@ def develop(raw: RawFrame) -> Frame:
     Parameters
     ----------
     raw : RawFrame
-        Its mosaic is consumed (a colour one is scaled in place while debayering): do not use it after.
+        A mono mosaic becomes the frame's data (made read-only); a colour one is only read.
 
     Returns
     -------
@@ -312,11 +313,32 @@ def develop(raw: RawFrame) -> Frame:
     if meta.bayer is None:
         mosaic.flags.writeable = False
         return Frame(meta=meta, data=mosaic, luminance=mosaic)
-    rgb = _debayer(mosaic, meta.bayer, raw.integral, copy=False)
+    rgb = _debayer(mosaic, meta.bayer, raw.integral)
     luminance = cv2.transform(rgb, _EQUAL_WEIGHTS)
     rgb.flags.writeable = False
     luminance.flags.writeable = False
     return Frame(meta=meta, data=rgb, luminance=luminance)
+
+
+def develop_data(raw: RawFrame) -> np.ndarray:
+    """``develop(raw).data`` without the luminance, for a frame whose stars are already known.
+
+    Parameters
+    ----------
+    raw : RawFrame
+        Treated as by ``develop``.
+
+    Returns
+    -------
+    ndarray
+        float32, read-only: ``(H, W)`` mono or ``(H, W, 3)`` RGB.
+    """
+    if raw.meta.bayer is None:
+        raw.mosaic.flags.writeable = False
+        return raw.mosaic
+    rgb = _debayer(raw.mosaic, raw.meta.bayer, raw.integral)
+    rgb.flags.writeable = False
+    return rgb
 
 
 def debayer(mosaic: np.ndarray, pattern: str) -> np.ndarray:
@@ -350,7 +372,7 @@ def debayer(mosaic: np.ndarray, pattern: str) -> np.ndarray:
         raise ValueError(f"A Bayer mosaic must be 2-D, not of shape {mosaic.shape}.")
     if pattern not in BAYER_PATTERNS:
         raise ValueError(f"Bayer pattern {pattern!r} is not one of {', '.join(BAYER_PATTERNS)}.")
-    return _debayer(np.asarray(mosaic), pattern, integral=None, copy=True)
+    return _debayer(np.asarray(mosaic), pattern, integral=None)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -725,42 +747,110 @@ def _swap_rows(pattern: str) -> str:
     return pattern[2:] + pattern[:2]
 
 
-def _debayer(mosaic: np.ndarray, pattern: str, integral: bool | None, copy: bool) -> np.ndarray:
+def _debayer(mosaic: np.ndarray, pattern: str, integral: bool | None) -> np.ndarray:
     """Debayer through OpenCV's 16-bit path; ``integral`` is None when not known (see ``debayer``).
 
-    With ``copy=False`` a float32 ``mosaic`` is scaled in place (the reader owns it and drops it after).
+    ``mosaic`` is only read. The 16-bit codes are made in one compiled pass (range, then scale, round and
+    clip into a new uint16 image) and turned back into float32 in another, instead of numpy's six or seven
+    passes over float32 copies: at 8.3 MP a calibrated frame's debayer took ~95 ms that way, an integral
+    one ~33 ms. The arithmetic is numpy's, operation for operation in float32, so the values are the same.
     """
-    work = np.array(mosaic, dtype=np.float32, copy=copy or mosaic.dtype != np.float32)
-    if integral:
-        lo, hi = float(work.min()), float(work.max())
-    else:
-        # Float data may hold NaN or infinities: they take the minimum's value.
-        np.nan_to_num(work, copy=False, nan=np.nan, posinf=np.nan, neginf=np.nan)
-        if np.isnan(work).all():
-            lo = hi = 0.0
-        else:
-            lo, hi = float(np.nanmin(work)), float(np.nanmax(work))
-        np.nan_to_num(work, copy=False, nan=lo)
-        if integral is None:
-            integral = mosaic.dtype.kind in "iub" or bool(np.array_equal(np.rint(work), work))
+    work = np.ascontiguousarray(mosaic, dtype=np.float32)
+    lo32, hi32, finite = work.min(), work.max(), True
+    if not (np.isfinite(lo32) and np.isfinite(hi32)):
+        # A NaN or an infinity makes one of them non-finite: only then the slower pass that skips them.
+        lo32, hi32, finite = _finite_range(work)
+    # Non-finite pixels take the minimum's value (zero when nothing is finite).
+    lo, hi = (float(lo32), float(hi32)) if finite else (0.0, 0.0)
+    if integral is None:
+        integral = mosaic.dtype.kind in "iub" or _all_integral(work, np.float32(lo))
     if integral and hi - lo <= _U16_SPAN:
         offset = 0.0 if (lo >= 0.0 and hi <= _U16_SPAN) else lo
         step = 1.0
     else:
         offset = lo
         step = (hi - lo) / _U16_SPAN if hi > lo else 1.0
-    if offset:
-        work -= np.float32(offset)
-    if step != 1.0:
-        work *= np.float32(1.0 / step)
-        np.rint(work, out=work)
-        np.clip(work, 0.0, _U16_SPAN, out=work)
-    rgb = cv2.cvtColor(work.astype(np.uint16), _CV2_BAYER_CODES[pattern]).astype(np.float32)
-    if step != 1.0:
-        rgb *= np.float32(step)
-    if offset:
-        rgb += np.float32(offset)
+    codes = np.empty(work.shape, dtype=np.uint16)
+    _to_codes(work, np.float32(lo), np.float32(offset), np.float32(1.0 / step), step != 1.0, codes)
+    rgb16 = cv2.cvtColor(codes, _CV2_BAYER_CODES[pattern])
+    rgb = np.empty(rgb16.shape, dtype=np.float32)
+    _from_codes(rgb16, np.float32(step), np.float32(offset), step != 1.0, rgb)
     return rgb
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _finite_range(image: np.ndarray) -> tuple[np.float32, np.float32, bool]:  # pragma: no cover - compiled
+    """Least and greatest finite value of a float32 image, and whether it has any."""
+    height, width = image.shape
+    lows = np.full(height, np.inf, dtype=np.float32)
+    highs = np.full(height, -np.inf, dtype=np.float32)
+    for y in numba.prange(height):
+        low, high = np.float32(np.inf), np.float32(-np.inf)
+        for x in range(width):
+            value = image[y, x]
+            if np.isfinite(value):
+                low = min(low, value)
+                high = max(high, value)
+        lows[y] = low
+        highs[y] = high
+    low, high = lows.min(), highs.max()
+    return low, high, bool(low <= high)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _all_integral(image: np.ndarray, fill: np.float32) -> bool:  # pragma: no cover - compiled
+    """Whether every value is a whole number once non-finite values are ``fill``."""
+    height, width = image.shape
+    fractional = np.zeros(height, dtype=np.bool_)
+    for y in numba.prange(height):
+        for x in range(width):
+            value = image[y, x]
+            if not np.isfinite(value):
+                value = fill
+            if np.rint(value) != value:
+                fractional[y] = True
+                break
+    return not fractional.any()
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _to_codes(image: np.ndarray, fill: np.float32, offset: np.float32, scale: np.float32, scaled: bool,
+              codes: np.ndarray) -> None:  # pragma: no cover - compiled
+    """OpenCV's 16-bit input: ``(value - offset) * scale`` rounded and clipped to 0..65535 when ``scaled``,
+    ``value - offset`` otherwise (then whole and in range); non-finite values count as ``fill``.
+
+    Each float32 step is numpy's (``work -= offset``, ``work *= scale``, ``rint``, ``clip``, ``astype``).
+    """
+    height, width = image.shape
+    top = np.float32(_U16_SPAN)
+    zero = np.float32(0.0)
+    for y in numba.prange(height):
+        for x in range(width):
+            value = image[y, x]
+            if not np.isfinite(value):
+                value = fill
+            if offset != zero:
+                value = value - offset
+            if scaled:
+                value = min(max(np.rint(value * scale), zero), top)
+            codes[y, x] = np.uint16(value)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _from_codes(rgb16: np.ndarray, step: np.float32, offset: np.float32, scaled: bool,
+                rgb: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``rgb = float32(rgb16) * step + offset``, in numpy's order of float32 operations."""
+    height, width, channels = rgb16.shape
+    zero = np.float32(0.0)
+    for y in numba.prange(height):
+        for x in range(width):
+            for c in range(channels):
+                value = np.float32(rgb16[y, x, c])
+                if scaled:
+                    value = value * step
+                if offset != zero:
+                    value = value + offset
+                rgb[y, x, c] = value
 
 
 def _wcs_header(header: fits.Header) -> str | None:
