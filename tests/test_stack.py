@@ -253,6 +253,42 @@ def test_kappa_sigma_kernel_matches_numpy_reference(shape: tuple[int, ...]) -> N
     assert abs(stack.rejected_fraction - rejected / offered) < 1e-3
 
 
+def test_kappa_sigma_colour_is_three_mono_stacks_bit_for_bit() -> None:
+    """Each channel of a colour stack is stacked as the mono stack of that channel alone would be, given
+    the pixels valid in every channel: the colour kernel's arithmetic is the mono kernel's, sample for
+    sample (moments, counts and counters identical), and a pixel with one non-finite channel is offered in
+    none of them."""
+    rng = np.random.default_rng(12)
+    count, shape = 12, (37, 53, 3)
+    frames = _noisy(rng, count, shape)
+    hits = rng.random(frames.shape) < 0.03
+    frames[hits] += rng.uniform(50, 500, hits.sum()).astype(np.float32)
+    footprints = _footprints(rng, count, shape[:2])
+    frames = _spoil(frames, footprints, rng)
+    # Inside the footprints, a few pixels with one channel lost (NaN or infinite).
+    lost = (rng.random(frames.shape[:3]) < 0.01) & footprints
+    frames[lost, rng.integers(0, 3, lost.sum())] = np.float32(np.nan)
+    frames[3, 20, 30, 1] = np.float32(np.inf)
+    weights = rng.uniform(0.5, 2.0, count)
+    colour = KappaSigmaStack(shape, kappa=2.5, warmup=5)
+    planes = [KappaSigmaStack(shape[:2], kappa=2.5, warmup=5) for _ in range(3)]
+    for frame, footprint, weight in zip(frames, footprints, weights, strict=True):
+        colour.add(frame, footprint, weight)
+        usable = footprint & np.isfinite(frame).all(axis=2)
+        for c, plane in enumerate(planes):
+            plane.add(frame[:, :, c], usable, weight)
+    state = colour.state()
+    assert state["n"].min() < count - 5  # samples were rejected, after the warm-up too
+    for c, plane in enumerate(planes):
+        mono = plane.state()
+        for key in ("mean", "m2", "wsum", "n"):
+            np.testing.assert_array_equal(state[key][:, :, c], mono[key].reshape(shape[:2]), err_msg=key)
+        np.testing.assert_array_equal(state["coverage"], mono["coverage"])
+        assert state["floor"][c] == mono["floor"][0]
+    assert state["offered"] == sum(int(p.state()["offered"]) for p in planes)
+    assert state["rejected"] == sum(int(p.state()["rejected"]) for p in planes)
+
+
 def _sky_with_stars(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]]
     sky = np.full(shape, SKY)

@@ -1140,8 +1140,14 @@ def _kappa_add(image: np.ndarray, footprint: np.ndarray, weight: float, kappa: f
     Mono goes through a 2-D plane kernel: the fused per-pixel loop over a run-time channel count does not
     vectorise and ran 4x slower (29 ms against 7 ms at 8.3 MP). The plane kernel tests the footprint and
     the value itself and counts the coverage in the same pass (a separate validity pass first cost ~40% of
-    the mono add). Colour keeps the fused loop, which beats three passes over strided channel planes.
+    the mono add). Colour (three channels) goes through ``_kappa_rgb``, which runs the same update over
+    each row's samples as one plane (8.3 MP: ~47 ms against ~135 ms for the fused per-pixel loop, which
+    does not vectorise); other channel counts keep that loop.
     """
+    if image.shape[2] == 3:
+        _kappa_rgb(image, footprint, weight, kappa, min_test, floor, mean, m2, wsum, n, coverage, offered,
+                   rejected)
+        return
     if image.shape[2] > 1:
         _kappa_add_pixels(image, footprint, weight, kappa, min_test, floor, mean, m2, wsum, n, coverage,
                           offered, rejected)
@@ -1183,6 +1189,65 @@ def _kappa_add_pixels(image: np.ndarray, footprint: np.ndarray, weight: float, k
                 mean[y, x, c] = np.float32(centre)
                 wsum[y, x, c] = np.float32(total)
                 n[y, x, c] = accepted + 1
+        offered[y] += row_offered
+        rejected[y] += row_rejected
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def _kappa_rgb(image: np.ndarray, footprint: np.ndarray, weight: float, kappa: float, min_test: int,
+               floor: np.ndarray, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray, n: np.ndarray,
+               coverage: np.ndarray, offered: np.ndarray, rejected: np.ndarray) -> None:  # pragma: no cover
+    """One RGB frame into the moments: ``_kappa_add_pixels``'s update, sample for sample, two steps a row.
+
+    A pixel's validity (inside the footprint, all three channels finite) is decided first, into one flag
+    per sample; then the row's ``3 * W`` interleaved samples are updated as one plane, a loop that
+    vectorises like the mono one (the channel only picks the noise floor).
+    """
+    height, width, _ = image.shape
+    samples = width * 3
+    kappa2 = kappa * kappa
+    floor2 = np.empty(samples, dtype=np.float64)
+    for j in range(samples):
+        floor2[j] = floor[j % 3] * floor[j % 3]
+    flat_image = image.reshape(height, samples)
+    flat_mean = mean.reshape(height, samples)
+    flat_m2 = m2.reshape(height, samples)
+    flat_wsum = wsum.reshape(height, samples)
+    flat_n = n.reshape(height, samples)
+    for y in numba.prange(height):
+        usable = np.empty(samples, dtype=np.bool_)
+        for x in range(width):
+            valid = (footprint[y, x] and np.isfinite(image[y, x, 0]) and np.isfinite(image[y, x, 1])
+                     and np.isfinite(image[y, x, 2]))
+            if valid:
+                coverage[y, x] += 1
+            usable[3 * x] = valid
+            usable[3 * x + 1] = valid
+            usable[3 * x + 2] = valid
+        row_offered = 0
+        row_rejected = 0
+        for j in range(samples):
+            if not usable[j]:
+                continue
+            value = np.float64(flat_image[y, j])
+            centre = np.float64(flat_mean[y, j])
+            accepted = flat_n[y, j]
+            total = np.float64(flat_wsum[y, j])
+            row_offered += 1
+            delta = value - centre
+            if accepted >= min_test:
+                # As in _kappa_add_pixels: floor[c] * floor[c] * total * (accepted - 1), in that order.
+                spread = np.float64(flat_m2[y, j]) * accepted
+                floor_spread = floor2[j] * total * (accepted - 1)
+                if delta * delta * total * (accepted - 1) > kappa2 * max(spread, floor_spread):
+                    row_rejected += 1
+                    continue
+            total += weight
+            centre += delta * weight / total
+            flat_m2[y, j] = np.float32(np.float64(flat_m2[y, j]) + weight * delta * (value - centre))
+            flat_mean[y, j] = np.float32(centre)
+            flat_wsum[y, j] = np.float32(total)
+            flat_n[y, j] = accepted + 1
         offered[y] += row_offered
         rejected[y] += row_rejected
 
