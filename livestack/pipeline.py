@@ -657,7 +657,8 @@ class Stacker:
                found: dict[Any, Prepared | Searched | FrameResult] | None = None) -> Iterator[FrameResult]:
         """Process files in order, reading and detecting the next frame while this one is stacked.
 
-        The frames are this method's own: their defects are replaced in place (``commit(owned=True)``).
+        The frames are this method's own: their defects are replaced in place (``commit(owned=True)``), and
+        work a frame leaves for later is done before its result is yielded (``settle``).
 
         Parameters
         ----------
@@ -690,20 +691,27 @@ class Stacker:
                 return done
             return executor.submit(self.prepare, path, earlier)
 
+        def finish(pending: Future[Prepared | FrameResult]) -> FrameResult:
+            result = self.commit(pending.result(), owned=True)
+            # A kappa-sigma warm-up this frame filled is judged now, while no frame is in hand here, rather
+            # than by the next frame's add beside that frame and its warped copy (the same stack either way).
+            self.settle()
+            return result
+
         if executor is None:
             for path in paths:
-                yield self.commit(start(path).result(), owned=True)
+                yield finish(start(path))
             return
         ahead: Future[Prepared | FrameResult] | None = None
         for path in paths:
             upcoming = start(path)
             if ahead is not None:
-                prepared, ahead = ahead.result(), None
-                yield self.commit(prepared, owned=True)
-                del prepared
+                pending, ahead = ahead, None
+                yield finish(pending)
+                del pending
             ahead = upcoming
         if ahead is not None:
-            yield self.commit(ahead.result(), owned=True)
+            yield finish(ahead)
 
     # -- frames whose transform is known (replay, removal, re-integration, restack) -----------------------
 
@@ -1304,13 +1312,14 @@ class Stacker:
         return make_accumulator(method or s.method, shape, kappa=s.kappa, warmup=s.warmup,
                                 directory=self.workdir)
 
-    def _add(self, stack: _FilterStack, aligned: np.ndarray, footprint: np.ndarray, weight: float) -> None:
+    def _add(self, stack: _FilterStack, aligned: np.ndarray, footprint: np.ndarray, weight: float,
+             owned: bool = False) -> None:
         """Accumulate a warped frame, folding a median that would pass its disk budget into kappa-sigma."""
         acc = stack.acc
         if (isinstance(acc, MedianStack) and self._median_budget > 0
                 and (acc.count + 1) * acc.frame_bytes > self._median_budget):
             self._fold_median(stack, acc)
-        stack.acc.add(aligned, footprint, weight)
+        stack.acc.add(aligned, footprint, weight, owned=owned)
 
     def _fold_median(self, stack: _FilterStack, median: MedianStack) -> None:
         """Go on as kappa-sigma over every frame: the cube's frames first, equally weighted as in the median.
@@ -1400,7 +1409,8 @@ class Stacker:
                 aligned = np.array(aligned)
             normalise.apply(aligned, norm)
         t2 = time.perf_counter()
-        self._add(stack, aligned, footprint, norm.weight if norm is not None else 1.0)
+        # A warped or normalised copy is this frame's alone: the stack may keep it (kappa-sigma's warm-up).
+        self._add(stack, aligned, footprint, norm.weight if norm is not None else 1.0, aligned is not data)
         t3 = time.perf_counter()
         timings["warp"] = t1 - t0
         timings["normalise"] = t2 - t1

@@ -117,3 +117,39 @@ def test_an_owned_frame_has_its_defects_replaced_in_place_without_a_copy(
     frame_bytes = before.nbytes
     assert peaks[1] <= peaks[0] - 0.9 * frame_bytes, peaks
     np.testing.assert_array_equal(owned.result(), copied.result())
+
+
+def test_kappa_sigma_keeps_owned_warm_up_frames_instead_of_copying_them() -> None:
+    from livestack.stages.stack import KappaSigmaStack
+
+    rng = np.random.default_rng(3)
+    shape = (300, 400)
+    frames = [rng.normal(100.0, 5.0, shape).astype(np.float32) for _ in range(8)]
+    frames[2][10:20, 30:40] = np.nan  # an invalid patch
+    frames[4][150, :] += 500.0  # a satellite trail, rejected at the warm-up's end
+    footprints = [np.ones(shape, dtype=bool) for _ in frames]
+    footprints[1][:, :25] = False  # outside the frame's footprint
+    copied, owned = KappaSigmaStack(shape, warmup=5), KappaSigmaStack(shape, warmup=5)
+    tracemalloc.start()
+    try:
+        for image, footprint in zip(frames[:5], footprints[:5], strict=True):
+            copied.add(image, footprint)
+        between = tracemalloc.get_traced_memory()[0]
+        given = [np.array(image) for image in frames[:5]]  # the caller's frames, handed over
+        start = tracemalloc.get_traced_memory()[0]
+        for image, footprint in zip(given, footprints[:5], strict=True):
+            owned.add(image, footprint, owned=True)
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert between > 4.5 * frames[0].nbytes  # the copying stack holds five frames of its own
+    assert grown < 0.5 * frames[0].nbytes  # the owning one keeps the five it was given
+    assert np.isnan(given[1][:, :25]).all() and np.isnan(given[2][10:20, 30:40]).all()
+    for image, footprint in zip(frames[5:], footprints[5:], strict=True):
+        copied.add(image, footprint)
+        owned.add(np.array(image), footprint, owned=True)
+    np.testing.assert_array_equal(owned.result(), copied.result())
+    np.testing.assert_array_equal(owned.coverage, copied.coverage)
+    assert owned.rejected_fraction == copied.rejected_fraction > 0
+    for key, value in copied.state().items():
+        np.testing.assert_array_equal(owned.state()[key], value)

@@ -102,7 +102,9 @@ class Accumulator(Protocol):
     @property
     def rejected_fraction(self) -> float: ...
 
-    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None: ...
+    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0,
+            owned: bool = False) -> None:
+        """Add an aligned frame; ``owned``: the caller gives ``image`` up (the stack may keep or alter it)."""
 
     def settle(self) -> bool: ...
 
@@ -166,7 +168,8 @@ class MeanStack(_Tally):
         self._coverage = np.zeros((height, width), dtype=np.int32)
         self._count = 0
 
-    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
+    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0,
+            owned: bool = False) -> None:
         """Add an aligned frame.
 
         Parameters
@@ -346,7 +349,8 @@ class KappaSigmaStack(_Tally):
         """Rejected over offered samples since the warm-up was judged (0 before)."""
         return self._rejected / self._offered if self._offered else 0.0
 
-    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
+    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0,
+            owned: bool = False) -> None:
         """Add an aligned frame (see the class Notes for what happens to it).
 
         Parameters
@@ -357,17 +361,25 @@ class KappaSigmaStack(_Tally):
             bool ``(H, W)``.
         weight : float
             Positive, finite.
+        owned : bool
+            The caller gives ``image`` up: during the warm-up it becomes the buffered frame itself (NaN
+            written where it is not valid) instead of being copied into a new one.
 
         Raises
         ------
         ValueError
             If the shapes differ from the stack's or the weight is not positive and finite.
         """
+        copied = not (image.dtype == np.float32 and image.flags.c_contiguous)  # by _check_frame
         image3, mask, weight = _check_frame(self._shape, image, footprint, weight)
         self.settle()
         if self._mean is None:
-            slot = np.empty(self._dims, dtype=np.float32)
-            _mask_copy(image3, mask, slot, self._coverage)
+            if image3.flags.writeable and (owned or copied):
+                slot = image3
+                _mask_in_place(slot, mask, self._coverage)
+            else:
+                slot = np.empty(self._dims, dtype=np.float32)
+                _mask_copy(image3, mask, slot, self._coverage)
             self._buffer.append(slot)
             self._buffer_weights[self._buffered] = weight
             self._buffered += 1
@@ -587,7 +599,7 @@ class MedianStack(_Tally):
                 _read_exact(cube, frame, k * self._frame_bytes)
                 yield frame.reshape(self._shape)
 
-    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
+    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0, owned: bool = False) -> None:
         """Append an aligned frame to the cube (``weight`` is checked, then ignored).
 
         Raises
@@ -725,7 +737,7 @@ class MaxStack(_Tally):
         self._coverage = np.zeros(self._dims[:2], dtype=np.int32)
         self._count = 0
 
-    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
+    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0, owned: bool = False) -> None:
         """Fold a frame into the maximum (``weight`` is checked, then ignored).
 
         Raises
@@ -805,7 +817,8 @@ class MeanWithoutMaxStack(_Tally):
         offered = int(self._coverage.sum(dtype=np.int64))
         return int(np.count_nonzero(self._coverage >= 2)) / offered if offered else 0.0
 
-    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0) -> None:
+    def add(self, image: np.ndarray, footprint: np.ndarray, weight: float = 1.0,
+            owned: bool = False) -> None:
         """Add an aligned frame.
 
         Raises
@@ -1130,6 +1143,21 @@ def _mask_copy(image: np.ndarray, footprint: np.ndarray, out: np.ndarray,
             else:
                 for c in range(channels):
                     out[y, x, c] = nan
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def _mask_in_place(image: np.ndarray, footprint: np.ndarray,
+                   coverage: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``_mask_copy`` into ``image`` itself: NaN where not valid, valid pixels counted into ``coverage``."""
+    height, width, channels = image.shape
+    nan = np.float32(np.nan)
+    for y in numba.prange(height):
+        for x in range(width):
+            if _valid(image, footprint, y, x):
+                coverage[y, x] += 1
+            else:
+                for c in range(channels):
+                    image[y, x, c] = nan
 
 
 def _kappa_add(image: np.ndarray, footprint: np.ndarray, weight: float, kappa: float, min_test: int,
