@@ -321,7 +321,8 @@ def _live_figures(names: list[str], daemon: _Daemon, daemon_rss: int) -> dict[st
     overhead = [lat - sum(t.values()) for lat, t in zip(latencies, timings, strict=True)][1:]
     median = statistics.median(latencies)
     after_first = max(latencies[1:])
-    return {"latencies": latencies, "median": median, "worst": max(latencies), "rss": daemon_rss,
+    return {"latencies": latencies, "timings": timings, "median": median, "worst": max(latencies),
+            "rss": daemon_rss,
             "worst_after_first": after_first, "worst_ratio": after_first / median,
             "warmup_end": latencies[WARMUP - 1],
             "warmup_end_stack": timings[WARMUP - 1].get("stack", 0.0), "stages": stages,

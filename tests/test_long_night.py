@@ -19,6 +19,7 @@ import pytest
 from livestack.config import Config
 from livestack.errors import StateError
 from livestack.live import ledger
+from livestack.live import writer as writer_module
 from livestack.live.health import Health
 from livestack.live.stacks import Stacks
 from livestack.live.state import CheckpointStore, Journal, JournalEntry, RemovalRecord
@@ -167,3 +168,50 @@ def test_snapshots_asked_for_a_reason_are_never_merged(
     assert writer._jobs.qsize() == 3
     writer.close()
     writer.run()
+
+
+def test_at_a_steady_cadence_the_idle_checkpoint_waits_for_a_pause(
+        outputs: tuple[Outputs, Writer, CheckpointStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Frames 1.5 s apart: the worker's idle tick half a second after each must not write the accumulators
+    # every time (160 MB at 8.3 MP, running into the next frame); a pause of twice the cadence does.
+    out, writer, _ = outputs
+    clock = [1000.0]
+    monkeypatch.setattr(writer_module.time, "monotonic", lambda: clock[0])
+    taken: list[float] = []
+
+    def checkpoint() -> None:
+        taken.append(clock[0])
+        out._since_checkpoint = 0
+
+    monkeypatch.setattr(out, "checkpoint", checkpoint)
+    out._last_checkpoint = clock[0]
+    for frame in range(8):
+        clock[0] = 1000.0 + 1.5 * frame
+        out.stacked()
+        for idle in (0.5, 1.0):
+            clock[0] = 1000.0 + 1.5 * frame + idle
+            out.maybe_checkpoint(idle=True)
+    # The first frame, before any cadence is known, as before; then none while frames keep coming.
+    assert taken == [1000.5]
+    clock[0] = 1000.0 + 1.5 * 7 + 3.0  # twice the cadence after the last frame
+    out.maybe_checkpoint(idle=True)
+    assert taken == [1000.5, clock[0]]
+    writer.close()
+
+
+def test_a_single_frame_is_checkpointed_once_the_worker_is_idle(
+        outputs: tuple[Outputs, Writer, CheckpointStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    out, writer, _ = outputs
+    clock = [50.0]
+    monkeypatch.setattr(writer_module.time, "monotonic", lambda: clock[0])
+    taken: list[float] = []
+    monkeypatch.setattr(out, "checkpoint", lambda: taken.append(clock[0]))
+    out._last_checkpoint = clock[0]
+    out.stacked()
+    clock[0] += 0.2
+    out.maybe_checkpoint(idle=True)
+    assert taken == []
+    clock[0] += writer_module.IDLE_CHECKPOINT_WAIT
+    out.maybe_checkpoint(idle=True)
+    assert taken == [clock[0]]
+    writer.close()
