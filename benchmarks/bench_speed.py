@@ -78,11 +78,17 @@ def render(folder: Path, size: tuple[int, int], kind: str, frames: int) -> list[
     return simulate(folder, config, sleep=lambda _s: None)
 
 
-def source_env(source: Path | None) -> dict[str, str] | None:
-    """Environment that makes ``livestack`` import the package from ``source`` (None: this checkout)."""
-    if source is None:
-        return None
-    return {**os.environ, "PYTHONPATH": str(source)}
+def source_env(source: Path | None) -> dict[str, str]:
+    """Environment that makes ``livestack`` import the package from ``source`` (None: this checkout).
+
+    Python may write its bytecode cache there: an installed package has it (pip compiles it at install), and
+    without it every process compiles livestack's modules from source again (~0.1-0.3 s), which a shell with
+    ``PYTHONDONTWRITEBYTECODE`` set would add to every start-up measured. The warm-up runs write it.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    return env
 
 
 def run_process(command: list[str], cwd: Path | None = None,
@@ -109,7 +115,8 @@ def bench_stack(paths: list[Path], work: Path, source: Path | None = None, repea
     ``repeat`` runs of each: on a shared machine the least disturbed one)."""
     out: dict[str, Any] = {}
     env = source_env(source)
-    # numba compiles each kernel once per machine and caches it; the first run pays that, not the figure.
+    # numba compiles each kernel once per machine and caches it, Python its bytecode (``source_env``); the
+    # first run pays that, not the figure.
     run_process([str(LIVESTACK), "stack", "-q", "-o", str(work / "warm"), *map(str, paths[:6])], env=env)
     n = len(paths)
 
