@@ -60,7 +60,9 @@ SIZES: dict[str, tuple[int, int]] = {"2": (1920, 1080), "8.3": (3840, 2160), "26
 CADENCE: dict[str, float] = {"2": 1.0, "8.3": 1.5, "26": 3.0}
 KINDS: tuple[str, ...] = ("mono", "colour")
 PARTS: tuple[str, ...] = ("live", "stack", "naive", "siril")
-STAGES: tuple[str, ...] = ("read", "detect", "align", "warp", "stack")
+#: The pipeline's timings, in its order: calibrate includes the debayer of a colour frame, defects the
+#: replacement of the defects found in consecutive frames (and a colour frame's second debayer).
+STAGES: tuple[str, ...] = ("read", "calibrate", "detect", "align", "defects", "warp", "normalise", "stack")
 #: kappa-sigma's default warm-up: the frame with this 1-based index ends it.
 WARMUP = 5
 LIVESTACK = Path(sys.executable).with_name("livestack")
@@ -366,9 +368,10 @@ def report(results: dict[str, Any], sizes: list[str], frames: int, live_frames: 
     if any("live" in r for r in results.values()):
         cadences = ", ".join(f"{k} MP {cadence[k]:g} s" for k in sizes)
         print(f"Live: rename -> `accepted` event, {live_frames} frames, cadence {cadences}\n")
-        print("| frames | median | worst | worst after the first (x median) | warm-up end (its stack step) "
-              "| read | detect | align | warp | stack | daemon's own | daemon's peak RSS |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        columns = ["median", "worst", "worst after the first (x median)", "warm-up end (its stack step)",
+                   *STAGES, "daemon's own", "daemon's peak RSS"]
+        print("| frames | " + " | ".join(columns) + " |")
+        print("| --- " * (len(columns) + 1) + "|")
         for key, row in results.items():
             if "live" in row:
                 lv = row["live"]
