@@ -415,6 +415,13 @@ def test_develop_gives_the_16_bit_procedure_bit_for_bit(pattern: str) -> None:
     np.testing.assert_array_equal(debayer(halves, pattern), sixteen_bit_debayer(halves, pattern, False))
     np.testing.assert_array_equal(debayer(counts.astype(np.uint16), pattern),
                                   sixteen_bit_debayer(counts, pattern, True))
+    # Odd sizes, the smallest with a whole neighbourhood inside, and smaller ones; every row parity at the
+    # borders.
+    for shape in ((45, 61), (3, 3), (3, 8), (7, 3), (2, 9), (1, 1)):
+        small = rng.poisson(900.0, shape).astype(np.float32)
+        np.testing.assert_array_equal(debayer(small, pattern), sixteen_bit_debayer(small, pattern, True))
+        scaled = small * np.float32(1.7) + np.float32(0.3)
+        np.testing.assert_array_equal(debayer(scaled, pattern), sixteen_bit_debayer(scaled, pattern, False))
 
 
 def test_colour_frame_is_debayered_from_the_header_pattern(tmp_path: Path) -> None:
