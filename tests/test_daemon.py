@@ -797,11 +797,11 @@ def test_a_frame_read_ahead_waits_for_commands_and_a_pause(tmp_path: Path, stage
     commits: list[Any] = []
     real_commit = Stacker.commit
 
-    def held_commit(self: Stacker, prepared: Any) -> Any:
+    def held_commit(self: Stacker, prepared: Any, owned: bool = False) -> Any:
         commits.append(prepared)
         if len(commits) == 1:
             assert gate.wait(WAIT)
-        return real_commit(self, prepared)
+        return real_commit(self, prepared, owned=owned)
 
     monkeypatch.setattr(Stacker, "commit", held_commit)
     config = make_config(tmp_path)  # no warm-up: its frames would be the first commits
@@ -846,3 +846,28 @@ def test_a_frame_read_ahead_waits_for_commands_and_a_pause(tmp_path: Path, stage
     assert [(p["name"], p["session"], p["seq"]) for p in recorder.frames()] == [
         (staged[0].name, 1, 1), (staged[1].name, 2, 2), (staged[2].name, 2, 3)]
     assert_no_error_logged(recorder)
+
+
+@pytest.mark.parametrize("photometry", [False, True])
+def test_frames_are_handed_to_the_stack_unless_photometry_reads_them_afterwards(
+        tmp_path: Path, staged: list[Path], monkeypatch: pytest.MonkeyPatch, photometry: bool) -> None:
+    # Without photometry nothing reads a frame's pixels after it is stacked: its defects are replaced in
+    # place, not in a copy of the whole frame. With photometry, its stamps are cut from the frame as read.
+    handed: list[bool] = []
+    commit = Stacker.commit
+
+    def spy(self: Stacker, prepared: Any, owned: bool = False) -> Any:
+        handed.append(owned)
+        return commit(self, prepared, owned=owned)
+
+    monkeypatch.setattr(Stacker, "commit", spy)
+    overrides = {"photometry.targets": ["star=240.0,180.0"]} if photometry else {}
+    config = make_config(tmp_path, **overrides)
+    watch = config.path(config.watch.folder)
+    recorder = Recorder()
+    with running(config, (recorder,)):
+        for path in staged[:4]:
+            place(path, watch)
+        recorder.wait_for(decided(4), "four frames")
+    assert len(handed) == 4 and set(handed) == {not photometry}
+    assert all(p["verdict"] == "accepted" for p in recorder.frames())

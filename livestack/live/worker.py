@@ -474,9 +474,16 @@ class Worker:
             log.exception("photometry of %s could not be started", prepared.frame.meta.path)
 
     def _commit(self, prepared: Prepared | FrameResult, path: Path) -> FrameResult:
-        """Align, warp and accumulate; a stage that throws (OpenCV, numba, numpy ...) rejects the frame."""
+        """Align, warp and accumulate; a stage that throws (OpenCV, numba, numpy ...) rejects the frame.
+
+        The frame is handed over (``owned``) unless photometry will cut its stamps afterwards: the defects
+        found in consecutive frames are then replaced in its own pixels instead of in a copy of the whole
+        frame (33 MB at 8.3 MP, 104 MB at 26 MP, with its page faults). The plate solver may still get the
+        reference's luminance: replaced defects are no loss to it.
+        """
+        owned = self.photometry is None or not self.photometry.enabled
         try:
-            return self.stacks.stacker.commit(prepared)
+            return self.stacks.stacker.commit(prepared, owned=owned)
         except Exception as exc:
             log.error("%s could not be stacked: %s", path, exc, exc_info=True)
             reason = " ".join(f"could not be stacked ({type(exc).__name__}: {exc})".split())
