@@ -691,27 +691,29 @@ class Stacker:
                 return done
             return executor.submit(self.prepare, path, earlier)
 
-        def finish(pending: Future[Prepared | FrameResult]) -> FrameResult:
-            result = self.commit(pending.result(), owned=True)
-            # A kappa-sigma warm-up this frame filled is judged now, while no frame is in hand here, rather
-            # than by the next frame's add beside that frame and its warped copy (the same stack either way).
-            self.settle()
-            return result
-
+        # After each commit the frame is let go (its future too), then a kappa-sigma warm-up that frame filled
+        # is judged (``settle``): with no frame in hand here, rather than by the next frame's add beside that
+        # frame and its warped copy (the same stack either way).
         if executor is None:
             for path in paths:
-                yield finish(start(path))
+                result = self.commit(start(path).result(), owned=True)
+                self.settle()
+                yield result
             return
         ahead: Future[Prepared | FrameResult] | None = None
         for path in paths:
             upcoming = start(path)
             if ahead is not None:
-                pending, ahead = ahead, None
-                yield finish(pending)
-                del pending
+                result = self.commit(ahead.result(), owned=True)
+                ahead = None
+                self.settle()
+                yield result
             ahead = upcoming
         if ahead is not None:
-            yield finish(ahead)
+            result = self.commit(ahead.result(), owned=True)
+            ahead = None
+            self.settle()
+            yield result
 
     # -- frames whose transform is known (replay, removal, re-integration, restack) -----------------------
 

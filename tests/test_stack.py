@@ -448,7 +448,7 @@ def test_median_memory_stays_within_its_budget(budget: int, tmp_path: Path) -> N
 
 def test_kappa_sigma_warmup_end_needs_no_memory_beyond_its_buffer() -> None:
     """Judging the warm-up writes the moments over buffered frames: what it allocates stays within one
-    frame (the variances) and the noise floor's sample, and afterwards the stack holds 16 bytes per pixel,
+    frame (the variances) and the noise floor's sample, and afterwards the stack holds 14 bytes per pixel,
     not the buffer."""
     shape = (600, 800)  # large enough that the noise floor's median works on a sample, as on real frames
     rng = np.random.default_rng(23)
@@ -471,8 +471,10 @@ def test_kappa_sigma_warmup_end_needs_no_memory_beyond_its_buffer() -> None:
         tracemalloc.stop()
     # The fifth frame's slot and the variances; separate moments would add four frames' worth.
     assert peak < 2.5 * frame_bytes, peak / frame_bytes
-    # The fifth frame's slot went back; the moments took the four that were there.
-    assert kept < 200_000, kept / frame_bytes
+    # The fifth frame's slot went back; the moments took three of the four that were there, and the counts,
+    # judged into the fourth as int32, now stand in half a frame as uint16 (the fourth went back too: it was
+    # allocated before tracing, so its return does not show here).
+    assert kept < 0.5 * frame_bytes + 200_000, kept / frame_bytes
     stack.add(frames[5], footprint)
     first.add(frames[5], footprint)
     np.testing.assert_array_equal(stack.result(), first.result())

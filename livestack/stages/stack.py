@@ -3,7 +3,8 @@
 Public API (one small interface, three methods):
 
 - ``Accumulator`` protocol: ``add(image, footprint, weight=1.0)``, ``result() -> ndarray`` (float32, NaN
-  where never covered), ``coverage -> ndarray`` (int32 count of frames per pixel), ``count -> int``,
+  where never covered), ``coverage -> ndarray`` (count of frames per pixel: int32, or uint16 for kappa-sigma
+  under ``NARROW_COUNTS`` frames), ``count -> int``,
   ``rejected_fraction -> float``, ``method -> str``, ``state() -> dict[str, ndarray]`` and
   ``restore(state)`` for checkpoints.
 - ``MeanStack(shape)``, ``KappaSigmaStack(shape, kappa=3.0, warmup=5)``,
@@ -63,6 +64,9 @@ MIN_WARMUP_FRAMES: int = 3
 """The fewest warm-up frames a median can use to outvote one outlier; kept even above the budget."""
 
 MIN_TEST_SAMPLES: int = 3
+#: Kappa-sigma keeps its per-pixel counts (accepted samples, coverage) as uint16 while the stack has fewer
+#: frames than this, and as int32 from then on: 4 bytes per pixel less for any night of under 65,535 frames.
+NARROW_COUNTS: int = int(np.iinfo(np.uint16).max)
 """Accepted samples a pixel needs before kappa-sigma tests new ones: fewer give no usable sigma."""
 
 MAD_TO_SIGMA: float = 1.4826
@@ -128,7 +132,8 @@ class _Tally:
 
     @property
     def coverage(self) -> np.ndarray:
-        """int32 ``(H, W)``: frames that offered a valid value at each pixel (read-only view)."""
+        """``(H, W)`` int32 (uint16 for kappa-sigma under ``NARROW_COUNTS`` frames): frames that offered a
+        valid value at each pixel (read-only view)."""
         return _readonly(self._coverage)
 
     @property
@@ -303,9 +308,11 @@ class KappaSigmaStack(_Tally):
     one frame would be rejected from then on, and a floor set under a dark sky is too low once the moon is
     up: normalise the background before stacking.
 
-    Memory: mean, M2 and weight sum as float32 and the accepted count as int32, 16 bytes per pixel and
-    channel, plus the coverage; float32 is enough because Welford's update never subtracts large sums. The
-    warm-up holds ``4 * warmup`` bytes per pixel and channel, and 4 more while it is judged.
+    Memory: mean, M2 and weight sum as float32 and the accepted count, 14 bytes per pixel and channel, plus
+    the coverage, 2 bytes per pixel; float32 is enough because Welford's update never subtracts large sums.
+    The counts are uint16 until the stack reaches ``NARROW_COUNTS`` frames and int32 from then on
+    (``coverage`` is uint16 or int32 accordingly). The warm-up holds ``4 * warmup`` bytes per pixel and
+    channel, and 4 more while it is judged.
     """
 
     method: str = "kappa-sigma"
@@ -323,7 +330,7 @@ class KappaSigmaStack(_Tally):
         affordable = max(MIN_WARMUP_FRAMES, int(warmup_budget) // frame_bytes)
         self._warmup = min(int(warmup), affordable)
         self._dims = (height, width, channels)
-        self._coverage = np.zeros((height, width), dtype=np.int32)
+        self._coverage = np.zeros((height, width), dtype=_count_type(0))
         self._count = 0
         self._offered = 0
         self._rejected = 0
@@ -336,7 +343,7 @@ class KappaSigmaStack(_Tally):
         self._mean: np.ndarray | None = None
         self._m2 = np.zeros(0, dtype=np.float32)
         self._wsum = np.zeros(0, dtype=np.float32)
-        self._n = np.zeros(0, dtype=np.int32)
+        self._n = np.zeros(0, dtype=self._coverage.dtype)
         self._floor = np.zeros(channels, dtype=np.float64)
 
     @property
@@ -373,6 +380,11 @@ class KappaSigmaStack(_Tally):
         copied = not (image.dtype == np.float32 and image.flags.c_contiguous)  # by _check_frame
         image3, mask, weight = _check_frame(self._shape, image, footprint, weight)
         self.settle()
+        if self._count >= NARROW_COUNTS and self._coverage.dtype != np.int32:
+            # This frame could take a count past uint16's range: every count is widened once, exactly.
+            self._coverage = self._coverage.astype(np.int32)
+            if self._mean is not None:
+                self._n = self._n.astype(np.int32)
         if self._mean is None:
             if image3.flags.writeable and (owned or copied):
                 slot = image3
@@ -452,8 +464,10 @@ class KappaSigmaStack(_Tally):
             If the state is of another method or shape, or misses an array.
         """
         _check_state(state, self.method, self._shape, ("count", "offered", "rejected", "coverage"))
-        self._coverage = _take(state, "coverage", self._dims[:2], np.int32)
         self._count = int(state["count"])
+        # Older states hold int32 counts: taken as this stack's count type (no count exceeds the frames).
+        counts = _count_type(self._count)
+        self._coverage = _take(state, "coverage", self._dims[:2], counts)
         self._offered = int(state["offered"])
         self._rejected = int(state["rejected"])
         if "buffer" in state:
@@ -476,7 +490,7 @@ class KappaSigmaStack(_Tally):
         self._mean = _take(state, "mean", self._dims, np.float32)
         self._m2 = _take(state, "m2", self._dims, np.float32)
         self._wsum = _take(state, "wsum", self._dims, np.float32)
-        self._n = _take(state, "n", self._dims, np.int32)
+        self._n = _take(state, "n", self._dims, counts)
         self._floor = _take(state, "floor", self._dims[2:], np.float64)
         self._buffer = []
         self._buffered = 0
@@ -519,13 +533,15 @@ class KappaSigmaStack(_Tally):
         return mean, m2, wsum, n, floor, int(offered.sum()), int(rejected.sum())
 
     def _finish_warmup(self) -> None:
-        judged = self._judge_buffer(in_place=True)
-        mean, self._m2, self._wsum, self._n, self._floor, offered, rejected = judged
+        mean, self._m2, self._wsum, n, self._floor, offered, rejected = self._judge_buffer(in_place=True)
         self._offered += offered
         self._rejected += rejected
         self._mean = mean
         self._buffer = []  # the frames beyond the four that now hold the moments go back now
         self._buffered = 0
+        # The counts in the stack's count type; the buffered frame that held them as int32 goes back.
+        self._n = n.astype(self._coverage.dtype)
+        del n
 
 
 class MedianStack(_Tally):
@@ -948,6 +964,11 @@ def _check_state(state: dict[str, np.ndarray], method: str, shape: tuple[int, ..
     missing = [key for key in keys if key not in state]
     if missing:
         raise StateError(f"The {method} state lacks {', '.join(missing)}.")
+
+
+def _count_type(frames: int) -> type[np.generic]:
+    """Kappa-sigma's per-pixel count type for a stack of ``frames`` frames (see ``NARROW_COUNTS``)."""
+    return np.uint16 if frames < NARROW_COUNTS else np.int32
 
 
 def _take(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...],
