@@ -1205,6 +1205,26 @@ def _kappa_add(image: np.ndarray, footprint: np.ndarray, weight: float, kappa: f
                  m2[:, :, 0], wsum[:, :, 0], n[:, :, 0], coverage, offered, rejected)
 
 
+@numba.njit(cache=True, inline="always", nogil=True)
+def _kappa_update(value: float, centre: float, m2: float, total: float, accepted: int, weight: float,
+                  kappa2: float, floor2: float,
+                  min_test: int) -> tuple[bool, float, float, float]:  # pragma: no cover - compiled
+    """One sample's test and Welford update, shared by every kappa-sigma kernel: (rejected, mean, M2, weight).
+
+    ``|delta| > kappa * max(sigma, floor)``, squared and without divisions (the hot path); the floor's
+    square times the weight sum times ``accepted - 1``, in that order, so every kernel gives the same bits.
+    """
+    delta = value - centre
+    if accepted >= min_test:
+        spread = m2 * accepted
+        floor_spread = floor2 * total * (accepted - 1)
+        if delta * delta * total * (accepted - 1) > kappa2 * max(spread, floor_spread):
+            return True, centre, m2, total
+    total += weight
+    centre += delta * weight / total
+    return False, centre, m2 + weight * delta * (value - centre), total
+
+
 @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 def _kappa_add_pixels(image: np.ndarray, footprint: np.ndarray, weight: float, kappa: float, min_test: int,
                floor: np.ndarray, mean: np.ndarray, m2: np.ndarray, wsum: np.ndarray, n: np.ndarray,
@@ -1219,22 +1239,15 @@ def _kappa_add_pixels(image: np.ndarray, footprint: np.ndarray, weight: float, k
                 continue
             coverage[y, x] += 1
             for c in range(channels):
-                value = np.float64(image[y, x, c])
-                centre = np.float64(mean[y, x, c])
                 accepted = n[y, x, c]
-                total = np.float64(wsum[y, x, c])
                 row_offered += 1
-                delta = value - centre
-                if accepted >= min_test:
-                    # |delta| > kappa * max(sigma, floor), squared and without divisions (the hot path).
-                    spread = np.float64(m2[y, x, c]) * accepted
-                    floor_spread = floor[c] * floor[c] * total * (accepted - 1)
-                    if delta * delta * total * (accepted - 1) > kappa * kappa * max(spread, floor_spread):
-                        row_rejected += 1
-                        continue
-                total += weight
-                centre += delta * weight / total
-                m2[y, x, c] = np.float32(np.float64(m2[y, x, c]) + weight * delta * (value - centre))
+                out, centre, spread, total = _kappa_update(
+                    np.float64(image[y, x, c]), np.float64(mean[y, x, c]), np.float64(m2[y, x, c]),
+                    np.float64(wsum[y, x, c]), accepted, weight, kappa * kappa, floor[c] * floor[c], min_test)
+                if out:
+                    row_rejected += 1
+                    continue
+                m2[y, x, c] = np.float32(spread)
                 mean[y, x, c] = np.float32(centre)
                 wsum[y, x, c] = np.float32(total)
                 n[y, x, c] = accepted + 1
@@ -1278,22 +1291,15 @@ def _kappa_rgb(image: np.ndarray, footprint: np.ndarray, weight: float, kappa: f
         for j in range(samples):
             if not usable[j]:
                 continue
-            value = np.float64(flat_image[y, j])
-            centre = np.float64(flat_mean[y, j])
             accepted = flat_n[y, j]
-            total = np.float64(flat_wsum[y, j])
             row_offered += 1
-            delta = value - centre
-            if accepted >= min_test:
-                # As in _kappa_add_pixels: floor[c] * floor[c] * total * (accepted - 1), in that order.
-                spread = np.float64(flat_m2[y, j]) * accepted
-                floor_spread = floor2[j] * total * (accepted - 1)
-                if delta * delta * total * (accepted - 1) > kappa2 * max(spread, floor_spread):
-                    row_rejected += 1
-                    continue
-            total += weight
-            centre += delta * weight / total
-            flat_m2[y, j] = np.float32(np.float64(flat_m2[y, j]) + weight * delta * (value - centre))
+            out, centre, spread, total = _kappa_update(
+                np.float64(flat_image[y, j]), np.float64(flat_mean[y, j]), np.float64(flat_m2[y, j]),
+                np.float64(flat_wsum[y, j]), accepted, weight, kappa2, floor2[j], min_test)
+            if out:
+                row_rejected += 1
+                continue
+            flat_m2[y, j] = np.float32(spread)
             flat_mean[y, j] = np.float32(centre)
             flat_wsum[y, j] = np.float32(total)
             flat_n[y, j] = accepted + 1
@@ -1319,21 +1325,15 @@ def _kappa_plane(image: np.ndarray, footprint: np.ndarray, weight: float, kappa:
             if not (footprint[y, x] and np.isfinite(value)):
                 continue
             coverage[y, x] += 1
-            centre = np.float64(mean[y, x])
             accepted = n[y, x]
-            total = np.float64(wsum[y, x])
             row_offered += 1
-            delta = value - centre
-            if accepted >= min_test:
-                # |delta| > kappa * max(sigma, floor), squared and without divisions (the hot path).
-                spread = np.float64(m2[y, x]) * accepted
-                floor_spread = floor2 * total * (accepted - 1)
-                if delta * delta * total * (accepted - 1) > kappa2 * max(spread, floor_spread):
-                    row_rejected += 1
-                    continue
-            total += weight
-            centre += delta * weight / total
-            m2[y, x] = np.float32(np.float64(m2[y, x]) + weight * delta * (value - centre))
+            out, centre, spread, total = _kappa_update(
+                value, np.float64(mean[y, x]), np.float64(m2[y, x]), np.float64(wsum[y, x]), accepted, weight,
+                kappa2, floor2, min_test)
+            if out:
+                row_rejected += 1
+                continue
+            m2[y, x] = np.float32(spread)
             mean[y, x] = np.float32(centre)
             wsum[y, x] = np.float32(total)
             n[y, x] = accepted + 1
