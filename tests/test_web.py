@@ -132,6 +132,22 @@ def test_viewer_keeps_the_latest_pictures_per_stack_under_ids_never_reused() -> 
     assert viewer.picture(idents[-1]) is not None
 
 
+def test_a_repeated_picture_keeps_its_address_so_pages_fetch_nothing_again() -> None:
+    viewer = Viewer(clock=Clock())
+    (_, first), = viewer.apply(display(3))
+    # The daemon publishes its last picture again while the stack is quiet: same bytes, same frames.
+    (_, again), = viewer.apply(display(3))
+    assert again["picture"]["url"] == first["picture"]["url"]
+    # A new picture of the same stack, even of as many frames (a new stretch), gets a new address.
+    (_, other), = viewer.apply(display(3, picture=jpeg(value=200)))
+    assert other["picture"]["url"] != first["picture"]["url"]
+    (_, more), = viewer.apply(display(4, picture=jpeg(value=200)))
+    assert more["picture"]["url"] not in (first["picture"]["url"], other["picture"]["url"])
+    # A new session of the stack (a reset) starts over, whatever its picture.
+    (_, reset), = viewer.apply(display(4, session=2, picture=jpeg(value=200)))
+    assert reset["picture"]["url"] != more["picture"]["url"]
+
+
 def test_viewer_folds_counts_history_and_the_daemons_silence() -> None:
     clock = Clock()
     viewer = Viewer(caption="Welcome to the star party", clock=clock)
