@@ -64,10 +64,11 @@ MIN_WARMUP_FRAMES: int = 3
 """The fewest warm-up frames a median can use to outvote one outlier; kept even above the budget."""
 
 MIN_TEST_SAMPLES: int = 3
-#: Kappa-sigma keeps its per-pixel counts (accepted samples, coverage) as uint16 while the stack has fewer
-#: frames than this, and as int32 from then on: 4 bytes per pixel less for any night of under 65,535 frames.
-NARROW_COUNTS: int = int(np.iinfo(np.uint16).max)
 """Accepted samples a pixel needs before kappa-sigma tests new ones: fewer give no usable sigma."""
+
+NARROW_COUNTS: int = int(np.iinfo(np.uint16).max)
+"""Kappa-sigma keeps its per-pixel counts (accepted samples, coverage) as uint16 while the stack has fewer
+frames than this, and as int32 from then on: 4 bytes per pixel less for any night of under 65,535 frames."""
 
 MAD_TO_SIGMA: float = 1.4826
 """Median absolute deviation to standard deviation, for normal noise."""
@@ -388,7 +389,7 @@ class KappaSigmaStack(_Tally):
         if self._mean is None:
             if image3.flags.writeable and (owned or copied):
                 slot = image3
-                _mask_in_place(slot, mask, self._coverage)
+                _mask_copy(image3, mask, slot, self._coverage)
             else:
                 slot = np.empty(self._dims, dtype=np.float32)
                 _mask_copy(image3, mask, slot, self._coverage)
@@ -1152,7 +1153,8 @@ def _mean_top_add(image: np.ndarray, footprint: np.ndarray, weight: float, total
 @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 def _mask_copy(image: np.ndarray, footprint: np.ndarray, out: np.ndarray,
                coverage: np.ndarray) -> None:  # pragma: no cover - compiled
-    """``out`` = image where valid, NaN elsewhere; count the valid pixels into ``coverage``."""
+    """``out`` = image where valid, NaN elsewhere; count the valid pixels into ``coverage``. ``out`` may be
+    ``image`` itself (each pixel is read before it is written)."""
     height, width, channels = image.shape
     nan = np.float32(np.nan)
     for y in numba.prange(height):
@@ -1164,21 +1166,6 @@ def _mask_copy(image: np.ndarray, footprint: np.ndarray, out: np.ndarray,
             else:
                 for c in range(channels):
                     out[y, x, c] = nan
-
-
-@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
-def _mask_in_place(image: np.ndarray, footprint: np.ndarray,
-                   coverage: np.ndarray) -> None:  # pragma: no cover - compiled
-    """``_mask_copy`` into ``image`` itself: NaN where not valid, valid pixels counted into ``coverage``."""
-    height, width, channels = image.shape
-    nan = np.float32(np.nan)
-    for y in numba.prange(height):
-        for x in range(width):
-            if _valid(image, footprint, y, x):
-                coverage[y, x] += 1
-            else:
-                for c in range(channels):
-                    image[y, x, c] = nan
 
 
 def _kappa_add(image: np.ndarray, footprint: np.ndarray, weight: float, kappa: float, min_test: int,
