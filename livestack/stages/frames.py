@@ -309,15 +309,12 @@ def develop(raw: RawFrame) -> Frame:
     -------
     Frame
     """
-    meta, mosaic = raw.meta, raw.mosaic
-    if meta.bayer is None:
-        mosaic.flags.writeable = False
-        return Frame(meta=meta, data=mosaic, luminance=mosaic)
-    rgb = _debayer(mosaic, meta.bayer, raw.integral)
-    luminance = cv2.transform(rgb, _EQUAL_WEIGHTS)
-    rgb.flags.writeable = False
+    data = develop_data(raw)
+    if data.ndim == 2:
+        return Frame(meta=raw.meta, data=data, luminance=data)
+    luminance = cv2.transform(data, _EQUAL_WEIGHTS)
     luminance.flags.writeable = False
-    return Frame(meta=meta, data=rgb, luminance=luminance)
+    return Frame(meta=raw.meta, data=data, luminance=luminance)
 
 
 def develop_data(raw: RawFrame) -> np.ndarray:
@@ -851,17 +848,24 @@ def _code_row(row: np.ndarray, fill: np.float32, offset: np.float32, scale: np.f
 
 
 @numba.njit(cache=True, inline="always", nogil=True)
+def _value(code: np.int32, step: np.float32, offset: np.float32,
+           scaled: bool) -> np.float32:  # pragma: no cover - compiled
+    """A 16-bit code back to its value: ``float32(code) * step + offset``, in numpy's float32 order."""
+    value = np.float32(code)
+    if scaled:
+        value = value * step
+    if offset != np.float32(0.0):
+        value = value + offset
+    return value
+
+
+@numba.njit(cache=True, inline="always", nogil=True)
 def _put(rgb: np.ndarray, y: int, x: int, red: np.int32, green: np.int32, blue: np.int32, step: np.float32,
          offset: np.float32, scaled: bool) -> None:  # pragma: no cover - compiled
-    """Codes back to values, as ``_from_codes`` does."""
-    r, g, b = np.float32(red), np.float32(green), np.float32(blue)
-    if scaled:
-        r, g, b = r * step, g * step, b * step
-    if offset != np.float32(0.0):
-        r, g, b = r + offset, g + offset, b + offset
-    rgb[y, x, 0] = r
-    rgb[y, x, 1] = g
-    rgb[y, x, 2] = b
+    """One pixel's three codes back to values (``_value``)."""
+    rgb[y, x, 0] = _value(red, step, offset, scaled)
+    rgb[y, x, 1] = _value(green, step, offset, scaled)
+    rgb[y, x, 2] = _value(blue, step, offset, scaled)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -933,18 +937,9 @@ def _to_codes(image: np.ndarray, fill: np.float32, offset: np.float32, scale: np
     Each float32 step is numpy's (``work -= offset``, ``work *= scale``, ``rint``, ``clip``, ``astype``).
     """
     height, width = image.shape
-    top = np.float32(_U16_SPAN)
-    zero = np.float32(0.0)
     for y in numba.prange(height):
         for x in range(width):
-            value = image[y, x]
-            if not np.isfinite(value):
-                value = fill
-            if offset != zero:
-                value = value - offset
-            if scaled:
-                value = min(max(np.rint(value * scale), zero), top)
-            codes[y, x] = np.uint16(value)
+            codes[y, x] = np.uint16(_code(image[y, x], fill, offset, scale, scaled))
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -952,16 +947,10 @@ def _from_codes(rgb16: np.ndarray, step: np.float32, offset: np.float32, scaled:
                 rgb: np.ndarray) -> None:  # pragma: no cover - compiled
     """``rgb = float32(rgb16) * step + offset``, in numpy's order of float32 operations."""
     height, width, channels = rgb16.shape
-    zero = np.float32(0.0)
     for y in numba.prange(height):
         for x in range(width):
             for c in range(channels):
-                value = np.float32(rgb16[y, x, c])
-                if scaled:
-                    value = value * step
-                if offset != zero:
-                    value = value + offset
-                rgb[y, x, c] = value
+                rgb[y, x, c] = _value(np.int32(rgb16[y, x, c]), step, offset, scaled)
 
 
 def _wcs_header(header: fits.Header) -> str | None:
