@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 from astropy.io import fits
+from warp_reference import takes_two_passes, two_pass_reference
 
 from livestack import __version__
 from livestack.live.state import content_hash
@@ -130,28 +131,37 @@ def test_the_csv_beside_the_snapshot_holds_the_same_rows(stacked: Path) -> None:
 def test_the_transforms_reproduce_the_stack_in_an_independent_script(stacked: Path) -> None:
     """Warp each stacked file by its table row with OpenCV's inverse map, average with numpy, compare.
 
-    The stack used the default interpolation, bicubic (OpenCV's); pixels whose 4x4 support reaches the frame
-    edge are left out of the comparison.
+    The stack used the default interpolation, bicubic: for maps close to a shift, as here, Keys' cubic in two
+    passes (``warp_reference``, numpy), otherwise OpenCV's; pixels whose 4x4 support reaches the frame edge
+    are left out of the comparison. OpenCV's bicubic for every frame agrees to within 0.3% of the range.
     """
     with fits.open(stacked) as hdul:
         stack = np.asarray(hdul[0].data, dtype=np.float64)
         rows = [r for r in read_frames(hdul["FRAMES"]) if r.state == "stacked"]
     height, width = stack.shape
-    planes, covered = [], np.ones(stack.shape, dtype=bool)
+    planes, opencv, covered = [], [], np.ones(stack.shape, dtype=bool)
     for r in rows:
         assert r.matrix is not None
         data = fits.getdata(r.file).astype(np.float32)
         forward = np.vstack([np.array(r.matrix).reshape(2, 3), [0.0, 0.0, 1.0]])
         inverse = np.linalg.inv(forward)[:2]  # reference pixel -> frame pixel
         flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP
-        planes.append(cv2.warpAffine(data, inverse, (width, height), flags=flags))
+        opencv.append(cv2.warpAffine(data, inverse, (width, height), flags=flags))
         ys, xs = np.mgrid[0:height, 0:width]
         u = inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]
         v = inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]
-        covered &= (u >= 2) & (u <= data.shape[1] - 3) & (v >= 2) & (v <= data.shape[0] - 3)
-    mean = np.mean(np.stack(planes).astype(np.float64), axis=0)
+        inside = (u >= 2.1) & (u <= data.shape[1] - 3.1) & (v >= 2.1) & (v <= data.shape[0] - 3.1)
+        covered &= inside
+        matrix = np.array(r.matrix).reshape(2, 3)
+        assert takes_two_passes(matrix)
+        plane = np.full(stack.shape, np.nan)
+        plane[inside] = two_pass_reference(data, matrix, ys[inside], xs[inside])
+        planes.append(plane)
+    mean = np.mean(np.stack(planes), axis=0)
     assert covered.mean() > 0.8
     np.testing.assert_allclose(stack[covered], mean[covered], rtol=1e-5, atol=1e-3)
+    by_opencv = np.mean(np.stack(opencv).astype(np.float64), axis=0)
+    assert np.abs(stack[covered] - by_opencv[covered]).max() < 3e-3 * np.ptp(stack[covered])
     # A transform off by half a pixel would not reproduce it: the comparison can fail.
     shifted = np.roll(mean, 1, axis=1)
     assert not np.allclose(stack[covered], shifted[covered], rtol=1e-3)
