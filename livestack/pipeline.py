@@ -406,6 +406,9 @@ class _FilterStack:
         #: Frames in the median's cube when it reached its disk budget and was folded into a kappa-sigma
         #: stack (None: never).
         self.folded_at: int | None = None
+        #: The last frame's warped copy and footprint, which the stack did not keep: the next frame is
+        #: warped into them (``Stacker._stack``).
+        self.spare: tuple[np.ndarray, np.ndarray] | None = None
 
     def account(self, meta: FrameMeta) -> None:
         self.account_time(meta.time_utc, meta.exptime)
@@ -1400,9 +1403,14 @@ class Stacker:
                timings: dict[str, float], norm: Normalisation | None = None) -> None:
         assert self._ref_meta is not None
         t0 = time.perf_counter()
+        # Once the stack keeps no frame of its own, each frame is warped into the arrays of the one before:
+        # a fresh frame-sized array costs page faults every frame (on a virtual machine whose host takes
+        # freed memory back, 110-190 ms per 100 MB).
+        keeps = stack.acc.keeps_frames
+        spare = None if keeps else stack.spare
         if self._aligns:
             aligned, footprint = warp(data, transform.matrix, self._ref_meta.shape,
-                                      self.config.align.interpolation, transform.distortion)
+                                      self.config.align.interpolation, transform.distortion, out=spare)
         else:
             aligned, footprint = data, np.ones(self._ref_meta.shape, dtype=bool)
         t1 = time.perf_counter()
@@ -1412,7 +1420,9 @@ class Stacker:
             normalise.apply(aligned, norm)
         t2 = time.perf_counter()
         # A warped or normalised copy is this frame's alone: the stack may keep it (kappa-sigma's warm-up).
-        self._add(stack, aligned, footprint, norm.weight if norm is not None else 1.0, aligned is not data)
+        own = aligned is not data
+        self._add(stack, aligned, footprint, norm.weight if norm is not None else 1.0, own and keeps)
+        stack.spare = (aligned, footprint) if own and not keeps and aligned.flags.writeable else None
         t3 = time.perf_counter()
         timings["warp"] = t1 - t0
         timings["normalise"] = t2 - t1

@@ -152,3 +152,30 @@ def _sky_noise(image: np.ndarray, mask: np.ndarray) -> float:
     diff = diff[np.isfinite(diff)]
     mad = np.median(np.abs(diff - np.median(diff)))
     return float(1.4826 * mad / np.sqrt(2.0))
+
+
+@pytest.mark.parametrize("method", ["kappa-sigma", "mean"])
+def test_after_the_warm_up_each_frame_is_warped_into_the_arrays_of_the_one_before(tmp_path: Path,
+                                                                                  method: str) -> None:
+    paths = simulate(tmp_path / "frames", SimConfig(frames=9, interval=0.0, size=(160, 120), seed=5,
+                                                    n_stars=200), sleep=lambda _s: None)
+    config = _config(stack__method=method)
+    stacker = Stacker(config, workdir=tmp_path / "work")
+    spares = []
+    for path in paths:
+        assert stacker.process(path).accepted
+        (stack,) = stacker._filters.values()
+        spares.append(None if stack.spare is None else stack.spare[0].__array_interface__["data"][0])
+        if stack.acc.keeps_frames:
+            assert stack.spare is None  # the warm-up's buffered frames are never written over
+    # Kappa-sigma buffers its first frames (config.stack.warmup) and judges them with the next one.
+    settled = config.stack.warmup + 1 if method == "kappa-sigma" else 1
+    assert spares[: settled - 1] == [None] * (settled - 1)
+    assert None not in spares[settled:] and len(set(spares[settled:])) == 1
+    # The same stack as warping every frame into new arrays.
+    fresh = Stacker(config, workdir=tmp_path / "fresh")
+    for path in paths:
+        fresh.process(path)
+        (stack,) = fresh._filters.values()
+        stack.spare = None
+    np.testing.assert_array_equal(stacker.result(), fresh.result())

@@ -205,3 +205,24 @@ def test_two_pass_colour_channels_and_nan_pixels() -> None:
     v = inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]
     assert 9 <= len(xs) <= 16
     assert (np.abs(u - 70) < 2.01).all() and (np.abs(v - 60) < 2.01).all()
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("angle", [0.4, 12.0])
+@pytest.mark.parametrize("channels", [0, 1, 3])
+def test_warping_into_given_arrays_gives_the_same_result(interpolation: str, angle: float,
+                                                         channels: int) -> None:
+    rng = np.random.default_rng(4)
+    frame = rng.random((90, 120, channels) if channels else (90, 120)).astype(np.float32)
+    matrix = _similarity(angle, 2.2, -3.1)
+    fresh, fresh_fp = warp(frame, matrix, (80, 110), interpolation)
+    out = (np.full(fresh.shape, 7.0, dtype=np.float32), np.ones((80, 110), dtype=bool))
+    aligned, footprint = warp(frame, matrix, (80, 110), interpolation, out=out)
+    assert aligned is out[0] and footprint is out[1]
+    np.testing.assert_array_equal(footprint, fresh_fp)
+    np.testing.assert_array_equal(aligned, fresh)  # NaN outside the footprint in both
+    # Arrays that do not fit are not used.
+    wrong = (np.zeros((80, 111), dtype=np.float32), np.zeros((80, 111), dtype=bool))
+    again, _ = warp(frame, matrix, (80, 110), interpolation, out=wrong)
+    assert again is not wrong[0] and not wrong[0].any()
+    np.testing.assert_array_equal(again, fresh)

@@ -113,6 +113,10 @@ class Accumulator(Protocol):
 
     def settle(self) -> bool: ...
 
+    @property
+    def keeps_frames(self) -> bool:
+        """True while ``add(owned=True)`` may keep the image itself (kappa-sigma's warm-up)."""
+
     def result(self) -> np.ndarray: ...
 
     def state(self) -> dict[str, np.ndarray]: ...
@@ -144,6 +148,11 @@ class _Tally:
 
     def settle(self) -> bool:
         """Do what an ``add`` left for later (nothing, but for kappa-sigma's warm-up); True if it did any."""
+        return False
+
+    @property
+    def keeps_frames(self) -> bool:
+        """Whether ``add(owned=True)`` may keep the image itself: never, but for kappa-sigma's warm-up."""
         return False
 
 
@@ -405,6 +414,11 @@ class KappaSigmaStack(_Tally):
         self._offered += int(offered.sum())
         self._rejected += int(rejected.sum())
         self._count += 1
+
+    @property
+    def keeps_frames(self) -> bool:
+        """True during the warm-up, whose buffer keeps an owned frame as one of its slots."""
+        return self._mean is None
 
     @property
     def settled(self) -> bool:

@@ -88,7 +88,8 @@ _KERNELS: dict[str, tuple[int, int, int]] = {
 
 
 def warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int], interpolation: str = "bilinear",
-         distortion: Distortion | None = None) -> tuple[np.ndarray, np.ndarray]:
+         distortion: Distortion | None = None,
+         out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Resample a frame onto the reference grid.
 
     Parameters
@@ -106,6 +107,10 @@ def warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int], interpol
     distortion : Distortion, optional
         A smooth correction of where reference pixels are read in the frame, beyond ``matrix`` (see
         ``align.Distortion``); the frame is then resampled through a dense map.
+    out : tuple of ndarray, optional
+        ``(aligned, footprint)`` arrays of the results' shapes and types (C-contiguous) to write into, e.g.
+        the previous frame's, so that a frame-sized array is not allocated anew for each frame (fresh memory
+        costs page faults, and on a virtual machine far more). Not used with ``distortion``.
 
     Returns
     -------
@@ -139,18 +144,32 @@ def warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int], interpol
     source = np.ascontiguousarray(image, dtype=np.float32)
     if distortion is not None:
         return _remap(source, forward, distortion, (height, width), flag, before, after)
+    aligned, footprint = _outputs(out, (height, width, *source.shape[2:]))
     inverse = cv2.invertAffineTransform(forward)
     if interpolation == "bicubic" and _two_pass_suits(inverse):
-        return _bicubic_two_pass(source, inverse, (height, width))
-    aligned = cv2.warpAffine(source, forward, (width, height), flags=flag,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=(0.0, 0.0, 0.0, 0.0))
-    # OpenCV drops a trailing channel axis of length one; give the caller back what it passed.
-    aligned = aligned.reshape((height, width, *source.shape[2:]))
-
+        _bicubic_two_pass(source, inverse, aligned, footprint)
+        return aligned, footprint
+    # OpenCV takes and gives a single channel as a 2-D array; it writes into ``dst`` when it fits.
+    dst = aligned if aligned.ndim == 3 and aligned.shape[2] > 1 else aligned.reshape(height, width)
+    result = cv2.warpAffine(source, forward, (width, height), dst=dst, flags=flag,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=(0.0, 0.0, 0.0, 0.0))
+    if result is not dst:
+        np.copyto(dst, result)
     first, last = _row_intervals(inverse, source.shape[0], source.shape[1], before, after, height, width)
-    footprint = np.empty((height, width), dtype=np.bool_)
     _fill_footprint(first, last, footprint, aligned.reshape(height, width, -1))
     return aligned, footprint
+
+
+def _outputs(out: tuple[np.ndarray, np.ndarray] | None,
+             shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The caller's output arrays when they fit, else new ones."""
+    if out is not None:
+        aligned, footprint = out
+        if (aligned.shape == shape and aligned.dtype == np.float32 and aligned.flags.c_contiguous
+                and aligned.flags.writeable and footprint.shape == shape[:2] and footprint.dtype == np.bool_
+                and footprint.flags.c_contiguous and footprint.flags.writeable):
+            return aligned, footprint
+    return np.empty(shape, dtype=np.float32), np.empty(shape[:2], dtype=np.bool_)
 
 
 def dense_map(matrix: np.ndarray, distortion: Distortion, shape: tuple[int, int],
@@ -322,23 +341,20 @@ def _two_pass_suits(inverse: np.ndarray) -> bool:
             and abs(abs(column_scale) - 1.0) <= TWO_PASS_LIMIT)
 
 
-def _bicubic_two_pass(source: np.ndarray, inverse: np.ndarray,
-                      shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _bicubic_two_pass(source: np.ndarray, inverse: np.ndarray, aligned: np.ndarray,
+                      footprint: np.ndarray) -> None:
     """Keys' bicubic, a pass along the frame's rows then one along the output's columns (``_two_pass``)."""
-    height, width = shape
+    height, width = footprint.shape
     channels = source.shape[2] if source.ndim == 3 else 1
     # The first pass reads a frame row at the output column's position on that row, up to two rows from
     # where the output pixel lies: that many times the shear b / e further along the row.
     slack = 2.0 * abs(inverse[0, 1] / inverse[1, 1])
     first, last = _row_intervals(inverse, source.shape[0], source.shape[1], 1, 2, height, width, slack)
-    aligned = np.empty((height, width * channels), dtype=np.float32)
-    footprint = np.empty((height, width), dtype=np.bool_)
     # Each block recomputes the ~4 + |d| W intermediate rows it shares with the next: taller blocks for
     # larger drifts keep that overhead under a quarter.
     block = max(TWO_PASS_BLOCK, int(4.0 * abs(inverse[1, 0]) * width))
     _two_pass(source.reshape(source.shape[0], -1), channels, inverse, first, last, block,
-              numba.get_num_threads(), aligned, footprint)
-    return aligned.reshape((height, width, *source.shape[2:])), footprint
+              numba.get_num_threads(), aligned.reshape(height, width * channels), footprint)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
