@@ -185,21 +185,14 @@ def test_two_pass_bicubic_moves_stars_as_truly_as_opencv(angle: float) -> None:
     assert np.abs(aligned[footprint] - opencv[footprint]).max() < 3.0
 
 
-def test_two_pass_colour_channels_and_nan_pixels() -> None:
+def test_two_pass_nan_pixels_spoil_only_their_4x4_neighbourhood() -> None:
     rng = np.random.default_rng(8)
-    frame = rng.random((120, 160, 3)).astype(np.float32)
-    frame[60, 70, 1] = np.nan
+    frame = rng.random((120, 160)).astype(np.float32)
+    frame[60, 70] = np.nan
     matrix = _similarity(0.4, 3.3, -1.7)
     assert takes_two_passes(matrix)
     aligned, footprint = warp(frame, matrix, (110, 150), "bicubic")
-    for c in range(3):
-        mono, mono_footprint = warp(np.ascontiguousarray(frame[:, :, c]), matrix, (110, 150), "bicubic")
-        np.testing.assert_array_equal(mono_footprint, footprint)
-        np.testing.assert_array_equal(aligned[:, :, c][footprint], mono[footprint])
-    # A NaN pixel spoils the outputs whose 4 x 4 support holds it, in its own channel only.
-    spoiled = np.isnan(aligned) & footprint[:, :, None]
-    assert not spoiled[:, :, 0].any() and not spoiled[:, :, 2].any()
-    ys, xs = np.nonzero(spoiled[:, :, 1])
+    ys, xs = np.nonzero(np.isnan(aligned) & footprint)
     inverse = cv2.invertAffineTransform(matrix)
     u = inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]
     v = inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]
