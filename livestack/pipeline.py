@@ -19,6 +19,7 @@ import dataclasses
 import glob
 import logging
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -385,6 +386,40 @@ def reference_first(stacker: Stacker, paths: Sequence[Path], executor: Executor 
     return [paths[chosen], *paths[:chosen], *paths[chosen + 1:]]
 
 
+class _ReadBuffers:
+    """Arrays the frames are read into, reused once nothing refers to them any more (any thread).
+
+    A frame's pixels stay in use long after its read: by the frame, its calibration, the stack while it
+    aligns and warps, the reference it may become, photometry. Rather than tracking each holder, an array is
+    given out again only when the pool holds the one reference left to it (every view of it refers to it
+    as its base); a frame read while the last is still in use gets a new array. Two frames are in flight
+    at most (one stacked, the next read ahead) and the reference's may be kept for good, so the pool keeps
+    ``KEEP`` arrays, about as many as are alive at a time anyway.
+    """
+
+    KEEP = 3
+
+    def __init__(self) -> None:
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, int]) -> np.ndarray:
+        """A float32 array of ``shape`` that nothing else refers to: a kept one, or a new one kept."""
+        with self._lock:
+            for array in self._arrays:
+                # References: the list's, ``array``'s and getrefcount's argument.
+                if array.shape == shape and sys.getrefcount(array) <= 3:
+                    array.flags.writeable = True
+                    return array
+            fresh = np.empty(shape, dtype=np.float32)
+            free = [i for i, array in enumerate(self._arrays) if sys.getrefcount(array) <= 3]
+            if len(self._arrays) < self.KEEP:
+                self._arrays.append(fresh)
+            elif free:
+                self._arrays[free[0]] = fresh
+            return fresh
+
+
 class _FilterStack:
     """The accumulator and bookkeeping of one filter on the target's grid (owned by the Stacker)."""
 
@@ -459,6 +494,7 @@ class Stacker:
             distortion="on" if a.distortion == "on" else "off" if a.distortion == "off" else "auto")
         self._bayer = config.frames.bayer_pattern or None
         self._max_pixels = round(config.frames.max_megapixels * 1e6)
+        self._read_buffers = _ReadBuffers()
         c = config.calibration
         self._library: MasterLibrary | None = (calibrate.read_library(config.path(c.masters))
                                                if c.masters else None)
@@ -509,7 +545,8 @@ class Stacker:
         """
         t0 = time.perf_counter()
         try:
-            raw = read_raw(path, bayer_pattern=self._bayer, max_pixels=self._max_pixels)
+            raw = read_raw(path, bayer_pattern=self._bayer, max_pixels=self._max_pixels,
+                           into=self._read_buffers.take)
         except FrameError as exc:
             return FrameResult(str(path), REJECTED, str(exc), None, None, None,
                                MappingProxyType({"read": time.perf_counter() - t0}))

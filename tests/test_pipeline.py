@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from livestack.config import Config
-from livestack.pipeline import Stacker, expand_paths, order_by_time
+from livestack.pipeline import Prepared, Stacker, expand_paths, order_by_time
 from livestack.simulate import SimConfig, render_frame, simulate
 from livestack.stages.detect import detect
 
@@ -178,4 +178,33 @@ def test_after_the_warm_up_each_frame_is_warped_into_the_arrays_of_the_one_befor
         fresh.process(path)
         (stack,) = fresh._filters.values()
         stack.spare = None
+    np.testing.assert_array_equal(stacker.result(), fresh.result())
+
+
+def test_frames_are_read_into_arrays_nothing_else_refers_to_any_more(tmp_path: Path) -> None:
+    paths = simulate(tmp_path / "frames", SimConfig(frames=8, interval=0.0, size=(160, 120), seed=6,
+                                                    n_stars=200), sleep=lambda _s: None)
+    stacker = Stacker(Config(), workdir=tmp_path / "work")
+    held, addresses = [], []
+    for i, path in enumerate(paths):
+        prepared = stacker.prepare(path)
+        assert isinstance(prepared, Prepared)
+        data = prepared.frame.data
+        address = (data if data.base is None else data.base).__array_interface__["data"][0]
+        # Never an array a frame still held here (or the reference) reads from.
+        assert all(address != a for a in (h.__array_interface__["data"][0] for h in held))
+        addresses.append(address)
+        if i == 3:
+            held.append(np.asarray(data))  # a view of frame 3 kept by someone else (not given up)
+            expected = np.array(data)
+        assert stacker.commit(prepared, owned=i != 3).accepted
+        del prepared, data
+    np.testing.assert_array_equal(held[0], expected)  # frame 3's pixels were never written over
+    # After the first frames every frame was read into one of the pool's few arrays, again and again.
+    pool = {a.__array_interface__["data"][0] for a in stacker._read_buffers._arrays}
+    assert set(addresses[5:]) <= pool and len(pool) <= 3
+    # The same stack as reading every frame into a new array.
+    fresh = Stacker(Config(), workdir=tmp_path / "fresh")
+    for path in paths:
+        fresh.process(path)
     np.testing.assert_array_equal(stacker.result(), fresh.result())
