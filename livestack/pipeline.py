@@ -387,23 +387,24 @@ def reference_first(stacker: Stacker, paths: Sequence[Path], executor: Executor 
 
 
 class _ReadBuffers:
-    """Arrays the frames are read into, reused once nothing refers to them any more (any thread).
+    """Arrays the frames are read and debayered into, reused once nothing refers to them (any thread).
 
     A frame's pixels stay in use long after its read: by the frame, its calibration, the stack while it
     aligns and warps, the reference it may become, photometry. Rather than tracking each holder, an array is
     given out again only when the pool holds the one reference left to it (every view of it refers to it
     as its base); a frame read while the last is still in use gets a new array. Two frames are in flight
-    at most (one stacked, the next read ahead) and the reference's may be kept for good, so the pool keeps
-    ``KEEP`` arrays, about as many as are alive at a time anyway.
+    at most (one stacked, the next read ahead), the reference's mosaic may be kept for good and a colour
+    frame has two debayered copies (before and after its defects are replaced), so the pool keeps ``KEEP``
+    arrays of each shape, about as many as are alive at a time anyway.
     """
 
-    KEEP = 3
+    KEEP = 4
 
     def __init__(self) -> None:
         self._arrays: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-    def take(self, shape: tuple[int, int]) -> np.ndarray:
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 array of ``shape`` that nothing else refers to: a kept one, or a new one kept."""
         with self._lock:
             for array in self._arrays:
@@ -412,11 +413,14 @@ class _ReadBuffers:
                     array.flags.writeable = True
                     return array
             fresh = np.empty(shape, dtype=np.float32)
-            free = [i for i, array in enumerate(self._arrays) if sys.getrefcount(array) <= 3]
-            if len(self._arrays) < self.KEEP:
+            alike = [i for i, array in enumerate(self._arrays) if array.shape == shape]
+            others = [i for i, array in enumerate(self._arrays)
+                      if array.shape[:2] != shape[:2] and sys.getrefcount(array) <= 3]
+            if len(alike) < self.KEEP:
                 self._arrays.append(fresh)
-            elif free:
-                self._arrays[free[0]] = fresh
+            # Arrays of another size that nothing uses (the camera changed) are dropped.
+            for i in reversed(others):
+                del self._arrays[i]
             return fresh
 
 
@@ -564,7 +568,7 @@ class Stacker:
                                MappingProxyType({"read": t1 - t0}))
         if searched is not None:
             candidates = searched.candidates
-        frame = develop(raw)
+        frame = develop(raw, self._read_buffers.take)
         mosaic = None
         if candidates is not None and raw.meta.bayer is not None:
             # ``develop`` only read it: ``commit`` replaces the frames' defects in it (or in a copy) and
@@ -1556,7 +1560,7 @@ class Stacker:
             if prepared.mosaic is not None:
                 mosaic = _writeable(prepared.mosaic, owned)
                 calibrate.replace_defects(mosaic, defects, frame.meta.bayer)
-                data = develop_data(RawFrame(frame.meta, mosaic, integral=False))
+                data = develop_data(RawFrame(frame.meta, mosaic, integral=False), self._read_buffers.take)
             else:
                 data = _writeable(frame.data, owned)
                 calibrate.replace_defects(data, defects, None)

@@ -202,9 +202,25 @@ def test_frames_are_read_into_arrays_nothing_else_refers_to_any_more(tmp_path: P
     np.testing.assert_array_equal(held[0], expected)  # frame 3's pixels were never written over
     # After the first frames every frame was read into one of the pool's few arrays, again and again.
     pool = {a.__array_interface__["data"][0] for a in stacker._read_buffers._arrays}
-    assert set(addresses[5:]) <= pool and len(pool) <= 3
+    assert set(addresses[5:]) <= pool and len(pool) <= 4
     # The same stack as reading every frame into a new array.
     fresh = Stacker(Config(), workdir=tmp_path / "fresh")
     for path in paths:
         fresh.process(path)
+    np.testing.assert_array_equal(stacker.result(), fresh.result())
+
+
+def test_colour_frames_are_debayered_into_reused_arrays_and_stack_the_same(tmp_path: Path) -> None:
+    paths = simulate(tmp_path / "frames", SimConfig(frames=8, interval=0.0, size=(160, 120), seed=9,
+                                                    n_stars=200, bayer="RGGB"), sleep=lambda _s: None)
+    stacker = Stacker(Config(), workdir=tmp_path / "work")
+    for path in paths:
+        assert stacker.process(path).accepted
+    pool = stacker._read_buffers._arrays
+    assert sum(a.shape == (120, 160, 3) for a in pool) >= 1 and sum(a.shape == (120, 160) for a in pool) >= 1
+    fresh = Stacker(Config(), workdir=tmp_path / "fresh")
+    fresh._read_buffers.KEEP = 0  # every array new
+    for path in paths:
+        fresh.process(path)
+    assert not fresh._read_buffers._arrays
     np.testing.assert_array_equal(stacker.result(), fresh.result())

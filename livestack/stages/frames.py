@@ -255,7 +255,7 @@ def read_frame(path: str | Path, bayer_pattern: str | None = None,
 
 
 def read_raw(path: str | Path, bayer_pattern: str | None = None, max_pixels: int = MAX_PIXELS,
-             into: Callable[[tuple[int, int]], np.ndarray] | None = None) -> RawFrame:
+             into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> RawFrame:
     """Read a frame's header and pixels as float32, without debayering (for calibration on the mosaic).
 
     Parameters
@@ -303,19 +303,21 @@ def read_raw(path: str | Path, bayer_pattern: str | None = None, max_pixels: int
     return RawFrame(meta=meta, mosaic=mosaic, integral=integral)
 
 
-def develop(raw: RawFrame) -> Frame:
+def develop(raw: RawFrame, into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Frame:
     """Turn a raw frame into the stages' ``Frame``: debayer a colour mosaic, make the arrays read-only.
 
     Parameters
     ----------
     raw : RawFrame
         A mono mosaic becomes the frame's data (made read-only); a colour one is only read.
+    into : callable, optional
+        As for ``develop_data``.
 
     Returns
     -------
     Frame
     """
-    data = develop_data(raw)
+    data = develop_data(raw, into)
     if data.ndim == 2:
         return Frame(meta=raw.meta, data=data, luminance=data)
     luminance = cv2.transform(data, _EQUAL_WEIGHTS)
@@ -323,13 +325,16 @@ def develop(raw: RawFrame) -> Frame:
     return Frame(meta=raw.meta, data=data, luminance=luminance)
 
 
-def develop_data(raw: RawFrame) -> np.ndarray:
+def develop_data(raw: RawFrame, into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> np.ndarray:
     """``develop(raw).data`` without the luminance, for a frame whose stars are already known.
 
     Parameters
     ----------
     raw : RawFrame
         Treated as by ``develop``.
+    into : callable, optional
+        Given ``(H, W, 3)``, the writeable C-contiguous float32 array to debayer into (as ``read_raw``'s
+        ``into``). None: a new array.
 
     Returns
     -------
@@ -339,7 +344,7 @@ def develop_data(raw: RawFrame) -> np.ndarray:
     if raw.meta.bayer is None:
         raw.mosaic.flags.writeable = False
         return raw.mosaic
-    rgb = _debayer(raw.mosaic, raw.meta.bayer, raw.integral)
+    rgb = _debayer(raw.mosaic, raw.meta.bayer, raw.integral, into)
     rgb.flags.writeable = False
     return rgb
 
@@ -759,7 +764,8 @@ def _swap_rows(pattern: str) -> str:
     return pattern[2:] + pattern[:2]
 
 
-def _debayer(mosaic: np.ndarray, pattern: str, integral: bool | None) -> np.ndarray:
+def _debayer(mosaic: np.ndarray, pattern: str, integral: bool | None,
+             into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> np.ndarray:
     """Debayer through OpenCV's 16-bit path; ``integral`` is None when not known (see ``debayer``).
 
     ``mosaic`` is only read. The values are those of numpy's float32 steps (offset, scale, round, clip to
@@ -785,7 +791,8 @@ def _debayer(mosaic: np.ndarray, pattern: str, integral: bool | None) -> np.ndar
         step = (hi - lo) / _U16_SPAN if hi > lo else 1.0
     fill, scale, scaled = np.float32(lo), np.float32(1.0 / step), step != 1.0
     if min(work.shape) >= 3:
-        rgb = np.empty((*work.shape, 3), dtype=np.float32)
+        shape = (*work.shape, 3)
+        rgb = into(shape) if into is not None else np.empty(shape, dtype=np.float32)
         _demosaic(work, _SITE_COLOURS[pattern], fill, np.float32(offset), scale, scaled, np.float32(step),
                   rgb)
         return rgb
