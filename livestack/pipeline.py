@@ -400,7 +400,8 @@ class _ReadBuffers:
 
     KEEP = 4
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
         self._arrays: list[np.ndarray] = []
         self._lock = threading.Lock()
 
@@ -416,7 +417,7 @@ class _ReadBuffers:
             alike = [i for i, array in enumerate(self._arrays) if array.shape == shape]
             others = [i for i, array in enumerate(self._arrays)
                       if array.shape[:2] != shape[:2] and sys.getrefcount(array) <= 3]
-            if len(alike) < self.KEEP:
+            if len(alike) < self.keep:
                 self._arrays.append(fresh)
             # Arrays of another size that nothing uses (the camera changed) are dropped.
             for i in reversed(others):
@@ -480,6 +481,13 @@ class Stacker:
         Uses the ``frames``, ``detect``, ``align`` and ``stack`` sections.
     workdir : Path, optional
         Folder for the median's on-disk cubes (required for ``method = "median"``).
+    reuse : bool
+        Read, debayer and warp each frame into arrays kept from the frames before (``_ReadBuffers``,
+        ``_FilterStack.spare``) instead of new ones: the live daemon's choice, where frames come seconds
+        apart and fresh memory costs page faults each time (on a virtual machine whose host takes freed
+        memory back, 110-190 ms per 100 MB). A batch keeps its peak memory lower without (its frames come
+        back to back, so freed memory is touched again at once, and the kept arrays would outlive the
+        frames into the final picture).
 
     Notes
     -----
@@ -487,9 +495,10 @@ class Stacker:
     filters; ``result``, ``coverage`` and ``info`` take a filter and default to the filter stacked last.
     """
 
-    def __init__(self, config: Config, workdir: Path | None = None) -> None:
+    def __init__(self, config: Config, workdir: Path | None = None, reuse: bool = False) -> None:
         self.config = config
         self.workdir = workdir
+        self.reuse = reuse
         a = config.align
         self._params = AlignParams(
             model="affine" if a.model == "affine" else "similarity", min_inliers=a.min_inliers,
@@ -498,7 +507,7 @@ class Stacker:
             distortion="on" if a.distortion == "on" else "off" if a.distortion == "off" else "auto")
         self._bayer = config.frames.bayer_pattern or None
         self._max_pixels = round(config.frames.max_megapixels * 1e6)
-        self._read_buffers = _ReadBuffers()
+        self._read_buffers = _ReadBuffers(_ReadBuffers.KEEP if reuse else 0)
         c = config.calibration
         self._library: MasterLibrary | None = (calibrate.read_library(config.path(c.masters))
                                                if c.masters else None)
@@ -909,7 +918,8 @@ class Stacker:
         -------
         Stacker
         """
-        twin = Stacker(self.config, workdir=workdir if workdir is not None else self.workdir)
+        twin = Stacker(self.config, workdir=workdir if workdir is not None else self.workdir,
+                       reuse=self.reuse)
         twin._ref_stars, twin._ref_meta, twin._last = self._ref_stars, self._ref_meta, self._last
         twin._path, twin._surface_ref = self._path, self._surface_ref
         twin._ref_luminance = self._ref_luminance
@@ -1444,14 +1454,13 @@ class Stacker:
                timings: dict[str, float], norm: Normalisation | None = None) -> None:
         assert self._ref_meta is not None
         t0 = time.perf_counter()
-        # Once the stack keeps no frame of its own, each frame is warped into the arrays of the one before:
-        # a fresh frame-sized array costs page faults every frame (on a virtual machine whose host takes
-        # freed memory back, 110-190 ms per 100 MB).
-        keeps = stack.acc.keeps_frames
-        spare = None if keeps else stack.spare
+        # With ``reuse``, once the stack keeps no frame of its own, each frame is warped into the arrays of
+        # the one before (see the class).
+        recycle = self.reuse and not stack.acc.keeps_frames
         if self._aligns:
             aligned, footprint = warp(data, transform.matrix, self._ref_meta.shape,
-                                      self.config.align.interpolation, transform.distortion, out=spare)
+                                      self.config.align.interpolation, transform.distortion,
+                                      out=stack.spare if recycle else None)
         else:
             aligned, footprint = data, np.ones(self._ref_meta.shape, dtype=bool)
         t1 = time.perf_counter()
@@ -1460,10 +1469,11 @@ class Stacker:
                 aligned = np.array(aligned)
             normalise.apply(aligned, norm)
         t2 = time.perf_counter()
-        # A warped or normalised copy is this frame's alone: the stack may keep it (kappa-sigma's warm-up).
+        # A warped or normalised copy is this frame's alone: the stack may keep it (kappa-sigma's warm-up),
+        # unless it is to be warped into again.
         own = aligned is not data
-        self._add(stack, aligned, footprint, norm.weight if norm is not None else 1.0, own and keeps)
-        stack.spare = (aligned, footprint) if own and not keeps and aligned.flags.writeable else None
+        self._add(stack, aligned, footprint, norm.weight if norm is not None else 1.0, own and not recycle)
+        stack.spare = (aligned, footprint) if own and recycle and aligned.flags.writeable else None
         t3 = time.perf_counter()
         timings["warp"] = t1 - t0
         timings["normalise"] = t2 - t1

@@ -160,7 +160,7 @@ def test_after_the_warm_up_each_frame_is_warped_into_the_arrays_of_the_one_befor
     paths = simulate(tmp_path / "frames", SimConfig(frames=9, interval=0.0, size=(160, 120), seed=5,
                                                     n_stars=200), sleep=lambda _s: None)
     config = _config(stack__method=method)
-    stacker = Stacker(config, workdir=tmp_path / "work")
+    stacker = Stacker(config, workdir=tmp_path / "work", reuse=True)
     spares = []
     for path in paths:
         assert stacker.process(path).accepted
@@ -177,14 +177,14 @@ def test_after_the_warm_up_each_frame_is_warped_into_the_arrays_of_the_one_befor
     for path in paths:
         fresh.process(path)
         (stack,) = fresh._filters.values()
-        stack.spare = None
+        assert stack.spare is None
     np.testing.assert_array_equal(stacker.result(), fresh.result())
 
 
 def test_frames_are_read_into_arrays_nothing_else_refers_to_any_more(tmp_path: Path) -> None:
     paths = simulate(tmp_path / "frames", SimConfig(frames=8, interval=0.0, size=(160, 120), seed=6,
                                                     n_stars=200), sleep=lambda _s: None)
-    stacker = Stacker(Config(), workdir=tmp_path / "work")
+    stacker = Stacker(Config(), workdir=tmp_path / "work", reuse=True)
     held, addresses = [], []
     for i, path in enumerate(paths):
         prepared = stacker.prepare(path)
@@ -213,13 +213,12 @@ def test_frames_are_read_into_arrays_nothing_else_refers_to_any_more(tmp_path: P
 def test_colour_frames_are_debayered_into_reused_arrays_and_stack_the_same(tmp_path: Path) -> None:
     paths = simulate(tmp_path / "frames", SimConfig(frames=8, interval=0.0, size=(160, 120), seed=9,
                                                     n_stars=200, bayer="RGGB"), sleep=lambda _s: None)
-    stacker = Stacker(Config(), workdir=tmp_path / "work")
+    stacker = Stacker(Config(), workdir=tmp_path / "work", reuse=True)
     for path in paths:
         assert stacker.process(path).accepted
     pool = stacker._read_buffers._arrays
     assert sum(a.shape == (120, 160, 3) for a in pool) >= 1 and sum(a.shape == (120, 160) for a in pool) >= 1
-    fresh = Stacker(Config(), workdir=tmp_path / "fresh")
-    fresh._read_buffers.KEEP = 0  # every array new
+    fresh = Stacker(Config(), workdir=tmp_path / "fresh")  # every array new
     for path in paths:
         fresh.process(path)
     assert not fresh._read_buffers._arrays

@@ -81,7 +81,7 @@ class Stacks:
         workdir = self.state_dir / "work" / f"session-{session}"
         if self.config.stack.method == "median":
             workdir.mkdir(parents=True, exist_ok=True)
-        return Stacker(self.config, workdir=workdir)
+        return Stacker(self.config, workdir=workdir, reuse=True)
 
     def get(self, key: str) -> Stacker | None:
         """A target's stack in this session, if it has one (worker)."""
