@@ -354,7 +354,8 @@ def _bicubic_two_pass(source: np.ndarray, inverse: np.ndarray, aligned: np.ndarr
     # Each block recomputes the ~4 + |d| W intermediate rows it shares with the next: taller blocks for
     # larger drifts keep that overhead under a quarter.
     block = max(TWO_PASS_BLOCK, int(4.0 * abs(inverse[1, 0]) * width))
-    _two_pass(source, inverse, first, last, block, numba.get_num_threads(), aligned, footprint)
+    _two_pass(source, inverse, first, last, block, numba.get_num_threads(), aligned)
+    _fill_footprint(first, last, footprint, aligned.reshape(height, width, 1))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -373,8 +374,7 @@ def _cubic_weights(t: float) -> tuple[np.float32, np.float32, np.float32,
 
 @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 def _two_pass(source: np.ndarray, inverse: np.ndarray, first: np.ndarray, last: np.ndarray, block: int,
-              threads: int, aligned: np.ndarray,
-              footprint: np.ndarray) -> None:  # pragma: no cover - compiled
+              threads: int, aligned: np.ndarray) -> None:  # pragma: no cover - compiled
     """Bicubic warp of a map close to a shift, in two one-dimensional passes over blocks of output rows.
 
     The output pixel ``(x, y)`` reads the frame at ``u = a x + b y + c``, ``v = d x + e y + f``. With
@@ -385,8 +385,8 @@ def _two_pass(source: np.ndarray, inverse: np.ndarray, first: np.ndarray, last: 
     row the intermediate row read moves by ``d`` (close to 0): both split into runs over which the sample's
     integer offset is constant, so each inner loop reads contiguous memory with weights computed per pixel
     (no rounding of positions). Each block of output rows computes the intermediate rows it needs into a
-    buffer of its chunk's own. ``first`` and ``last`` are each output row's footprint interval, the pixels
-    written; the rest is NaN.
+    buffer of its chunk's own. ``first`` and ``last`` are each output row's footprint interval, the only
+    pixels written (``_fill_footprint`` does the rest).
     """
     frame_h, frame_w = source.shape
     height, width = aligned.shape
@@ -400,7 +400,6 @@ def _two_pass(source: np.ndarray, inverse: np.ndarray, first: np.ndarray, last: 
     blocks = (height + block - 1) // block
     chunks = min(threads, blocks)
     span = int(block * abs(e) + abs(d) * width) + 6
-    nan = np.float32(np.nan)
     for chunk in numba.prange(chunks):
         rows = np.empty((span, width), dtype=np.float32)
         for k in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
@@ -411,14 +410,6 @@ def _two_pass(source: np.ndarray, inverse: np.ndarray, first: np.ndarray, last: 
                 if last[y] >= first[y]:
                     x_lo = min(x_lo, first[y])
                     x_hi = max(x_hi, last[y])
-            for y in range(y0, y1):
-                # Outside the footprint: False and NaN; inside, the second pass writes every pixel.
-                start, stop = first[y], max(first[y], last[y] + 1)
-                footprint[y, :start] = False
-                footprint[y, start:stop] = True
-                footprint[y, stop:] = False
-                aligned[y, :start] = nan
-                aligned[y, stop:] = nan
             if x_hi < x_lo:
                 continue
             # The frame rows the block reads: v is linear in x and y, so its extremes are at the corners.
