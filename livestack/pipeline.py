@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -1059,6 +1059,19 @@ class Stacker:
         stack = self._pick(filter)
         return None if stack is None else stack.acc.result()
 
+    def result_later(self, filter: str | None = None) -> Callable[[], np.ndarray] | None:
+        """``result`` in two steps: what this returns gives the stack as it is now when called, and may be
+        called while frames are added (a kappa-sigma warm-up's robust combination, the costly part, is done
+        then); None before the filter's first frame.
+
+        Parameters
+        ----------
+        filter : str, optional
+            A name from ``filters``; default the filter stacked last.
+        """
+        stack = self._pick(filter)
+        return None if stack is None else stack.acc.result_later()
+
     def coverage(self, filter: str | None = None) -> np.ndarray | None:
         """Frames per pixel of one filter's stack (default: the filter stacked last), or None."""
         stack = self._pick(filter)
@@ -1110,6 +1123,11 @@ class Stacker:
         True when there was such work (the rejected fraction has changed).
         """
         return any([stack.acc.settle() for stack in self._filters.values()])
+
+    @property
+    def settled(self) -> bool:
+        """False while ``settle`` has work to do."""
+        return all(stack.acc.settled for stack in self._filters.values())
 
     def results(self) -> dict[str, np.ndarray]:
         """Every filter's stack so far (float32 copies), by filter, in the order of ``filters``."""

@@ -502,6 +502,57 @@ def test_kappa_sigma_result_during_the_warmup_allocates_mean_count_and_one_scrat
     np.testing.assert_array_equal(result, expected)
 
 
+def test_kappa_sigma_warmup_stack_taken_for_later_survives_the_warmup_ending_meanwhile() -> None:
+    """``result_later`` during the warm-up reads the buffered frames when it is called: a warm-up judged in
+    between (the daemon's worker, while the writer makes a picture) writes its moments over none of them, so
+    the picture is the stack as it was, and the stack goes on exactly as one that lent nothing."""
+    shape = (120, 160, 3)
+    rng = np.random.default_rng(31)
+    frames = _noisy(rng, 7, shape)
+    frames[1][50:53, :, :] += 400.0  # a trail the robust warm-up rejects
+    footprint = np.ones(shape[:2], dtype=bool)
+    lending, plain = KappaSigmaStack(shape, warmup=5), KappaSigmaStack(shape, warmup=5)
+    for frame in frames[:4]:
+        lending.add(frame.copy(), footprint, owned=True)  # the frames become the buffer's slots
+        plain.add(frame.copy(), footprint, owned=True)
+    expected = plain.result()
+    later = lending.result_later()
+    lending.add(frames[4].copy(), footprint, owned=True)
+    assert lending.settle()  # the warm-up's end, before the picture is computed
+    np.testing.assert_array_equal(later(), expected)
+    with pytest.raises(RuntimeError, match="once"):
+        later()
+    for frame in frames[4:]:
+        plain.add(frame.copy(), footprint, owned=True)
+    lending.add(frames[5].copy(), footprint, owned=True)
+    lending.add(frames[6].copy(), footprint, owned=True)
+    np.testing.assert_array_equal(lending.result(), plain.result())
+    assert lending.rejected_fraction == plain.rejected_fraction > 0
+
+
+def test_kappa_sigma_warmup_of_two_frames_is_their_weighted_mean() -> None:
+    """With fewer frames than a test needs nothing is clipped (the noise floor, which only sets the limit,
+    is not measured for a picture of them): the weighted mean of the valid samples, in float64."""
+    shape = (90, 110)
+    rng = np.random.default_rng(32)
+    frames = _noisy(rng, 2, shape)
+    frames[1][20:23, :] += 500.0  # kept: two samples cannot outvote each other
+    masks = _footprints(rng, 2, shape)
+    weights = (0.7, 1.9)
+    stack = KappaSigmaStack(shape, warmup=5)
+    for frame, mask, weight in zip(frames, masks, weights, strict=True):
+        stack.add(frame, mask, weight)
+    total = np.zeros(shape)
+    weight_sum = np.zeros(shape)
+    for frame, mask, weight in zip(frames, masks, weights, strict=True):
+        total += np.where(mask, weight * frame.astype(np.float64), 0.0)
+        weight_sum += np.where(mask, weight, 0.0)
+    with np.errstate(invalid="ignore"):
+        expected = np.where(weight_sum > 0, total / weight_sum, np.nan).astype(np.float32)
+    np.testing.assert_array_equal(stack.result(), expected)
+    np.testing.assert_array_equal(stack.result_later()(), expected)
+
+
 def test_block_shape_respects_the_budget() -> None:
     for count in (1, 7, 50, 4000):
         for width, channels in ((3840, 1), (6000, 3), (100, 1)):

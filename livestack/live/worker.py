@@ -340,8 +340,11 @@ class Worker:
         self.stacks.changed()
         # A kappa-sigma warm-up that this frame filled is judged now that the frame's event is out and the
         # status counts it, not before (the costliest step of a stack's life, about 0.3 s at 8.3 MP).
-        with self.stacks.lock:
-            settled = self.stacks.stacker.settle()
+        # It waits for a picture being made of the warm-up's frames (``Stacks.computing``), not the frame.
+        settled = False
+        if not self.stacks.stacker.settled:
+            with self.stacks.computing, self.stacks.lock:
+                settled = self.stacks.stacker.settle()
         if settled:
             self.stacks.changed()
         retired = self.stacks.stacker.take_retired()

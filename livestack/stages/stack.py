@@ -3,8 +3,9 @@
 Public API (one small interface, three methods):
 
 - ``Accumulator`` protocol: ``add(image, footprint, weight=1.0)``, ``result() -> ndarray`` (float32, NaN
-  where never covered), ``coverage -> ndarray`` (count of frames per pixel: int32, or uint16 for kappa-sigma
-  under ``NARROW_COUNTS`` frames), ``count -> int``,
+  where never covered), ``result_later() -> Callable[[], ndarray]`` (the same in two steps: what must be
+  read now, and the costly rest, which may run while frames are added), ``coverage -> ndarray`` (count of
+  frames per pixel: int32, or uint16 for kappa-sigma under ``NARROW_COUNTS`` frames), ``count -> int``,
   ``rejected_fraction -> float``, ``method -> str``, ``state() -> dict[str, ndarray]`` and
   ``restore(state)`` for checkpoints.
 - ``MeanStack(shape)``, ``KappaSigmaStack(shape, kappa=3.0, warmup=5)``,
@@ -34,7 +35,8 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -114,10 +116,18 @@ class Accumulator(Protocol):
     def settle(self) -> bool: ...
 
     @property
+    def settled(self) -> bool:
+        """False while ``settle`` has work to do."""
+
+    @property
     def keeps_frames(self) -> bool:
         """True while ``add(owned=True)`` may keep the image itself (kappa-sigma's warm-up)."""
 
     def result(self) -> np.ndarray: ...
+
+    def result_later(self) -> Callable[[], np.ndarray]:
+        """``result`` in two steps: this call reads what it needs of the stack now (under the caller's
+        lock); calling what it returns gives the stack as it was then, and may run while frames are added."""
 
     def state(self) -> dict[str, np.ndarray]: ...
 
@@ -151,9 +161,23 @@ class _Tally:
         return False
 
     @property
+    def settled(self) -> bool:
+        """False while ``settle`` has work to do (never, but for kappa-sigma's warm-up)."""
+        return True
+
+    @property
     def keeps_frames(self) -> bool:
         """Whether ``add(owned=True)`` may keep the image itself: never, but for kappa-sigma's warm-up."""
         return False
+
+    def result(self) -> np.ndarray:
+        """The stack so far (each method's own)."""
+        raise NotImplementedError
+
+    def result_later(self) -> Callable[[], np.ndarray]:
+        """``result`` computed now, handed out later (see ``Accumulator.result_later``)."""
+        image = self.result()
+        return lambda: image
 
 
 class MeanStack(_Tally):
@@ -294,8 +318,9 @@ class KappaSigmaStack(_Tally):
     frame 2 does not poison the stack), the rest seed the running mean and variance. Until then ``result()``
     returns that robust combination of the frames buffered so far. Judging costs two streaming passes over the
     buffer and a second look at the few pixels whose samples spread wider than the limit's least value
-    (``_judge_buffer``). The moments are written over the first four buffered frames and the others go back,
-    so the warm-up's end needs no memory beyond the buffer and one plane of variances.
+    (``_judge``). The moments are written over four buffered frames and the others go back, so the warm-up's
+    end needs no memory beyond the buffer and one plane of variances (but for a frame that a pending
+    ``result_later`` still reads, whose slot is a new array).
 
     *Noise floor.* Sigma from a handful of samples is often far too small by chance, and a pixel whose sigma
     is too small rejects every later good sample: it freezes. So sigma never goes below a floor per channel,
@@ -349,6 +374,9 @@ class KappaSigmaStack(_Tally):
         self._buffer: list[np.ndarray] = []
         self._buffer_weights = np.zeros(self._warmup, dtype=np.float64)
         self._buffered = 0
+        # The warm-up stacks handed out by ``result_later`` and not yet computed: their frames are not
+        # written over when the warm-up ends.
+        self._lent: weakref.WeakSet[_WarmupResult] = weakref.WeakSet()
         # Streaming state, allocated when the warm-up ends.
         self._mean: np.ndarray | None = None
         self._m2 = np.zeros(0, dtype=np.float32)
@@ -441,12 +469,25 @@ class KappaSigmaStack(_Tally):
     def result(self) -> np.ndarray:
         """The clipped mean, float32, NaN where never covered (the robust warm-up combination before)."""
         if self._mean is None:
+            return self.result_later()()
+        return np.where(self._n > 0, self._mean, np.float32(np.nan)).reshape(self._shape)
+
+    def result_later(self) -> Callable[[], np.ndarray]:
+        """``result`` in two steps (see ``Accumulator.result_later``).
+
+        During the warm-up the costly part, the robust combination of the buffered frames, is left to the
+        call of what this returns: it keeps references to those frames, and a warm-up judged meanwhile
+        writes its moments over none of them (it takes new arrays for the slots they would have been).
+        """
+        if self._mean is None:
             if not self._buffer:
-                return np.full(self._shape, np.nan, dtype=np.float32)
-            mean, _, _, n, _, _, _ = self._judge_buffer(in_place=False)
-        else:
-            mean, n = self._mean, self._n
-        return np.where(n > 0, mean, np.float32(np.nan)).reshape(self._shape)
+                return lambda: np.full(self._shape, np.nan, dtype=np.float32)
+            later = _WarmupResult(tuple(self._buffer), self._buffer_weights[: self._buffered].copy(),
+                                  self._kappa, self._shape)
+            self._lent.add(later)
+            return later
+        image = np.where(self._n > 0, self._mean, np.float32(np.nan)).reshape(self._shape)
+        return lambda: image
 
     def state(self) -> dict[str, np.ndarray]:
         """Copies of everything needed to resume: the warm-up buffer while warming up, else the moments."""
@@ -510,45 +551,16 @@ class KappaSigmaStack(_Tally):
         self._buffer = []
         self._buffered = 0
 
-    def _judge_buffer(self, in_place: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                                   np.ndarray, int, int]:
-        """Robust moments of the buffered frames: mean, M2, weight sum, accepted count, noise floor,
-        offered, rejected.
-
-        Two passes over the buffer. The first measures each pixel's sample variance, for the noise floor.
-        The second takes the moments of a row's samples and gives a second look only to the pixels whose
-        reach (how far a sample can lie from the median) exceeds ``kappa * floor``, the least the limit can
-        be: most sky pixels have nothing to clip.
-
-        ``in_place`` (the warm-up's end) writes the moments over the first four buffered frames: each pixel's
-        samples are all read before its moments are written, so the judged warm-up needs no memory beyond
-        the buffer and one plane of variances, and the buffer's other frames go back. Otherwise (a result
-        during the warm-up) the M2 and weight sums returned are meaningless: only mean and count are kept.
-        """
-        frames = tuple(self._buffer)
-        weights = self._buffer_weights[: self._buffered]
-        variance = np.empty(self._dims, dtype=np.float32)
-        counts = np.zeros((self._dims[0], self._dims[2], len(frames) + 1), dtype=np.int64)
-        _sample_variance(frames, variance, counts)
-        floor = _noise_floor(variance, counts.sum(axis=0))
-        del variance  # before the moments are allocated: the two never coexist
-        if in_place:
-            # Fewer than four buffered frames (a warm-up of two or three) leave moments without a slot.
-            slots = [*frames[:4], *(np.empty(self._dims, dtype=np.float32) for _ in range(4 - len(frames)))]
-            mean, m2, wsum, n = slots[0], slots[1], slots[2], slots[3].view(np.int32)
-        else:
-            # Only the mean and the count are wanted (``result``): M2 and the weight sums share one scratch.
-            mean = np.empty(self._dims, dtype=np.float32)
-            m2 = wsum = np.empty(self._dims, dtype=np.float32)
-            n = np.empty(self._dims, dtype=np.int32)
-        offered = np.zeros(self._dims[0], dtype=np.int64)
-        rejected = np.zeros(self._dims[0], dtype=np.int64)
-        _robust_init(frames, weights, self._kappa, MAD_TO_SIGMA, MIN_TEST_SAMPLES, floor, mean, m2, wsum, n,
-                     offered, rejected)
-        return mean, m2, wsum, n, floor, int(offered.sum()), int(rejected.sum())
-
     def _finish_warmup(self) -> None:
-        mean, self._m2, self._wsum, n, self._floor, offered, rejected = self._judge_buffer(in_place=True)
+        # The moments are written over buffered frames that no pending ``result_later`` still reads; the
+        # buffer's other frames go back.
+        lent = {id(frame) for later in list(self._lent) for frame in later.frames}
+        free = [frame for frame in self._buffer if id(frame) not in lent]
+        slots = [*free[:4], *(np.empty(self._dims, dtype=np.float32) for _ in range(4 - min(4, len(free))))]
+        weights = self._buffer_weights[: self._buffered]
+        mean, self._m2, self._wsum, n, self._floor, offered, rejected = _judge(
+            tuple(self._buffer), weights, self._kappa, slots)
+        del free, slots
         self._offered += offered
         self._rejected += rejected
         self._mean = mean
@@ -557,6 +569,66 @@ class KappaSigmaStack(_Tally):
         # The counts in the stack's count type; the buffered frame that held them as int32 goes back.
         self._n = n.astype(self._coverage.dtype)
         del n
+
+
+class _WarmupResult:
+    """A kappa-sigma warm-up's stack, computed when called from the frames it was given (``result_later``)."""
+
+    def __init__(self, frames: tuple[np.ndarray, ...], weights: np.ndarray, kappa: float,
+                 shape: tuple[int, ...]) -> None:
+        self.frames = frames
+        self._weights = weights
+        self._kappa = kappa
+        self._shape = shape
+
+    def __call__(self) -> np.ndarray:
+        """The robust combination of the frames, float32, NaN where none covered; the frames go back."""
+        if not self.frames:
+            raise RuntimeError("a warm-up stack taken with result_later is computed once")
+        mean, _, _, n, _, _, _ = _judge(self.frames, self._weights, self._kappa, None)
+        self.frames = ()  # only now: a warm-up judged meanwhile leaves them alone while they are listed
+        return np.where(n > 0, mean, np.float32(np.nan)).reshape(self._shape)
+
+
+def _judge(frames: tuple[np.ndarray, ...], weights: np.ndarray, kappa: float, slots: list[np.ndarray] | None,
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Robust moments of buffered warm-up frames: mean, M2, weight sum, accepted count, noise floor,
+    offered, rejected.
+
+    Two passes over the buffer. The first measures each pixel's sample variance, for the noise floor.
+    The second takes the moments of a row's samples and gives a second look only to the pixels whose
+    reach (how far a sample can lie from the median) exceeds ``kappa * floor``, the least the limit can
+    be: most sky pixels have nothing to clip.
+
+    ``slots`` (the warm-up's end): four frame-sized float32 arrays for mean, M2, weight sum and count,
+    which may be frames of the buffer: each pixel's samples are all read before its moments are written, so
+    the judged warm-up needs no memory beyond the buffer and one plane of variances. None (a result during
+    the warm-up): only mean and count are wanted, and the M2 and weight sums returned are meaningless; with
+    fewer frames than ``MIN_TEST_SAMPLES`` nothing can be clipped, so the floor, which only sets the limit,
+    is not measured (0 is returned for it).
+    """
+    dims = frames[0].shape
+    channels = dims[2]
+    if slots is None and len(frames) < MIN_TEST_SAMPLES:
+        floor = np.zeros(channels, dtype=np.float64)
+    else:
+        variance = np.empty(dims, dtype=np.float32)
+        counts = np.zeros((dims[0], channels, len(frames) + 1), dtype=np.int64)
+        _sample_variance(frames, variance, counts)
+        floor = _noise_floor(variance, counts.sum(axis=0))
+        del variance  # before the moments are allocated: the two never coexist
+    if slots is not None:
+        mean, m2, wsum, n = slots[0], slots[1], slots[2], slots[3].view(np.int32)
+    else:
+        # Only the mean and the count are wanted: M2 and the weight sums share one scratch.
+        mean = np.empty(dims, dtype=np.float32)
+        m2 = wsum = np.empty(dims, dtype=np.float32)
+        n = np.empty(dims, dtype=np.int32)
+    offered = np.zeros(dims[0], dtype=np.int64)
+    rejected = np.zeros(dims[0], dtype=np.int64)
+    _robust_init(frames, weights, kappa, MAD_TO_SIGMA, MIN_TEST_SAMPLES, floor, mean, m2, wsum, n, offered,
+                 rejected)
+    return mean, m2, wsum, n, floor, int(offered.sum()), int(rejected.sum())
 
 
 class MedianStack(_Tally):
