@@ -446,8 +446,8 @@ class _FilterStack:
         #: Frames in the median's cube when it reached its disk budget and was folded into a kappa-sigma
         #: stack (None: never).
         self.folded_at: int | None = None
-        #: The last frame's warped copy and footprint, which the stack did not keep, or arrays provisioned
-        #: for the next frame (``Stacker.provision``): the next frame is warped into them (``_stack``).
+        #: The last frame's warped copy and footprint, which the stack did not keep: the next frame is
+        #: warped into them (``Stacker._stack``).
         self.spare: tuple[np.ndarray, np.ndarray] | None = None
 
     def account(self, meta: FrameMeta) -> None:
@@ -1165,27 +1165,6 @@ class Stacker:
             return None
         return float((np.percentile(sample, 99.5) - med) / noise)
 
-    def provision(self) -> None:
-        """Write once, now, the memory the next frame would otherwise take new (with ``reuse`` only).
-
-        The arrays it is warped into, while a kappa-sigma warm-up keeps each frame's warped copy and just
-        after the warm-up ends (which gives back the frames it does not keep); its read and debayer find
-        arrays in ``_ReadBuffers`` already. A live caller calls this once a frame's verdict is out, so that
-        the next frame does not pay for it: on a virtual machine whose host takes freed memory back, the
-        first write to 100 MB costs 110-190 ms, more than the work done in it.
-        """
-        if not self.reuse:
-            return
-        stack = self._filters.get(self._current) if self._current is not None else None
-        if stack is None or not self._aligns or stack.spare is not None or stack.acc.count == 0:
-            return
-        shape = stack.acc.coverage.shape + (() if stack.channels is None else (stack.channels,))
-        aligned = np.empty(shape, dtype=np.float32)
-        aligned.fill(0.0)
-        footprint = np.empty(shape[:2], dtype=np.bool_)
-        footprint.fill(False)
-        stack.spare = (aligned, footprint)
-
     def discard(self) -> None:
         """Release what the stacks keep on disk (the median's cubes) and forget them."""
         for retired in self.take_retired():
@@ -1497,11 +1476,9 @@ class Stacker:
         # the one before (see the class).
         recycle = self.reuse and not stack.acc.keeps_frames
         if self._aligns:
-            # Into the spare arrays when there are: the last frame's, or ones provisioned for this frame
-            # (which the warm-up then keeps, as it would new ones).
             aligned, footprint = warp(data, transform.matrix, self._ref_meta.shape,
                                       self.config.align.interpolation, transform.distortion,
-                                      out=stack.spare)
+                                      out=stack.spare if recycle else None)
         else:
             aligned, footprint = data, np.ones(self._ref_meta.shape, dtype=bool)
         t1 = time.perf_counter()

@@ -181,46 +181,6 @@ def test_after_the_warm_up_each_frame_is_warped_into_the_arrays_of_the_one_befor
     np.testing.assert_array_equal(stacker.result(), fresh.result())
 
 
-def _address(array: np.ndarray) -> int:
-    return int((array if array.base is None else array.base).__array_interface__["data"][0])
-
-
-@pytest.mark.parametrize("bayer", [None, "RGGB"])
-def test_a_provisioned_frame_is_read_and_warped_into_memory_that_exists_already(tmp_path: Path,
-                                                                                bayer: str | None) -> None:
-    """``provision`` (the daemon's, once a frame's verdict is out) writes now the arrays the next frame would
-    take new, the one it is warped into, during the kappa-sigma warm-up (which keeps every frame's warped
-    copy) as after it; its read and debayer find arrays of the pool. The stack is the same."""
-    paths = simulate(tmp_path / "frames", SimConfig(frames=9, interval=0.0, size=(320, 240), seed=12,
-                                                    n_stars=300, bayer=bayer), sleep=lambda _s: None)
-    config = _config(stack__method="kappa-sigma")
-    stacker = Stacker(config, workdir=tmp_path / "work", reuse=True)
-    for i, path in enumerate(paths):
-        existing = {_address(a) for a in stacker._read_buffers._arrays}
-        spare = None
-        if i > 0:
-            (stack,) = stacker._filters.values()
-            assert stack.spare is not None
-            spare = _address(stack.spare[0])
-        prepared = stacker.prepare(path)
-        assert isinstance(prepared, Prepared)
-        if i > 0:
-            assert _address(prepared.frame.data) in existing, i
-        warming = stack.acc.keeps_frames if i > 0 else True
-        assert stacker.commit(prepared, owned=True).accepted
-        del prepared
-        if spare is not None:
-            # Warped into the provisioned array: kept by the warm-up, or the spare again after it.
-            kept = stack.acc._buffer[-1] if warming and stack.acc.keeps_frames else stack.spare[0]
-            assert _address(kept) == spare, i
-        stacker.settle()
-        stacker.provision()
-    fresh = Stacker(config, workdir=tmp_path / "fresh")
-    for path in paths:
-        assert fresh.process(path).accepted
-    np.testing.assert_array_equal(stacker.result(), fresh.result())
-
-
 def test_frames_are_read_into_arrays_nothing_else_refers_to_any_more(tmp_path: Path) -> None:
     paths = simulate(tmp_path / "frames", SimConfig(frames=8, interval=0.0, size=(160, 120), seed=6,
                                                     n_stars=200), sleep=lambda _s: None)

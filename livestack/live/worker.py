@@ -347,8 +347,6 @@ class Worker:
                 settled = self.stacks.stacker.settle()
         if settled:
             self.stacks.changed()
-        # The memory the next frame takes new, written now rather than on its path (the worker's alone).
-        self.stacks.stacker.provision()
         retired = self.stacks.stacker.take_retired()
         if retired:
             # A median folded into kappa-sigma at its disk budget: its cube goes once a checkpoint that no
