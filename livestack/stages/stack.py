@@ -468,9 +468,7 @@ class KappaSigmaStack(_Tally):
 
     def result(self) -> np.ndarray:
         """The clipped mean, float32, NaN where never covered (the robust warm-up combination before)."""
-        if self._mean is None:
-            return self.result_later()()
-        return np.where(self._n > 0, self._mean, np.float32(np.nan)).reshape(self._shape)
+        return self.result_later()()
 
     def result_later(self) -> Callable[[], np.ndarray]:
         """``result`` in two steps (see ``Accumulator.result_later``).
