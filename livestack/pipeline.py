@@ -87,6 +87,11 @@ SHARPEST_WARMUP = 5
 #: Pixels sampled (at most) when estimating the stack's signal-to-noise ratio.
 _SNR_SAMPLE = 200_000
 
+def _sample_step(pixels: int) -> int:
+    """The stride (along rows and columns) that samples about ``_SNR_SAMPLE`` of ``pixels``."""
+    return max(1, int(np.sqrt(pixels / _SNR_SAMPLE)))
+
+
 #: In the reference window, a frame is as good as the best when it has at least this fraction of the most
 #: stars found there ...
 REFERENCE_STAR_SLACK = 0.8
@@ -1059,7 +1064,7 @@ class Stacker:
         stack = self._pick(filter)
         return None if stack is None else stack.acc.result()
 
-    def result_later(self, filter: str | None = None) -> Callable[[], np.ndarray] | None:
+    def result_later(self, filter: str | None = None, side: int = 0) -> Callable[[], np.ndarray] | None:
         """``result`` in two steps: what this returns gives the stack as it is now when called, and may be
         called while frames are added (a kappa-sigma warm-up's robust combination, the costly part, is done
         then); None before the filter's first frame.
@@ -1068,9 +1073,25 @@ class Stacker:
         ----------
         filter : str, optional
             A name from ``filters``; default the filter stacked last.
+        side : int
+            For a picture whose longest side is ``side`` pixels: the stack made smaller by the largest
+            whole step that keeps it at least that long, each pixel a block's mean (0: the stack itself).
+            The stack is never made whole for it, which at 26 MP is most of a preview's cost.
         """
         stack = self._pick(filter)
-        return None if stack is None else stack.acc.result_later()
+        if stack is None:
+            return None
+        step = max(1, max(stack.acc.coverage.shape) // side) if side > 0 else 1
+        return stack.acc.result_later(step)
+
+    def sample_later(self, filter: str | None = None) -> Callable[[], np.ndarray] | None:
+        """The pixels of one filter's stack that ``snr`` samples, in two steps as ``result_later``: every
+        ``k``-th pixel of every ``k``-th row, ``k`` chosen for about ``_SNR_SAMPLE`` of them; None before
+        the filter's first frame. ``snr`` of this is ``snr`` of the whole stack."""
+        stack = self._pick(filter)
+        if stack is None:
+            return None
+        return stack.acc.result_later(_sample_step(stack.acc.coverage.size), sample=True)
 
     def coverage(self, filter: str | None = None) -> np.ndarray | None:
         """Frames per pixel of one filter's stack (default: the filter stacked last), or None."""
@@ -1142,7 +1163,8 @@ class Stacker:
         Parameters
         ----------
         image : ndarray, optional
-            The stack, if the caller already has it (saves computing it again).
+            The stack, if the caller already has it (saves computing it again), or what ``sample_later``
+            gave (the same figure).
 
         Returns
         -------
@@ -1153,9 +1175,10 @@ class Stacker:
             image = self.result()
         if image is None:
             return None
-        lum = image.mean(axis=2) if image.ndim == 3 else image
-        step = max(1, int(np.sqrt(lum.size / _SNR_SAMPLE)))
-        sample = lum[::step, ::step]
+        step = _sample_step(image.shape[0] * image.shape[1])
+        sample = image[::step, ::step]
+        if sample.ndim == 3:
+            sample = sample.mean(axis=2)
         sample = sample[np.isfinite(sample)]
         if sample.size < 100:
             return None

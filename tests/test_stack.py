@@ -553,6 +553,49 @@ def test_kappa_sigma_warmup_of_two_frames_is_their_weighted_mean() -> None:
     np.testing.assert_array_equal(stack.result_later()(), expected)
 
 
+def _block_means(image: np.ndarray, step: int) -> np.ndarray:
+    """Each ``step x step`` block's mean of its finite pixels (a trailing block may be partial), NaN for a
+    block with none: the reference for ``result_later(step)``."""
+    planes = image if image.ndim == 3 else image[:, :, None]
+    rows, cols = -(-planes.shape[0] // step), -(-planes.shape[1] // step)
+    out = np.full((rows, cols, planes.shape[2]), np.nan, dtype=np.float32)
+    for i in range(rows):
+        for j in range(cols):
+            block = planes[i * step : (i + 1) * step, j * step : (j + 1) * step].astype(np.float64)
+            for c in range(planes.shape[2]):
+                finite = block[:, :, c][np.isfinite(block[:, :, c])]
+                if finite.size:
+                    out[i, j, c] = finite.mean()
+    return out if image.ndim == 3 else out[:, :, 0]
+
+
+@pytest.mark.parametrize("shape", [(61, 83), (61, 83, 3)])
+@pytest.mark.parametrize("method", ["mean", "kappa-sigma", "median"])
+def test_a_smaller_stack_is_the_block_means_or_a_sample_of_the_stack(method: str, shape: tuple[int, ...],
+                                                                    tmp_path: Path) -> None:
+    """``result_later(step)``: each pixel the mean of a block's covered pixels (partial blocks at the
+    right and bottom included, NaN for a block nothing covered), whether the stack keeps running moments
+    (mean, kappa-sigma before and after its warm-up) or makes the whole stack first (median);
+    ``sample=True``: ``result()[::step, ::step]`` exactly."""
+    rng = np.random.default_rng(41)
+    frames = _noisy(rng, 5, shape)
+    masks = _footprints(rng, 5, shape[:2], slack=20)
+    masks[:, :, :9] = False  # whole blocks that no frame covers
+    frames[~masks] = np.nan  # as a warp leaves outside the footprint
+    stack = make_accumulator(method, shape, warmup=3, directory=tmp_path)
+    for count, (frame, mask) in enumerate(zip(frames, masks, strict=True), start=1):
+        stack.add(frame, mask)
+        whole = stack.result()
+        for step in (1, 2, 4, 7):
+            smaller = stack.result_later(step)()
+            assert smaller.dtype == np.float32 and smaller.shape[2:] == shape[2:]
+            np.testing.assert_allclose(smaller, _block_means(whole, step), rtol=2e-7, atol=0,
+                                       err_msg=f"{method}, {count} frames, step {step}")
+            assert np.isnan(smaller[:, :9 // step]).all()
+            np.testing.assert_array_equal(stack.result_later(step, sample=True)(), whole[::step, ::step])
+        np.testing.assert_array_equal(stack.result_later(1)(), whole)
+
+
 def test_block_shape_respects_the_budget() -> None:
     for count in (1, 7, 50, 4000):
         for width, channels in ((3840, 1), (6000, 3), (100, 1)):

@@ -39,9 +39,11 @@ class StackView:
         Share of pixel values the accumulator rejected.
     session : int
     image : ndarray or None
-        The stack itself (a copy), when it was asked for.
+        The stack itself (a copy), or smaller for a picture, when it was asked for.
     filters : tuple of FilterSummary
         Frames and exposure of each of the target's filter stacks (``info`` is the one stacked last).
+    sample : ndarray or None
+        The pixels ``Stacker.snr`` samples, when they were asked for.
     """
 
     info: StackInfo
@@ -49,6 +51,7 @@ class StackView:
     session: int
     image: np.ndarray | None = None
     filters: tuple[FilterSummary, ...] = ()
+    sample: np.ndarray | None = None
 
 
 def finite(value: float) -> float | None:

@@ -175,7 +175,8 @@ class Stacks:
         self.summary = self._summarise()
 
     def view(self, stacker: Stacker | None = None, session: int | None = None,
-             image: bool = False, coverage: bool | None = None) -> StackView:
+             image: bool = False, coverage: bool | None = None, side: int = 0,
+             sample: bool = False) -> StackView:
         """One consistent view of a stack (the current one by default), taken under the lock.
 
         Parameters
@@ -188,12 +189,17 @@ class Stacks:
         coverage : bool, optional
             Include a copy of the coverage (a snapshot's extension); by default with the image. Pictures
             for people leave it out: the copy is a whole int32 image, made while the worker waits.
+        side : int
+            With ``image``, for a picture whose longest side is ``side`` pixels: the image is the stack
+            made smaller, never made whole (``Stacker.result_later``); 0: the stack itself.
+        sample : bool
+            Include the pixels ``Stacker.snr`` samples (``Stacker.sample_later``).
 
         Returns
         -------
         StackView
         """
-        with self.computing if image else contextlib.nullcontext():
+        with self.computing if image or sample else contextlib.nullcontext():
             with self.lock:
                 if stacker is None:
                     stacker, session = self.stacker, self.session
@@ -201,11 +207,13 @@ class Stacks:
                 # The coverage (a copy, for the snapshot's extension) only with the image it belongs to.
                 info = stacker.info(coverage=image if coverage is None else coverage)
                 rejected, filters = float(stacker.rejected_fraction), stacker.summary()
-                later = stacker.result_later() if image else None
+                later = stacker.result_later(side=side) if image else None
+                sampled = stacker.sample_later() if sample else None
             # Out of the lock: a kappa-sigma warm-up's stack takes ~0.3 s at 8.3 MP (mono), while the worker
             # may commit the next frame.
             return StackView(info=info, rejected_fraction=rejected, session=session,
-                             image=later() if later is not None else None, filters=filters)
+                             image=later() if later is not None else None, filters=filters,
+                             sample=sampled() if sampled is not None else None)
 
     def channels(self, stacker: Stacker) -> dict[str, tuple[StackInfo, np.ndarray]]:
         """Every filter's stack of ``stacker`` with its header facts, copied under the lock (writer thread).

@@ -22,8 +22,11 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from livestack.config import Config
 from livestack.pipeline import Stacker, frame_facts
@@ -88,7 +91,10 @@ def _camera(config: Config, folder: Path, bayer: str | None, stop: threading.Eve
                 return
             result = stacker.process(path)
             rows.append(FrameRow.from_facts(seq, "", result.verdict, result.reason, frame_facts(result)))
-            stacker.result()  # what the writer's previews take after each frame
+            # What the writer's previews and pictures take after each frame: smaller stacks (from a side
+            # that makes these small frames smaller too) and the signal-to-noise sample.
+            _taken(stacker.result_later(side=SIZE[0] // 2))
+            _taken(stacker.sample_later())
         image = stacker.result()
         if image is None or stop.is_set():
             return
@@ -100,3 +106,8 @@ def _camera(config: Config, folder: Path, bayer: str | None, stop: threading.Eve
                                    flatten=o.flatten_background), "jpeg")
     finally:
         stacker.discard()
+
+
+def _taken(later: Callable[[], np.ndarray] | None) -> None:
+    if later is not None:
+        later()

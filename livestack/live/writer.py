@@ -409,13 +409,15 @@ class Outputs:
     def _routed_event(self, stacker: Stacker, session: int, with_preview: bool) -> None:
         """Writer thread: a stack event (with its preview when asked), counts and picture from one view."""
         try:
-            view = self.stacks.view(stacker, session, image=with_preview, coverage=False)
+            side = self.config.network.preview_size
+            view = self.stacks.view(stacker, session, image=with_preview, coverage=False, side=side,
+                                    sample=with_preview)
             preview = snr = None
             if view.image is not None:
-                preview = preview_array(view.image, max_side=self.config.network.preview_size,
+                preview = preview_array(view.image, max_side=side,
                                         flatten=self.config.output.flatten_background,
                                         surface=stacker.path == "surface")
-                snr = stacker.snr(view.image)
+                snr = stacker.snr(view.sample)
             self.emit(stack_event(view, preview, snr))
         finally:
             with self._routed_lock:
@@ -443,11 +445,12 @@ class Outputs:
 
     def _make_display(self, stacker: Stacker, session: int) -> None:
         """Writer thread: the stretched stack as a JPEG (at most ``[web] display_size`` pixels), published."""
-        view = self.stacks.view(stacker, session, image=True, coverage=False)
+        side = self.config.web.display_size
+        view = self.stacks.view(stacker, session, image=True, coverage=False, side=side)
         if view.image is None or view.info.ncombine == 0:
             return
-        side = self.config.web.display_size or max(view.image.shape[:2])
-        pixels = preview_array(view.image, max_side=side, flatten=self.config.output.flatten_background,
+        pixels = preview_array(view.image, max_side=side or max(view.image.shape[:2]),
+                               flatten=self.config.output.flatten_background,
                                surface=stacker.path == "surface")
         info = view.info
         self._display = events.make_event(

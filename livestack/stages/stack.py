@@ -3,8 +3,10 @@
 Public API (one small interface, three methods):
 
 - ``Accumulator`` protocol: ``add(image, footprint, weight=1.0)``, ``result() -> ndarray`` (float32, NaN
-  where never covered), ``result_later() -> Callable[[], ndarray]`` (the same in two steps: what must be
-  read now, and the costly rest, which may run while frames are added), ``coverage -> ndarray`` (count of
+  where never covered), ``result_later(step=1, sample=False) -> Callable[[], ndarray]`` (the same in two
+  steps: what must be read now, and the costly rest, which may run while frames are added; ``step > 1``
+  gives it ``step`` times smaller, block means for pictures or a sample for statistics, read without
+  making the whole stack), ``coverage -> ndarray`` (count of
   frames per pixel: int32, or uint16 for kappa-sigma under ``NARROW_COUNTS`` frames), ``count -> int``,
   ``rejected_fraction -> float``, ``method -> str``, ``state() -> dict[str, ndarray]`` and
   ``restore(state)`` for checkpoints.
@@ -125,9 +127,15 @@ class Accumulator(Protocol):
 
     def result(self) -> np.ndarray: ...
 
-    def result_later(self) -> Callable[[], np.ndarray]:
+    def result_later(self, step: int = 1, sample: bool = False) -> Callable[[], np.ndarray]:
         """``result`` in two steps: this call reads what it needs of the stack now (under the caller's
-        lock); calling what it returns gives the stack as it was then, and may run while frames are added."""
+        lock); calling what it returns gives the stack as it was then, and may run while frames are added.
+
+        ``step`` > 1 makes it ``ceil(H / step) x ceil(W / step)``: each pixel the mean of the covered
+        values of a ``step x step`` block (a picture for people), or with ``sample`` the block's first
+        pixel (``result()[::step, ::step]``, for statistics); NaN where none is covered. A stack with
+        running moments reads that much of them and no more (``_reduced``).
+        """
 
     def state(self) -> dict[str, np.ndarray]: ...
 
@@ -174,10 +182,11 @@ class _Tally:
         """The stack so far (each method's own)."""
         raise NotImplementedError
 
-    def result_later(self) -> Callable[[], np.ndarray]:
-        """``result`` computed now, handed out later (see ``Accumulator.result_later``)."""
+    def result_later(self, step: int = 1, sample: bool = False) -> Callable[[], np.ndarray]:
+        """``result`` computed now, made smaller (``step`` > 1) and handed out later (see
+        ``Accumulator.result_later``)."""
         image = self.result()
-        return lambda: image
+        return lambda: _smaller(image, step, sample)
 
 
 class MeanStack(_Tally):
@@ -255,8 +264,12 @@ class MeanStack(_Tally):
 
     def result(self) -> np.ndarray:
         """The weighted mean, float32, NaN where never covered."""
-        covered = (self._coverage > 0)[:, :, None]
-        return np.where(covered, self._mean, np.float32(np.nan)).reshape(self._shape)
+        return self.result_later()()
+
+    def result_later(self, step: int = 1, sample: bool = False) -> Callable[[], np.ndarray]:
+        """``result`` in two steps (see ``Accumulator.result_later``); all of it is read at this call."""
+        image = _reduced(self._mean, self._coverage[:, :, None], step, sample, self._shape)
+        return lambda: image
 
     def state(self) -> dict[str, np.ndarray]:
         """Copies of everything needed to resume (see ``restore``)."""
@@ -470,21 +483,23 @@ class KappaSigmaStack(_Tally):
         """The clipped mean, float32, NaN where never covered (the robust warm-up combination before)."""
         return self.result_later()()
 
-    def result_later(self) -> Callable[[], np.ndarray]:
+    def result_later(self, step: int = 1, sample: bool = False) -> Callable[[], np.ndarray]:
         """``result`` in two steps (see ``Accumulator.result_later``).
 
         During the warm-up the costly part, the robust combination of the buffered frames, is left to the
         call of what this returns: it keeps references to those frames, and a warm-up judged meanwhile
         writes its moments over none of them (it takes new arrays for the slots they would have been).
+        After it, all of the (possibly smaller) stack is read at this call.
         """
         if self._mean is None:
             if not self._buffer:
-                return lambda: np.full(self._shape, np.nan, dtype=np.float32)
+                empty = np.full(self._shape, np.nan, dtype=np.float32)
+                return lambda: _smaller(empty, step, sample)
             later = _WarmupResult(tuple(self._buffer), self._buffer_weights[: self._buffered].copy(),
-                                  self._kappa, self._shape)
+                                  self._kappa, self._shape, step, sample)
             self._lent.add(later)
             return later
-        image = np.where(self._n > 0, self._mean, np.float32(np.nan)).reshape(self._shape)
+        image = _reduced(self._mean, self._n, step, sample, self._shape)
         return lambda: image
 
     def state(self) -> dict[str, np.ndarray]:
@@ -573,19 +588,22 @@ class _WarmupResult:
     """A kappa-sigma warm-up's stack, computed when called from the frames it was given (``result_later``)."""
 
     def __init__(self, frames: tuple[np.ndarray, ...], weights: np.ndarray, kappa: float,
-                 shape: tuple[int, ...]) -> None:
+                 shape: tuple[int, ...], step: int = 1, sample: bool = False) -> None:
         self.frames = frames
         self._weights = weights
         self._kappa = kappa
         self._shape = shape
+        self._step = step
+        self._sample = sample
 
     def __call__(self) -> np.ndarray:
-        """The robust combination of the frames, float32, NaN where none covered; the frames go back."""
+        """The robust combination of the frames, float32, NaN where none covered (made smaller as asked);
+        the frames go back."""
         if not self.frames:
             raise RuntimeError("a warm-up stack taken with result_later is computed once")
         mean, _, _, n, _, _, _ = _judge(self.frames, self._weights, self._kappa, None)
         self.frames = ()  # only now: a warm-up judged meanwhile leaves them alone while they are listed
-        return np.where(n > 0, mean, np.float32(np.nan)).reshape(self._shape)
+        return _reduced(mean, n, self._step, self._sample, self._shape)
 
 
 def _judge(frames: tuple[np.ndarray, ...], weights: np.ndarray, kappa: float, slots: list[np.ndarray] | None,
@@ -1065,6 +1083,36 @@ def _take(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...],
     return np.array(value, dtype=dtype, order="C", copy=True)
 
 
+def _reduced(values: np.ndarray, counts: np.ndarray, step: int, sample: bool,
+             shape: tuple[int, ...]) -> np.ndarray:
+    """A new float32 stack of ``shape``'s kind from running ``values`` ``(H, W, C)``, covered (and finite)
+    where ``counts`` ``(H, W, 1 or C)`` is above zero, NaN elsewhere; ``step`` and ``sample`` as in
+    ``Accumulator.result_later``.
+
+    Block means read each value once and write only the small result: at 26 MP a preview's block means
+    take ~10 ms on two cores, where the whole stack takes 30 ms to write (up to ~200 ms of page faults on a
+    virtual machine whose memory is handed back between frames).
+    """
+    if step < 1:
+        raise ValueError(f"step must be at least 1, not {step}.")
+    if step == 1 or sample:
+        picked = np.where(counts[::step, ::step] > 0, values[::step, ::step], np.float32(np.nan))
+    else:
+        height, width, channels = values.shape
+        picked = np.empty((-(-height // step), -(-width // step), channels), dtype=np.float32)
+        _block_mean(values, counts, step, picked)
+    return picked.reshape(picked.shape[:2]) if len(shape) == 2 else picked
+
+
+def _smaller(image: np.ndarray, step: int, sample: bool) -> np.ndarray:
+    """``image`` (a ``result``, NaN where never covered) made ``step`` times smaller (``_reduced``)."""
+    if step == 1:
+        return image
+    planes = image if image.ndim == 3 else image[:, :, np.newaxis]
+    finite = np.isfinite(planes).view(np.uint8)
+    return _reduced(planes, finite, step, sample, image.shape)
+
+
 def _readonly(array: np.ndarray) -> np.ndarray:
     view = array.view()
     view.flags.writeable = False
@@ -1155,6 +1203,36 @@ def _read_exact(cube: io.FileIO, target: np.ndarray, offset: int) -> None:
 # --- numba kernels -------------------------------------------------------------------------------------
 # Each takes (H, W, C) float32 images and (H, W) bool footprints; "valid" means inside the footprint with
 # every channel finite. Per-row counters avoid races between prange workers.
+
+
+@numba.njit(parallel=True, cache=True, fastmath={"reassoc"}, nogil=True)
+def _block_mean(values: np.ndarray, counts: np.ndarray, step: int,
+                out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``out[i, j, c]``: the mean of ``values[y, x, c]`` over the ``step x step`` block at ``(i, j)``
+    where ``counts[y, x, c]`` (or ``counts[y, x, 0]`` for one plane of counts) is above zero; NaN for a
+    block with none. One row of blocks per task."""
+    height, width, channels = values.shape
+    rows, cols = out.shape[0], out.shape[1]
+    planes = counts.shape[2]
+    for i in numba.prange(rows):
+        totals = np.zeros((cols, channels))
+        taken = np.zeros((cols, channels), dtype=np.int64)
+        # Row after row, each read once from left to right.
+        for y in range(i * step, min(i * step + step, height)):
+            for c in range(channels):
+                plane = c if planes > 1 else 0
+                for j in range(cols):
+                    total = 0.0
+                    count = 0
+                    for x in range(j * step, min(j * step + step, width)):
+                        if counts[y, x, plane] > 0:
+                            total += values[y, x, c]
+                            count += 1
+                    totals[j, c] += total
+                    taken[j, c] += count
+        for j in range(cols):
+            for c in range(channels):
+                out[i, j, c] = np.float32(totals[j, c] / taken[j, c]) if taken[j, c] else np.float32(np.nan)
 
 
 @numba.njit(cache=True, inline="always", nogil=True)
