@@ -59,24 +59,33 @@ def small_disk(folder: Path, size: str = "30m") -> Iterator[Path]:
 
 
 def fill(disk: Path) -> Path:
-    """Write a ballast file until the disk refuses even one more byte."""
+    """Write a ballast file until the disk refuses even one more byte, and stays full.
+
+    The daemon writes on the same disk meanwhile: a snapshot that fails there removes its temporary file
+    and so gives space back. The ballast grows until a probe written after it is refused too.
+    """
     ballast = disk / "ballast"
-    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for chunk in (1 << 20, 1 << 16, 1 << 12, 1):
-            block = b"\0" * chunk
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, block)
-    finally:
-        os.close(fd)
-    with pytest.raises(OSError) as info, open(disk / "probe", "wb") as fh:
-        fh.write(b"x" * 8192)
-        fh.flush()
-        os.fsync(fh.fileno())
-    assert info.value.errno == errno.ENOSPC
-    (disk / "probe").unlink(missing_ok=True)
-    return ballast
+    for _ in range(20):
+        fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for chunk in (1 << 20, 1 << 16, 1 << 12, 1):
+                block = b"\0" * chunk
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, block)
+        finally:
+            os.close(fd)
+        try:
+            with open(disk / "probe", "wb") as fh:
+                fh.write(b"x" * 8192)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            return ballast
+        finally:
+            (disk / "probe").unlink(missing_ok=True)
+    raise AssertionError("the disk never stayed full: something kept giving space back")
 
 
 def statuses(recorder: Recorder) -> list[dict[str, Any]]:
