@@ -7,8 +7,8 @@ stack, every few frames). What is read under the lock is ``Accumulator.result_la
 rest of a picture (stretch, encoding) is made after it. This times that call on a steady stack (mean and
 kappa-sigma past its warm-up, filled with noise frames) at 8.3 and 26 MP, mono and colour:
 
-- the whole stack (``step`` 1): what a snapshot takes, and what every preview and picture took before they
-  were made from block means;
+- the whole stack (``step`` 1) into a new array: what every snapshot, preview and picture took before;
+- the whole stack into an array kept from call to call, what a snapshot takes now (``into``);
 - a preview and its sample (the steps ``Stacker.result_later(side=160)`` and ``Stacker.sample_later`` use);
 - the viewers' picture (``side=2048``).
 
@@ -61,12 +61,15 @@ def timed(call: Callable[[], object], repeat: int, pause: float) -> float:
 
 
 def picture_times(acc: Accumulator, repeat: int, pause: float) -> list[tuple[float, float]]:
-    """Back-to-back and paused medians of the whole stack, a preview with its sample, a 2048-px picture."""
+    """Back-to-back and paused medians of the whole stack (a new array, then one kept from call to call), a
+    preview with its sample, a 2048-px picture."""
     rows, cols = acc.coverage.shape
     preview, picture = max(1, max(rows, cols) // 160), max(1, max(rows, cols) // 2048)
     sample = _sample_step(rows * cols)
+    kept = np.empty(acc.result_later()().shape, dtype=np.float32)
     calls: list[Callable[[], object]] = [
         lambda: acc.result_later(),
+        lambda: acc.result_later(into=lambda _shape: kept),
         lambda: (acc.result_later(preview), acc.result_later(sample, sample=True)),
         lambda: acc.result_later(picture),
     ]
@@ -94,9 +97,9 @@ def main() -> None:
     print("Under the stack's lock (`result_later`), median of the calls, back to back / after a "
           f"{args.pause:g} s pause:")
     print()
-    print("| stack | whole stack (snapshot; every picture before) | 160-px preview + SNR sample "
-          "| 2048-px picture |")
-    print("| --- | --- | --- | --- |")
+    print("| stack | whole stack, new array (every picture before) | whole stack, kept array (a snapshot) "
+          "| 160-px preview + SNR sample | 2048-px picture |")
+    print("| --- | --- | --- | --- | --- |")
     for size in args.sizes.split(","):
         width, height = SIZES[size]
         for kind in args.kinds.split(","):

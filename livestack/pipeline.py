@@ -1064,7 +1064,9 @@ class Stacker:
         stack = self._pick(filter)
         return None if stack is None else stack.acc.result()
 
-    def result_later(self, filter: str | None = None, side: int = 0) -> Callable[[], np.ndarray] | None:
+    def result_later(self, filter: str | None = None, side: int = 0,
+                     into: Callable[[tuple[int, ...]], np.ndarray] | None = None,
+                     ) -> Callable[[], np.ndarray] | None:
         """``result`` in two steps: what this returns gives the stack as it is now when called, and may be
         called while frames are added (a kappa-sigma warm-up's robust combination, the costly part, is done
         then); None before the filter's first frame.
@@ -1077,12 +1079,15 @@ class Stacker:
             For a picture whose longest side is ``side`` pixels: the stack made smaller by the largest
             whole step that keeps it at least that long, each pixel a block's mean (0: the stack itself).
             The stack is never made whole for it, which at 26 MP is most of a preview's cost.
+        into : callable, optional
+            Given the whole stack's shape, the float32 array to write it in (a buffer the caller keeps:
+            see ``Accumulator.result_later``).
         """
         stack = self._pick(filter)
         if stack is None:
             return None
         step = max(1, max(stack.acc.coverage.shape) // side) if side > 0 else 1
-        return stack.acc.result_later(step)
+        return stack.acc.result_later(step, into=into)
 
     def sample_later(self, filter: str | None = None) -> Callable[[], np.ndarray] | None:
         """The pixels of one filter's stack that ``snr`` samples, in two steps as ``result_later``: every

@@ -594,6 +594,15 @@ def test_a_smaller_stack_is_the_block_means_or_a_sample_of_the_stack(method: str
             assert np.isnan(smaller[:, :9 // step]).all()
             np.testing.assert_array_equal(stack.result_later(step, sample=True)(), whole[::step, ::step])
         np.testing.assert_array_equal(stack.result_later(1)(), whole)
+        # The whole stack into a caller's buffer: running moments write it there (kappa-sigma once its
+        # warm-up of 3 frames is judged, by the 4th), the others make a new array.
+        kept = np.full(shape, -1.0, dtype=np.float32)
+        given = stack.result_later(into=lambda wanted, array=kept: array)()
+        np.testing.assert_array_equal(given, whole)
+        assert (given is kept) == (method == "mean" or (method == "kappa-sigma" and count > 3))
+        if given is kept:
+            with pytest.raises(ValueError, match="into gave"):
+                stack.result_later(into=lambda wanted: np.empty(wanted, dtype=np.float64))
 
 
 def test_block_shape_respects_the_budget() -> None:

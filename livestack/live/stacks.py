@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,7 +176,8 @@ class Stacks:
 
     def view(self, stacker: Stacker | None = None, session: int | None = None,
              image: bool = False, coverage: bool | None = None, side: int = 0,
-             sample: bool = False) -> StackView:
+             sample: bool = False, into: Callable[[tuple[int, ...]], np.ndarray] | None = None,
+             ) -> StackView:
         """One consistent view of a stack (the current one by default), taken under the lock.
 
         Parameters
@@ -194,6 +195,9 @@ class Stacks:
             made smaller, never made whole (``Stacker.result_later``); 0: the stack itself.
         sample : bool
             Include the pixels ``Stacker.snr`` samples (``Stacker.sample_later``).
+        into : callable, optional
+            Given the stack's shape, the array to write the whole stack in: a buffer the caller keeps from
+            one view to the next, which a new array's page faults would otherwise cost under the lock.
 
         Returns
         -------
@@ -207,7 +211,7 @@ class Stacks:
                 # The coverage (a copy, for the snapshot's extension) only with the image it belongs to.
                 info = stacker.info(coverage=image if coverage is None else coverage)
                 rejected, filters = float(stacker.rejected_fraction), stacker.summary()
-                later = stacker.result_later(side=side) if image else None
+                later = stacker.result_later(side=side, into=into) if image else None
                 sampled = stacker.sample_later() if sample else None
             # Out of the lock: a kappa-sigma warm-up's stack takes ~0.3 s at 8.3 MP (mono), while the worker
             # may commit the next frame.

@@ -3,10 +3,11 @@
 Public API (one small interface, three methods):
 
 - ``Accumulator`` protocol: ``add(image, footprint, weight=1.0)``, ``result() -> ndarray`` (float32, NaN
-  where never covered), ``result_later(step=1, sample=False) -> Callable[[], ndarray]`` (the same in two
-  steps: what must be read now, and the costly rest, which may run while frames are added; ``step > 1``
-  gives it ``step`` times smaller, block means for pictures or a sample for statistics, read without
-  making the whole stack), ``coverage -> ndarray`` (count of
+  where never covered), ``result_later(step=1, sample=False, into=None) -> Callable[[], ndarray]`` (the
+  same in two steps: what must be read now, and the costly rest, which may run while frames are added;
+  ``step > 1`` gives it ``step`` times smaller, block means for pictures or a sample for statistics, read
+  without making the whole stack; ``into`` a caller's buffer for the whole stack), ``coverage -> ndarray``
+  (count of
   frames per pixel: int32, or uint16 for kappa-sigma under ``NARROW_COUNTS`` frames), ``count -> int``,
   ``rejected_fraction -> float``, ``method -> str``, ``state() -> dict[str, ndarray]`` and
   ``restore(state)`` for checkpoints.
@@ -127,7 +128,8 @@ class Accumulator(Protocol):
 
     def result(self) -> np.ndarray: ...
 
-    def result_later(self, step: int = 1, sample: bool = False) -> Callable[[], np.ndarray]:
+    def result_later(self, step: int = 1, sample: bool = False,
+                     into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Callable[[], np.ndarray]:
         """``result`` in two steps: this call reads what it needs of the stack now (under the caller's
         lock); calling what it returns gives the stack as it was then, and may run while frames are added.
 
@@ -135,6 +137,11 @@ class Accumulator(Protocol):
         values of a ``step x step`` block (a picture for people), or with ``sample`` the block's first
         pixel (``result()[::step, ::step]``, for statistics); NaN where none is covered. A stack with
         running moments reads that much of them and no more (``_reduced``).
+
+        ``into``: given the whole stack's shape, the writeable C-contiguous float32 array to write it in
+        (a caller's buffer kept from one call to the next: on a virtual machine a new 100 MB array costs up
+        to ~200 ms of page faults). A stack with running moments writes the whole stack there; the others,
+        and smaller stacks, may ignore it.
         """
 
     def state(self) -> dict[str, np.ndarray]: ...
@@ -182,9 +189,10 @@ class _Tally:
         """The stack so far (each method's own)."""
         raise NotImplementedError
 
-    def result_later(self, step: int = 1, sample: bool = False) -> Callable[[], np.ndarray]:
+    def result_later(self, step: int = 1, sample: bool = False,
+                     into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Callable[[], np.ndarray]:
         """``result`` computed now, made smaller (``step`` > 1) and handed out later (see
-        ``Accumulator.result_later``)."""
+        ``Accumulator.result_later``; ``into`` is not used)."""
         image = self.result()
         return lambda: _smaller(image, step, sample)
 
@@ -266,9 +274,10 @@ class MeanStack(_Tally):
         """The weighted mean, float32, NaN where never covered."""
         return self.result_later()()
 
-    def result_later(self, step: int = 1, sample: bool = False) -> Callable[[], np.ndarray]:
+    def result_later(self, step: int = 1, sample: bool = False,
+                     into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Callable[[], np.ndarray]:
         """``result`` in two steps (see ``Accumulator.result_later``); all of it is read at this call."""
-        image = _reduced(self._mean, self._coverage[:, :, None], step, sample, self._shape)
+        image = _reduced(self._mean, self._coverage[:, :, None], step, sample, self._shape, into)
         return lambda: image
 
     def state(self) -> dict[str, np.ndarray]:
@@ -483,13 +492,15 @@ class KappaSigmaStack(_Tally):
         """The clipped mean, float32, NaN where never covered (the robust warm-up combination before)."""
         return self.result_later()()
 
-    def result_later(self, step: int = 1, sample: bool = False) -> Callable[[], np.ndarray]:
+    def result_later(self, step: int = 1, sample: bool = False,
+                     into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Callable[[], np.ndarray]:
         """``result`` in two steps (see ``Accumulator.result_later``).
 
         During the warm-up the costly part, the robust combination of the buffered frames, is left to the
         call of what this returns: it keeps references to those frames, and a warm-up judged meanwhile
         writes its moments over none of them (it takes new arrays for the slots they would have been).
-        After it, all of the (possibly smaller) stack is read at this call.
+        After it, all of the (possibly smaller) stack is read at this call (the whole one ``into`` the
+        caller's array, if given); the warm-up's takes a new array.
         """
         if self._mean is None:
             if not self._buffer:
@@ -499,7 +510,7 @@ class KappaSigmaStack(_Tally):
                                   self._kappa, self._shape, step, sample)
             self._lent.add(later)
             return later
-        image = _reduced(self._mean, self._n, step, sample, self._shape)
+        image = _reduced(self._mean, self._n, step, sample, self._shape, into)
         return lambda: image
 
     def state(self) -> dict[str, np.ndarray]:
@@ -1083,11 +1094,11 @@ def _take(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...],
     return np.array(value, dtype=dtype, order="C", copy=True)
 
 
-def _reduced(values: np.ndarray, counts: np.ndarray, step: int, sample: bool,
-             shape: tuple[int, ...]) -> np.ndarray:
-    """A new float32 stack of ``shape``'s kind from running ``values`` ``(H, W, C)``, covered (and finite)
-    where ``counts`` ``(H, W, 1 or C)`` is above zero, NaN elsewhere; ``step`` and ``sample`` as in
-    ``Accumulator.result_later``.
+def _reduced(values: np.ndarray, counts: np.ndarray, step: int, sample: bool, shape: tuple[int, ...],
+             into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> np.ndarray:
+    """A float32 stack of ``shape``'s kind from running ``values`` ``(H, W, C)``, covered (and finite)
+    where ``counts`` ``(H, W, 1 or C)`` is above zero, NaN elsewhere; ``step``, ``sample`` and ``into``
+    (used for the whole stack) as in ``Accumulator.result_later``.
 
     Block means read each value once and write only the small result: at 26 MP a preview's block means
     take ~10 ms on two cores, where the whole stack takes 30 ms to write (up to ~200 ms of page faults on a
@@ -1095,6 +1106,12 @@ def _reduced(values: np.ndarray, counts: np.ndarray, step: int, sample: bool,
     """
     if step < 1:
         raise ValueError(f"step must be at least 1, not {step}.")
+    if step == 1 and into is not None:
+        out = into(shape)
+        if out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"into gave a {out.dtype} {out.shape} array for a float32 {shape} stack.")
+        _masked(values, counts, out.reshape(values.shape))
+        return out
     if step == 1 or sample:
         picked = np.where(counts[::step, ::step] > 0, values[::step, ::step], np.float32(np.nan))
     else:
@@ -1203,6 +1220,18 @@ def _read_exact(cube: io.FileIO, target: np.ndarray, offset: int) -> None:
 # --- numba kernels -------------------------------------------------------------------------------------
 # Each takes (H, W, C) float32 images and (H, W) bool footprints; "valid" means inside the footprint with
 # every channel finite. Per-row counters avoid races between prange workers.
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def _masked(values: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``out = values`` where ``counts`` (one plane, or one per channel) is above zero, NaN elsewhere."""
+    height, width, channels = values.shape
+    planes = counts.shape[2]
+    for y in numba.prange(height):
+        for c in range(channels):
+            plane = c if planes > 1 else 0
+            for x in range(width):  # unit stride for a mono stack: the compiler vectorises it
+                out[y, x, c] = values[y, x, c] if counts[y, x, plane] > 0 else np.float32(np.nan)
 
 
 @numba.njit(parallel=True, cache=True, fastmath={"reassoc"}, nogil=True)
