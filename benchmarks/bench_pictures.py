@@ -7,7 +7,8 @@ stack, every few frames). What is read under the lock is ``Accumulator.result_la
 rest of a picture (stretch, encoding) is made after it. This times that call on a steady stack (mean and
 kappa-sigma past its warm-up, filled with noise frames) at 8.3 and 26 MP, mono and colour:
 
-- the whole stack (``step`` 1) into a new array: what every snapshot, preview and picture took before;
+- the whole stack (``step`` 1) into a new array (as every snapshot, preview and picture took it before,
+  then with ``np.where``);
 - the whole stack into an array kept from call to call, what a snapshot takes now (``into``);
 - a preview and its sample (the steps ``Stacker.result_later(side=160)`` and ``Stacker.sample_later`` use);
 - the viewers' picture (``side=2048``).
@@ -97,7 +98,7 @@ def main() -> None:
     print("Under the stack's lock (`result_later`), median of the calls, back to back / after a "
           f"{args.pause:g} s pause:")
     print()
-    print("| stack | whole stack, new array (every picture before) | whole stack, kept array (a snapshot) "
+    print("| stack | whole stack, new array | whole stack, kept array (a snapshot) "
           "| 160-px preview + SNR sample | 2048-px picture |")
     print("| --- | --- | --- | --- | --- |")
     for size in args.sizes.split(","):

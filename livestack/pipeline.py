@@ -87,11 +87,6 @@ SHARPEST_WARMUP = 5
 #: Pixels sampled (at most) when estimating the stack's signal-to-noise ratio.
 _SNR_SAMPLE = 200_000
 
-def _sample_step(pixels: int) -> int:
-    """The stride (along rows and columns) that samples about ``_SNR_SAMPLE`` of ``pixels``."""
-    return max(1, int(np.sqrt(pixels / _SNR_SAMPLE)))
-
-
 #: In the reference window, a frame is as good as the best when it has at least this fraction of the most
 #: stars found there ...
 REFERENCE_STAR_SLACK = 0.8
@@ -1988,6 +1983,11 @@ def _writeable(array: np.ndarray, owned: bool) -> np.ndarray:
         array.flags.writeable = True
         return array
     return array.copy()
+
+
+def _sample_step(pixels: int) -> int:
+    """The stride (along rows and columns) that samples about ``_SNR_SAMPLE`` of ``pixels``."""
+    return max(1, int(np.sqrt(pixels / _SNR_SAMPLE)))
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -92,11 +92,10 @@ def _camera(config: Config, folder: Path, bayer: str | None, stop: threading.Eve
             result = stacker.process(path)
             rows.append(FrameRow.from_facts(seq, "", result.verdict, result.reason, frame_facts(result)))
             # What the writer's previews and pictures take after each frame: smaller stacks (from a side
-            # that makes these small frames smaller too) and the signal-to-noise sample; and what its
-            # snapshots take, the whole stack written into a buffer of their own.
+            # that makes these small frames smaller too) and the signal-to-noise sample. The whole stack,
+            # as snapshots take it, is taken below.
             _taken(stacker.result_later(side=SIZE[0] // 2))
             _taken(stacker.sample_later())
-            _taken(stacker.result_later(into=lambda shape: np.empty(shape, dtype=np.float32)))
         image = stacker.result()
         if image is None or stop.is_set():
             return

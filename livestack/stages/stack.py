@@ -7,9 +7,8 @@ Public API (one small interface, three methods):
   same in two steps: what must be read now, and the costly rest, which may run while frames are added;
   ``step > 1`` gives it ``step`` times smaller, block means for pictures or a sample for statistics, read
   without making the whole stack; ``into`` a caller's buffer for the whole stack), ``coverage -> ndarray``
-  (count of
-  frames per pixel: int32, or uint16 for kappa-sigma under ``NARROW_COUNTS`` frames), ``count -> int``,
-  ``rejected_fraction -> float``, ``method -> str``, ``state() -> dict[str, ndarray]`` and
+  (count of frames per pixel: int32, or uint16 for kappa-sigma under ``NARROW_COUNTS`` frames),
+  ``count -> int``, ``rejected_fraction -> float``, ``method -> str``, ``state() -> dict[str, ndarray]`` and
   ``restore(state)`` for checkpoints.
 - ``MeanStack(shape)``, ``KappaSigmaStack(shape, kappa=3.0, warmup=5)``,
   ``MedianStack(shape, directory, max_frames=...)``, ``MaxStack(shape)`` (star trails),
@@ -1106,13 +1105,13 @@ def _reduced(values: np.ndarray, counts: np.ndarray, step: int, sample: bool, sh
     """
     if step < 1:
         raise ValueError(f"step must be at least 1, not {step}.")
-    if step == 1 and into is not None:
-        out = into(shape)
+    if step == 1:
+        out = np.empty(shape, dtype=np.float32) if into is None else into(shape)
         if out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"into gave a {out.dtype} {out.shape} array for a float32 {shape} stack.")
         _masked(values, counts, out.reshape(values.shape))
         return out
-    if step == 1 or sample:
+    if sample:
         picked = np.where(counts[::step, ::step] > 0, values[::step, ::step], np.float32(np.nan))
     else:
         height, width, channels = values.shape
